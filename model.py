@@ -1,0 +1,272 @@
+"""
+A GPT language model with optional Mixture-of-Experts layers, in two block flavours:
+- gpt2:  LayerNorm, learned positions, GELU MLP with biases, tied embeddings (loads Hugging Face GPT-2 exactly)
+- llama: RMSNorm, rotary positions, SwiGLU MLP, grouped-query attention, tied or untied embeddings
+         (loads Llama-family checkpoints such as SmolLM2 exactly)
+Which layers are MoE is a config rule (moe_every, moe_first_dense); the MoE layer itself lives in moe.py.
+"""
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from moe import MoE, ROUTERS, Experts, activation
+
+
+@dataclass
+class GPTConfig:
+    arch: str = 'gpt2'  # 'gpt2' or 'llama'
+    block_size: int = 1024
+    vocab_size: int = 50304
+    n_layer: int = 12
+    n_head: int = 12
+    n_kv_head: int = 0  # llama grouped-query attention: key/value heads (0 = n_head)
+    n_embd: int = 768
+    mlp_hidden: int = 0  # dense MLP hidden size (0 = 4 * n_embd)
+    dropout: float = 0.0
+    bias: bool = True  # biases in Linears and LayerNorms
+    tie_embeddings: bool = True
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    # MoE
+    router: str = 'dense'  # 'dense' (no MoE) or a name in moe.ROUTERS
+    n_experts: int = 8
+    top_k: int = 2
+    moe_every: int = 1  # layer i (counted after the dense prefix) is MoE when (i + 1) % moe_every == 0
+    moe_first_dense: int = 0  # the first N layers stay dense
+    expert_hidden: int = 0  # expert hidden size (0 = mlp_hidden)
+    n_shared_experts: int = 0  # always-on experts of size expert_hidden, added to the routed output
+    shared_scale: float = 1.0
+    routed_scale: float = 1.0
+    router_renorm: bool = True
+    capacity_factor: float = 0.0  # 0 = dropless
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 0.001
+    balance_per_sequence: bool = False
+    ep_size: int = 1  # expert parallelism: experts sharded over this many ranks
+    router_options: dict = field(default_factory=dict)  # the chosen router's own options (moe.Router.options)
+
+    def __post_init__(self):
+        if self.arch not in ('gpt2', 'llama'):
+            raise ValueError(f"unknown arch '{self.arch}': use 'gpt2' or 'llama'")
+        if self.router != 'dense' and self.router not in ROUTERS:
+            raise ValueError(f"unknown router '{self.router}': choose one of dense, {', '.join(ROUTERS)}")
+        if self.n_embd % self.n_head or self.n_head % (self.n_kv_head or self.n_head):
+            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}, "
+                             f"and n_head by n_kv_head={self.n_kv_head}")
+        self.n_kv_head = self.n_kv_head or self.n_head
+        self.mlp_hidden = self.mlp_hidden or 4 * self.n_embd
+        self.expert_hidden = self.expert_hidden or self.mlp_hidden
+        defaults = ROUTERS[self.router].options if self.router in ROUTERS else {}
+        self.router_options = {k: self.router_options.get(k, v) for k, v in defaults.items()}
+
+    def is_moe(self, i):
+        j = i - self.moe_first_dense
+        return self.router != 'dense' and j >= 0 and (j + 1) % self.moe_every == 0
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight
+
+
+def norm(config):
+    if config.arch == 'gpt2':
+        return nn.LayerNorm(config.n_embd, bias=config.bias, eps=config.norm_eps)
+    return RMSNorm(config.n_embd, config.norm_eps)
+
+
+def rotary(config):
+    """cos, sin (block_size, head_dim) as Hugging Face Llama"""
+    hd = config.n_embd // config.n_head
+    inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd)
+    freqs = torch.outer(torch.arange(config.block_size, dtype=torch.float32), inv_freq)  # (S, hd/2)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rotary(x, cos, sin):
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        d, hd = config.n_embd, config.n_embd // config.n_head
+        self.n_head, self.n_kv_head, self.arch, self.dropout = config.n_head, config.n_kv_head, config.arch, config.dropout
+        if config.arch == 'gpt2':
+            self.c_attn = nn.Linear(d, 3 * d, bias=config.bias)
+        else:
+            self.q_proj = nn.Linear(d, d, bias=config.bias)
+            self.k_proj = nn.Linear(d, self.n_kv_head * hd, bias=config.bias)
+            self.v_proj = nn.Linear(d, self.n_kv_head * hd, bias=config.bias)
+        self.c_proj = nn.Linear(d, d, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, rope):
+        B, S, d = x.shape
+        if self.arch == 'gpt2':
+            q, k, v = self.c_attn(x).split(d, dim=2)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, S, self.n_head, -1).transpose(1, 2)  # (B, H, S, hd)
+        k = k.view(B, S, self.n_kv_head, -1).transpose(1, 2)  # (B, Hkv, S, hd)
+        v = v.view(B, S, self.n_kv_head, -1).transpose(1, 2)
+        if self.arch == 'llama':
+            cos, sin = rope[0][:S].to(q.dtype), rope[1][:S].to(q.dtype)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0,
+                                           enable_gqa=self.n_kv_head != self.n_head)
+        return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, S, d)))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        out = config.mlp_hidden * (1 if config.arch == 'gpt2' else 2)  # llama: [gate, up] in one matrix
+        self.arch = config.arch
+        self.c_fc = nn.Linear(config.n_embd, out, bias=config.bias)
+        self.c_proj = nn.Linear(config.mlp_hidden, config.n_embd, bias=config.bias)
+
+    def forward(self, x):
+        return self.c_proj(activation(self.c_fc(x), self.arch)), {}
+
+
+class Block(nn.Module):
+    def __init__(self, config, moe):
+        super().__init__()
+        self.ln_1, self.attn, self.ln_2 = norm(config), Attention(config), norm(config)
+        self.mlp = MoE(config, config.expert_hidden) if moe else MLP(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, rope):
+        x = x + self.attn(self.ln_1(x), rope)
+        h, aux = self.mlp(self.ln_2(x))
+        return x + self.dropout(h), aux
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config, config.is_moe(i)) for i in range(config.n_layer)]),
+            ln_f=norm(config),
+        ))
+        if config.arch == 'gpt2':
+            self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.transformer.wte.weight = self.lm_head.weight
+        cos, sin = rotary(config)
+        self.register_buffer('rope_cos', cos, persistent=False)
+        self.register_buffer('rope_sin', sin, persistent=False)
+        self.aux = {}  # unweighted aux losses of the last forward, averaged over MoE layers (for logging)
+        self.apply(self._init_weights)
+        proj_std = 0.02 / math.sqrt(2 * config.n_layer)  # GPT-2: scaled init of the residual projections
+        for name, p in self.named_parameters():
+            if name.endswith(('c_proj.weight', '.c_proj')):
+                nn.init.normal_(p, mean=0.0, std=proj_std)
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        elif isinstance(module, Experts):
+            nn.init.normal_(module.c_fc, mean=0.0, std=0.02)
+
+    def moe_layers(self):
+        return [b.mlp for b in self.transformer.h if isinstance(b.mlp, MoE)]
+
+    def forward(self, idx, targets=None):
+        """logits (B, S, vocab) for every position; loss = cross-entropy + weighted aux losses (with targets)"""
+        B, S = idx.shape
+        if S > self.config.block_size:
+            raise ValueError(f"sequence of length {S} is longer than block_size={self.config.block_size}")
+        x = self.transformer.wte(idx)  # (B, S, d)
+        if self.config.arch == 'gpt2':
+            x = x + self.transformer.wpe(torch.arange(S, device=idx.device))
+        x = self.transformer.drop(x)
+        auxes = []
+        for block in self.transformer.h:
+            x, aux = block(x, (self.rope_cos, self.rope_sin))
+            if aux:
+                auxes.append(aux)
+        logits = self.lm_head(self.transformer.ln_f(x))
+        self.aux = {k: sum(a[k] for a in auxes) / len(auxes) for k in ('balance', 'z', 'router')} if auxes else {}
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+        if self.aux:
+            c = self.config
+            loss = loss + c.aux_loss_coef * self.aux['balance'] + c.z_loss_coef * self.aux['z'] + self.aux['router']
+        return logits, loss
+
+    def num_params(self):
+        """(total, active per token); active counts top_k of the n_experts routed experts of each MoE layer"""
+        total = sum(p.numel() for p in self.parameters())
+        c = self.config
+        for m in self.moe_layers():
+            total += sum(p.numel() for p in m.experts.parameters()) * (c.ep_size - 1)  # experts on other ranks
+        per_expert = sum(p.numel() for m in self.moe_layers() for p in m.experts.parameters()) * c.ep_size // c.n_experts
+        return total, total - per_expert * (c.n_experts - c.top_k)
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, router_lr_scale=1.0):
+        """AdamW; weight decay on matrices only (not norms, biases, embeddings); routers in a group of their own"""
+        groups = dict(decay=[], no_decay=[], router=[])
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            if '.router.' in name:
+                groups['router'].append(p)
+            elif p.dim() >= 2 and not name.startswith(('transformer.wte', 'transformer.wpe')):
+                groups['decay'].append(p)
+            else:
+                groups['no_decay'].append(p)
+        optim_groups = [dict(params=groups['decay'], weight_decay=weight_decay, name='decay', lr_scale=1.0),
+                        dict(params=groups['no_decay'], weight_decay=0.0, name='no_decay', lr_scale=1.0),
+                        dict(params=groups['router'], weight_decay=0.0, name='router', lr_scale=router_lr_scale)]
+        optim_groups = [g for g in optim_groups if g['params']]
+        return torch.optim.AdamW(optim_groups, lr=learning_rate, betas=betas, fused=device_type == 'cuda')
+
+    def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops):
+        """model flops utilization on active parameters (PaLM appendix B), as a fraction of peak_flops"""
+        c = self.config
+        n = self.num_params()[1] - (self.transformer.wpe.weight.numel() if c.arch == 'gpt2' else 0)
+        flops_per_token = 6 * n + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * c.block_size
+        return flops_per_token * c.block_size * fwdbwd_per_iter / dt / peak_flops
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
+        for _ in range(max_new_tokens):
+            idx_cond = idx[:, -self.config.block_size:]
+            logits = self(idx_cond)[0][:, -1, :] / temperature
+            if top_k is not None:
+                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                logits[logits < v[:, [-1]]] = -float('inf')
+            idx = torch.cat((idx, torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)), dim=1)
+        return idx
+
+
+def load_model(out_dir, device='cpu'):
+    """the model of a checkpoint folder (out_dir/ckpt.pt written by train.py or upcycle.py) -> (model, checkpoint)"""
+    path = os.path.join(out_dir, 'ckpt.pt')
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no checkpoint at {path}: train one with train.py or make one with upcycle.py")
+    ckpt = torch.load(path, map_location=device, weights_only=True)
+    model = GPT(GPTConfig(**ckpt['model_args']))
+    model.load_state_dict(ckpt['model'])
+    return model.to(device), ckpt

@@ -1,0 +1,475 @@
+"""
+The Mixture-of-Experts layer: every router, the aux losses, the experts, dispatch, expert parallelism
+and routing statistics. One file, so a router can be read (and added) next to everything it plugs into.
+
+Routers (x: token (d), E experts, k = top_k, W: E x d; all router math in float32; "renorm" = divide the
+k weights by their sum, on by default where the source does it, switchable with router_renorm):
+
+| name             | source                                         | formula                                                        |
+|------------------|------------------------------------------------|----------------------------------------------------------------|
+| softmax          | Shazeer et al. 2017; Mixtral; LibMoE SMoE-R    | p = softmax(Wx); top-k of p; renorm (off = OLMoE / Qwen2-MoE)  |
+| switch           | Fedus et al. 2021 (Switch Transformer)         | k = 1; p = softmax(W(x * U(1-eps, 1+eps))); weight = max p     |
+| sigmoid          | Csordas et al. 2023 (sigma-MoE); LibMoE        | s = sigmoid(Wx); top-k of s; renorm; balance probs s / sum(s)  |
+| cosine           | Chi et al. 2022 (X-MoE); LibMoE Cosine-R       | l_e = cos(Px, M_e) / tau; softmax; top-k; renorm               |
+| perturbed_cosine | Nguyen et al. 2024; LibMoE PertCos-R           | l_e = <Px, M_e> / ((|Px| + theta)(|M_e| + theta)) / tau        |
+| hyper            | Do et al. 2023 (HyperRouter); LibMoE Hyper-R   | W = frozen_hypernet(e), e trainable; top-k of Wx; softmax of k |
+| deepseek         | DeepSeek-V3 (aux-loss-free balancing)          | s = sigmoid(Wx); ids = top-k(s + b); w = renorm(s[ids]) * 2.5  |
+| tcmoe            | TC-MoE (ternary expert choice); LibMoE v2      | softmax over 2E + k slots (+e, -e, null); signed weights       |
+| moepp            | Jin et al. 2024 (MoE++); LibMoE v2             | softmax over E FFN + zero, copy, constant experts; top-k       |
+
+Any router combines with: shared experts (n_shared_experts, always on, DeepSeekMoE / LibMoE SharedE),
+a free expert hidden size (expert_hidden, fine-grained experts), routed_scale / shared_scale
+(DeepSeek-V3: 2.5 / 1; LibMoE's upcycling mix: 0.5 / 0.5), and a capacity factor.
+
+Choices and the numbers behind them:
+- Aux losses are computed from what the router returns, for any router. Balance (Switch / Megatron
+  normalisation): L = n * sum_e f_e P_e with f_e the share of the T*k assignments that went to e and P_e
+  the mean balance probability; perfect balance gives exactly 1 (Hugging Face Mixtral reports k times
+  this). balance_per_sequence computes it per sequence and averages (DeepSeek-V3). z-loss (ST-MoE):
+  mean_t logsumexp(l_t)^2. Both are averaged over the MoE layers, so a coefficient means the same at any depth.
+- Dispatch is sort-based and dropless: the T*k assignments are sorted by expert id (stable), gathered,
+  each expert runs on its contiguous slice, and the weighted outputs are added back with index_add_.
+  No [T, E, capacity] one-hot (nanoMoE's costs O(T^2)). The assignments are flattened slot-major, so with
+  a capacity factor every token's first choice is seated before any second choice (GShard).
+- Cheap experts (tcmoe's null slots, MoE++'s zero / copy / constant experts) are ids >= E: the sort puts
+  them after the FFN assignments, they cost no FFN, and the router adds their output (cheap_output).
+- Experts are stored as stacked [E, out, in] tensors (one set of names for both flavours) and run with a
+  loop over the per-expert slices. On this 2-core CPU torch's grouped_mm was not faster than the loop
+  (T=8192 assignments, d=512, h=1024, E=8, fwd+bwd: fp32 0.21 s vs 0.20 s, bf16 0.086 s vs 0.072 s).
+- Expert parallelism: each rank of an EP group holds E/ep_size experts; per layer, counts travel with an
+  equal-split all_to_all_single, tokens with an uneven one inside an autograd Function whose backward is
+  the same exchange with the splits swapped (Megatron's _AllToAll), then they are regrouped by local expert.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.distributed as dist
+
+# -----------------------------------------------------------------------------
+# routers
+
+@dataclass
+class Routing:
+    ids: torch.Tensor      # (T, k) expert ids; ids >= E are cheap experts (no FFN)
+    weights: torch.Tensor  # (T, k) combine weights
+    probs: torch.Tensor    # (T, n) probabilities for the balance loss
+    logits: torch.Tensor   # (T, n) logits for the z-loss
+    loss: torch.Tensor | float = 0.0  # router-specific loss, already weighted (tcmoe's null reward)
+
+
+def renorm(w):
+    return w / (w.sum(-1, keepdim=True) + 1e-20)
+
+
+class Router(nn.Module):
+    """Base class. A router maps x (T, d) float32 to a Routing. `options` lists its own config keys and
+    their defaults; train.py and GPTConfig pick them up from here, so a new router touches only this file."""
+    options = {}
+
+    def __init__(self, config):
+        super().__init__()
+        self.n_experts, self.top_k, self.renorm = config.n_experts, config.top_k, config.router_renorm
+        self.progress = 1.0  # fraction of training done, set by train.py (hyper's k schedule reads it)
+
+    def select(self, p):
+        """top-k of p (T, n) -> weights, ids, renormalised if configured"""
+        w, ids = p.topk(self.top_k, dim=-1)  # (T, k)
+        return (renorm(w) if self.renorm else w), ids
+
+
+class SoftmaxRouter(Router):
+    def __init__(self, config):
+        super().__init__(config)
+        self.gate = nn.Linear(config.n_embd, config.n_experts, bias=False)
+
+    def forward(self, x):
+        logits = self.gate(x)  # (T, E)
+        p = logits.softmax(-1)
+        w, ids = self.select(p)
+        return Routing(ids, w, p, logits)
+
+
+class SwitchRouter(Router):
+    options = dict(router_jitter=0.01)  # multiplicative input jitter of the switch router during training
+
+    def __init__(self, config):
+        super().__init__(config)
+        if config.top_k != 1:
+            raise ValueError(f"router 'switch' routes each token to one expert: set top_k=1 (got {config.top_k})")
+        self.gate = nn.Linear(config.n_embd, config.n_experts, bias=False)
+        self.jitter = config.router_options['router_jitter']
+
+    def forward(self, x):
+        if self.training and self.jitter > 0:
+            x = x * torch.empty_like(x).uniform_(1 - self.jitter, 1 + self.jitter)
+        logits = self.gate(x)
+        p = logits.softmax(-1)
+        w, ids = p.max(-1, keepdim=True)  # (T, 1)
+        return Routing(ids, w, p, logits)
+
+
+class SigmoidRouter(Router):
+    def __init__(self, config):
+        super().__init__(config)
+        self.gate = nn.Linear(config.n_embd, config.n_experts, bias=False)
+
+    def forward(self, x):
+        logits = self.gate(x)
+        s = logits.sigmoid()
+        w, ids = self.select(s)
+        return Routing(ids, w, s / s.sum(-1, keepdim=True), logits)
+
+
+class CosineRouter(Router):
+    options = dict(router_dim=0, router_temperature=0.3)  # cosine routing space (0 = E/2, as LibMoE) and tau
+
+    def __init__(self, config):
+        super().__init__(config)
+        o = config.router_options
+        dim = o['router_dim'] or max(config.n_experts // 2, 2)
+        self.tau = o['router_temperature']
+        self.gate = nn.Linear(config.n_embd, dim, bias=False)  # P: d -> router_dim
+        self.expert_emb = nn.Parameter(torch.randn(config.n_experts, dim) / math.sqrt(dim))  # M, rows of norm ~1
+
+    def similarity(self, r, m):
+        return F.normalize(r, dim=-1) @ F.normalize(m, dim=-1).t()
+
+    def forward(self, x):
+        logits = self.similarity(self.gate(x), self.expert_emb) / self.tau  # (T, E)
+        p = logits.softmax(-1)
+        w, ids = self.select(p)
+        return Routing(ids, w, p, logits)
+
+
+class PerturbedCosineRouter(CosineRouter):
+    options = dict(CosineRouter.options, cosine_theta=0.1)  # theta added to both norms
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.theta = config.router_options['cosine_theta']
+
+    def similarity(self, r, m):
+        return (r @ m.t()) / ((r.norm(dim=-1, keepdim=True) + self.theta) * (m.norm(dim=-1) + self.theta))
+
+
+class HyperRouter(Router):
+    options = dict(hyper_k_schedule=True)  # k grows from 1 to top_k over training, as HyperRouter
+
+    def __init__(self, config):
+        super().__init__(config)
+        d, E = config.n_embd, config.n_experts
+        self.embedding = nn.Parameter(torch.randn(d))  # trainable e
+        self.hypernet = nn.Sequential(nn.Linear(d, d // 4), nn.ReLU(), nn.Linear(d // 4, E * (d + 1)))
+        self.hypernet.requires_grad_(False)  # frozen random hypernetwork
+        self.k_schedule = config.router_options['hyper_k_schedule']
+
+    def current_k(self):
+        if not (self.training and self.k_schedule):
+            return self.top_k
+        return round((self.top_k - 1) * self.progress) + 1
+
+    def forward(self, x):
+        E, d = self.n_experts, x.shape[-1]
+        wb = self.hypernet(self.embedding).view(E, d + 1)  # router weight and bias, made from e
+        logits = F.linear(x, wb[:, :d], wb[:, d])  # (T, E)
+        top, ids = logits.topk(self.current_k(), dim=-1)
+        return Routing(ids, top.softmax(-1), logits.softmax(-1), logits)
+
+
+class DeepSeekRouter(Router):
+    options = dict(n_group=1, topk_group=1, bias_update_rate=1e-3)  # group-limited top-k; bias step u
+
+    def __init__(self, config):
+        super().__init__(config)
+        o, E = config.router_options, config.n_experts
+        self.n_group, self.topk_group, self.rate = o['n_group'], o['topk_group'], o['bias_update_rate']
+        if E % self.n_group or self.topk_group > self.n_group or self.topk_group * E // self.n_group < self.top_k:
+            raise ValueError(f"deepseek: n_group={self.n_group} must divide n_experts={E} and its top "
+                             f"topk_group={self.topk_group} groups must hold at least top_k={self.top_k} experts")
+        self.gate = nn.Linear(config.n_embd, E, bias=False)
+        self.register_buffer('expert_bias', torch.zeros(E))  # b: steers selection only, no gradient
+
+    def forward(self, x):
+        logits = self.gate(x)
+        s = logits.sigmoid()  # (T, E)
+        choice = s + self.expert_bias
+        if self.n_group > 1:
+            T, G = choice.shape[0], self.n_group
+            grouped = choice.view(T, G, -1)  # (T, G, E/G)
+            group_score = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)  # (T, G)
+            keep = torch.zeros_like(group_score, dtype=torch.bool)
+            keep.scatter_(1, group_score.topk(self.topk_group, dim=-1).indices, True)
+            choice = grouped.masked_fill(~keep[..., None], float('-inf')).view(T, -1)
+        ids = choice.topk(self.top_k, dim=-1).indices  # (T, k)
+        w = s.gather(1, ids)
+        return Routing(ids, renorm(w) if self.renorm else w, s / s.sum(-1, keepdim=True), logits)
+
+    @torch.no_grad()
+    def update_bias(self, counts):
+        """after each optimizer step, from the token counts per expert summed over all ranks"""
+        self.expert_bias += self.rate * torch.sign(counts.mean() - counts)
+
+
+class TCMoERouter(Router):
+    options = dict(null_reward=1e-5)  # reward for routing to a null slot (skipping compute)
+
+    def __init__(self, config):
+        super().__init__(config)
+        E, k = config.n_experts, config.top_k
+        self.gate = nn.Linear(config.n_embd, 2 * E + k, bias=False)  # positive, negative and null slots
+        self.register_buffer('offset', torch.cat([torch.zeros(E), -torch.ones(E), -10 * torch.ones(k)]), persistent=False)
+        self.reward = config.router_options['null_reward']
+
+    def forward(self, x):
+        E = self.n_experts
+        logits = self.gate(x) + self.offset  # (T, 2E+k)
+        p = logits.softmax(-1)
+        v, idx = p.topk(self.top_k, dim=-1)  # (T, k)
+        null_mass = p[:, 2 * E:].sum(-1)  # (T,)
+        w = v / ((v * (idx < 2 * E)).sum(-1, keepdim=True) + null_mass[:, None])
+        sign = torch.where(idx < E, 1.0, torch.where(idx < 2 * E, -1.0, 0.0))
+        ids = torch.where(idx < 2 * E, idx % E, E)  # null slots -> cheap id E, no output
+        pe = p[:, :E] + p[:, E:2 * E]  # (T, E) probability of each base expert
+        return Routing(ids, w * sign, pe / pe.sum(-1, keepdim=True), logits, -self.reward * null_mass.mean())
+
+
+class MoEPPRouter(Router):
+    def __init__(self, config):
+        super().__init__(config)
+        d = config.n_embd
+        self.gate = nn.Linear(d, config.n_experts + 3, bias=False)  # E FFN experts, zero, copy, constant
+        self.const_gate = nn.Linear(d, 2, bias=False)
+        self.const = nn.Parameter(0.002 * torch.randn(d))  # the constant expert's vector c
+
+    def forward(self, x):
+        logits = self.gate(x)  # (T, E+3)
+        p = logits.softmax(-1)
+        w, ids = self.select(p)
+        return Routing(ids, w, p, logits)
+
+    def cheap_output(self, x, ids, w):
+        """zero expert: 0; copy expert: x; constant expert: a0 x + a1 c with a = softmax(W_c x)"""
+        E = self.n_experts
+        copy_w = (w * (ids == E + 1)).sum(-1, keepdim=True)  # (T, 1)
+        const_w = (w * (ids == E + 2)).sum(-1, keepdim=True)
+        a = self.const_gate(x).softmax(-1)  # (T, 2)
+        return copy_w * x + const_w * (a[:, :1] * x + a[:, 1:] * self.const)
+
+
+ROUTERS = {
+    'softmax': SoftmaxRouter,
+    'switch': SwitchRouter,
+    'sigmoid': SigmoidRouter,
+    'cosine': CosineRouter,
+    'perturbed_cosine': PerturbedCosineRouter,
+    'hyper': HyperRouter,
+    'deepseek': DeepSeekRouter,
+    'tcmoe': TCMoERouter,
+    'moepp': MoEPPRouter,
+}
+ROUTER_OPTIONS = {k: v for cls in ROUTERS.values() for k, v in cls.options.items()}
+
+# -----------------------------------------------------------------------------
+# aux losses
+
+def balance_loss(probs, ids, n_seq=1):
+    """n * sum_e f_e P_e per sequence, averaged; probs (T, n), ids (T, k); ids >= n are not counted"""
+    T, n = probs.shape
+    k = ids.shape[1]
+    counts = torch.zeros(n_seq, n + 1, device=ids.device)
+    counts.scatter_add_(1, ids.clamp(max=n).view(n_seq, -1), torch.ones(n_seq, T // n_seq * k, device=ids.device))
+    f = counts[:, :n] / (T // n_seq * k)  # (B, n) share of assignments
+    P = probs.view(n_seq, -1, n).mean(1)  # (B, n) mean probability
+    return n * (f * P).sum(-1).mean()
+
+
+def z_loss(logits):
+    return torch.logsumexp(logits, dim=-1).square().mean()
+
+# -----------------------------------------------------------------------------
+# experts and expert parallelism
+
+def activation(h, arch):
+    """the MLP nonlinearity of each block flavour: GELU (tanh) for gpt2, SwiGLU for llama (h = [gate, up])"""
+    if arch == 'gpt2':
+        return F.gelu(h, approximate='tanh')
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+class Experts(nn.Module):
+    """n MLPs in the block's flavour, stacked: c_fc (n, out, d), c_proj (n, d, hidden), biases for gpt2"""
+
+    def __init__(self, config, n, hidden):
+        super().__init__()
+        d, out = config.n_embd, hidden * (1 if config.arch == 'gpt2' else 2)
+        self.arch = config.arch
+        self.c_fc = nn.Parameter(torch.empty(n, out, d))
+        self.c_proj = nn.Parameter(torch.empty(n, d, hidden))
+        self.b_fc = nn.Parameter(torch.zeros(n, out)) if config.bias else None
+        self.b_proj = nn.Parameter(torch.zeros(n, d)) if config.bias else None
+
+    def forward(self, x, counts):
+        """x (N, d) sorted by expert, counts: rows per expert (list of ints)"""
+        out = []
+        for e, xe in enumerate(x.split(counts)):
+            h = F.linear(xe, self.c_fc[e], None if self.b_fc is None else self.b_fc[e])
+            out.append(F.linear(activation(h, self.arch), self.c_proj[e], None if self.b_proj is None else self.b_proj[e]))
+        return torch.cat(out)
+
+
+class AllToAll(torch.autograd.Function):
+    """all_to_all_single with uneven splits; the backward is the same exchange with the splits swapped"""
+
+    @staticmethod
+    def forward(ctx, x, out_splits, in_splits, group):
+        ctx.splits, ctx.group = (out_splits, in_splits), group
+        out = x.new_empty(sum(out_splits), *x.shape[1:])
+        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        out_splits, in_splits = ctx.splits
+        return AllToAll.apply(grad, in_splits, out_splits, ctx.group), None, None, None
+
+# -----------------------------------------------------------------------------
+# the layer
+
+class MoE(nn.Module):
+    """router -> sort-based dispatch -> experts -> weighted combine (+ cheap experts, + shared experts)"""
+
+    def __init__(self, config, hidden):
+        super().__init__()
+        if config.router not in ROUTERS:
+            raise ValueError(f"unknown router '{config.router}': choose one of {', '.join(ROUTERS)} (or 'dense')")
+        if not 1 <= config.top_k <= config.n_experts:
+            raise ValueError(f"top_k={config.top_k} must be between 1 and n_experts={config.n_experts}")
+        if config.n_experts % config.ep_size:
+            raise ValueError(f"n_experts={config.n_experts} is not divisible by ep_size={config.ep_size}: "
+                             f"pick an ep_size that divides it")
+        self.n_experts, self.capacity_factor = config.n_experts, config.capacity_factor
+        self.routed_scale, self.shared_scale = config.routed_scale, config.shared_scale
+        self.per_sequence = config.balance_per_sequence
+        self.router = ROUTERS[config.router](config)
+        self.ep_size, self.ep_rank, self.ep_group = config.ep_size, 0, None  # set by set_expert_parallel
+        self.experts = Experts(config, config.n_experts // config.ep_size, hidden)
+        self.shared = Experts(config, 1, hidden * config.n_shared_experts) if config.n_shared_experts else None
+        self.drop_top1 = False  # eval.py's Drop-Top-1 analysis
+        self.record = None  # a list to collect (ids, weights) per forward, for eval.py's analysis
+        for name in ('load', 'step_counts'):  # load: since the last reset_stats; step_counts: since the last bias update
+            self.register_buffer(name, torch.zeros(config.n_experts), persistent=False)
+        self.register_buffer('sums', torch.zeros(5), persistent=False)  # tokens, assignments, dropped, weight entropy, margin
+
+    def forward(self, x):
+        B, S, d = x.shape
+        x = x.reshape(-1, d)  # (T, d)
+        with torch.autocast(x.device.type, enabled=False):
+            r = self.router(x.float())
+        ids, w = r.ids, r.weights  # (T, k)
+        if self.drop_top1:
+            ids, w = ids[:, 1:], renorm(w[:, 1:]) * w.sum(-1, keepdim=True)
+        y, dropped = self.routed(x, ids, w * self.routed_scale)
+        if hasattr(self.router, 'cheap_output'):
+            y = y + self.router.cheap_output(x.float(), ids, w * self.routed_scale)
+        if self.shared is not None:
+            y = y + self.shared_scale * self.shared(x, [x.shape[0]]).float()
+        self.record_stats(ids, w, dropped)
+        aux = dict(balance=balance_loss(r.probs, ids, B if self.per_sequence else 1), z=z_loss(r.logits), router=r.loss)
+        return y.to(x.dtype).view(B, S, d), aux
+
+    def routed(self, x, ids, w):
+        """sorted dispatch of the T*k assignments to the FFN experts -> (y (T, d) float32, dropped count)"""
+        T, E = x.shape[0], self.n_experts
+        flat = ids.t().reshape(-1)  # (k*T,) slot-major: every first choice comes before any second choice
+        order = flat.argsort(stable=True)  # FFN experts first, cheap ids (>= E) last
+        counts = torch.bincount(flat, minlength=E + 1)[:E]  # (E,)
+        n = int(counts.sum())
+        order, dropped = order[:n], 0
+        if self.capacity_factor > 0:
+            cap = math.ceil(self.capacity_factor * ids.shape[1] * T / E)
+            pos = torch.arange(n, device=x.device) - (counts.cumsum(0) - counts).repeat_interleave(counts)  # place in its expert
+            order, counts = order[pos < cap], counts.clamp(max=cap)
+            dropped = n - order.numel()
+        token = order % T  # (N,)
+        ys = self.run_experts(x[token], counts)  # (N, d)
+        weight = w.t().reshape(-1)[order]  # (N,)
+        y = torch.zeros(T, x.shape[1], device=x.device, dtype=torch.float32)
+        return y.index_add_(0, token, ys.float() * weight[:, None]), dropped
+
+    def run_experts(self, xs, counts):
+        """xs (N, d) sorted by global expert id, counts (E,): run the experts, wherever they live"""
+        if self.ep_size == 1:
+            return self.experts(xs, counts.tolist())
+        ep, el = self.ep_size, self.n_experts // self.ep_size
+        recv = torch.empty_like(counts)
+        dist.all_to_all_single(recv, counts, group=self.ep_group)  # recv[r*el + j]: rank r's rows for my expert j
+        in_splits = counts.view(ep, el).sum(1).tolist()
+        out_splits = recv.view(ep, el).sum(1).tolist()
+        xr = AllToAll.apply(xs, out_splits, in_splits, self.ep_group)  # (M, d) rank-major, then expert
+        local = torch.arange(el, device=xs.device).repeat(ep).repeat_interleave(recv)  # local expert of each row
+        regroup = local.argsort(stable=True)  # rank-major -> expert-major
+        ye = self.experts(xr[regroup], recv.view(ep, el).sum(0).tolist())
+        yr = torch.empty_like(ye).index_copy_(0, regroup, ye)  # back to rank-major
+        return AllToAll.apply(yr, in_splits, out_splits, self.ep_group)
+
+    @torch.no_grad()
+    def record_stats(self, ids, w, dropped):
+        E = self.n_experts
+        counts = torch.bincount(ids.flatten(), minlength=E + 1)[:E].float()
+        self.load += counts
+        if self.training and torch.is_grad_enabled():
+            self.step_counts += counts
+        q = w.abs() / (w.abs().sum(-1, keepdim=True) + 1e-20)  # (T, k)
+        top = w.topk(min(2, w.shape[1]), dim=-1).values
+        margin = top[:, 0] - top[:, 1] if w.shape[1] > 1 else top[:, 0]
+        entropy = -(q * q.clamp_min(1e-20).log()).sum()
+        self.sums += torch.stack([counts.new_tensor(ids.shape[0]), counts.sum(), counts.new_tensor(dropped),
+                                  entropy, margin.sum()])
+        if self.record is not None:
+            self.record.append((ids.cpu(), w.cpu()))
+
+    def stats(self):
+        """routing statistics since the last reset: load per expert and its CV, max/mean, entropy of the load,
+        mean entropy of the top-k weights, router margin (w1 - w2), dropped fraction"""
+        tokens, assignments, dropped, entropy, margin = self.sums.tolist()
+        load = self.load
+        share = load / load.sum().clamp_min(1)
+        return dict(load=load.tolist(), load_cv=(load.std(correction=0) / load.mean().clamp_min(1e-20)).item(),
+                    max_over_mean=(load.max() / load.mean().clamp_min(1e-20)).item(),
+                    load_entropy=-(share * share.clamp_min(1e-20).log()).sum().item(),
+                    weight_entropy=entropy / max(tokens, 1), margin=margin / max(tokens, 1),
+                    dropped=dropped / max(assignments, 1))
+
+    def reset_stats(self):
+        self.load.zero_()
+        self.sums.zero_()
+
+
+def set_expert_parallel(model, group):
+    """shard every MoE layer's experts over `group` (each rank keeps E/ep_size experts)"""
+    for m in model.modules():
+        if isinstance(m, MoE):
+            m.ep_group, m.ep_rank = group, dist.get_rank(group)
+
+
+def update_router_biases(model, group=None):
+    """aux-loss-free balancing: one all-reduce of every biased router's step counts, then b += u sign(mean - c)"""
+    layers = [m for m in model.modules() if isinstance(m, MoE) and hasattr(m.router, 'update_bias')]
+    if not layers:
+        return
+    counts = torch.stack([m.step_counts for m in layers])  # (L, E)
+    if dist.is_initialized():
+        dist.all_reduce(counts, group=group)
+    for m, c in zip(layers, counts):
+        m.router.update_bias(c)
+        m.step_counts.zero_()
+
+
+def set_progress(model, frac):
+    for m in model.modules():
+        if isinstance(m, Router):
+            m.progress = frac
