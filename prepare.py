@@ -1,0 +1,292 @@
+"""
+Prepare a data set: text -> data/NAME/{train,val}.bin (token ids) + meta.json.
+
+    python prepare.py                                              # tiny Shakespeare, characters (downloaded)
+    python prepare.py --input ../shared/data/tinyshakespeare/input.txt            # the same offline
+    TIKTOKEN_CACHE_DIR=../shared/data/gpt2/tiktoken_cache \\
+    python prepare.py --input ../shared/data/gutenberg --tokenizer gpt2           # -> data/gutenberg_gpt2
+    python prepare.py --input my_docs/ --tokenizer hf:HuggingFaceTB/SmolLM2-135M
+    python prepare.py --input book.txt --tokenizer gguf:path/to/SmolLM2-135M-Instruct.Q4_1.gguf
+    python prepare.py --hf_dataset roneneldan/TinyStories --tokenizer gpt2        # needs a network
+
+Inputs: text files or folders of them (their *.txt files, recursive, sorted), read as UTF-8 as they are
+(CRLF stays), or a Hugging Face dataset, streamed. Each file or record is a document. Split: with several
+files the last val_fraction of them (at least one) are val; a dataset sends every round(1/val_fraction)-th
+record to val; a single file splits like nanoGPT, the first 90% of its characters train, the rest val.
+Between the documents of a split goes the end-of-text token (gpt2: 50256, hf/gguf: eos_token_id), or a
+blank line "\\n\\n" for char.
+
+Tokenizers: gpt2 (tiktoken), char (the sorted characters of the input, kept in meta.json; one extra
+pass), hf:<name or folder> (AutoTokenizer), gguf:<file.gguf> (the tokenizer of a GGUF checkpoint, so
+the data matches a model upcycled from it). Text is encoded in pieces of about 1M characters cut before a
+space between two letters, where byte-level BPE (GPT-2, Llama 3, SmolLM2, Qwen) splits anyway: the ids
+equal those of each whole document. The ids go to disk as they come (uint16, or uint32 for more than 65536
+tokens) in a temporary folder, renamed at the end, so a failure leaves no damaged outputs.
+
+meta.json: tokenizer, vocab_size, dtype, train_tokens, val_tokens, val_bytes (UTF-8 bytes of the val
+text, for bits per byte), eot_token (null for char), and chars for char. Other stages read it with
+load_meta(data_dir) and get_tokenizer(meta["tokenizer"], meta) -> (encode, decode).
+"""
+import argparse
+import json
+import os
+import shutil
+import sys
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+try:
+    from tqdm import tqdm
+except ImportError:  # tqdm comes with datasets and transformers; without it, no progress bar
+    class tqdm:
+        def __init__(self, **kwargs): pass
+        def __enter__(self): return self
+        def __exit__(self, *exc): pass
+        def update(self, n): pass
+
+SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+TOKENIZERS = "gpt2, char, hf:<name or folder> or gguf:<file.gguf>"
+CHUNK_CHARS = 1_000_000  # characters read and encoded at a time
+
+
+def fail(message):
+    sys.exit(f"prepare.py: error: {message}")
+
+
+def load_meta(data_dir):
+    with open(Path(data_dir) / "meta.json") as f:
+        return json.load(f)
+
+
+def get_tokenizer(spec, meta=None):
+    """(encode, decode) for a tokenizer spec: text -> list of ids, list of ids -> text."""
+    encode, decode, _, _ = load_tokenizer(spec, (meta or {}).get("chars"))
+    return encode, decode
+
+
+def load_tokenizer(spec, chars=None):
+    """(encode, decode, vocab_size, eot_token) for a tokenizer spec; chars is char's vocabulary."""
+    if spec == "gpt2":
+        import tiktoken
+        enc = tiktoken.get_encoding("gpt2")
+        return enc.encode_ordinary, enc.decode, enc.n_vocab, enc.eot_token
+    if spec == "char":
+        if chars is None:
+            raise ValueError("the char tokenizer needs its vocabulary: pass meta.json's contents as meta")
+        stoi = {c: i for i, c in enumerate(chars)}
+        return (lambda s: [stoi[c] for c in s]), (lambda ids: "".join(chars[i] for i in ids)), len(chars), None
+    if spec.startswith(("hf:", "gguf:")):
+        from transformers import AutoTokenizer
+        path = spec.split(":", 1)[1]
+        if spec.startswith("hf:"):
+            tok = AutoTokenizer.from_pretrained(path)
+        elif os.path.isfile(path):
+            tok = AutoTokenizer.from_pretrained(os.path.dirname(path) or ".", gguf_file=os.path.basename(path))
+        else:
+            raise FileNotFoundError(f"no GGUF file {path}")
+        # like tiktoken's encode_ordinary: no BOS, and "<|endoftext|>" written in the text stays text
+        encode = lambda s: tok.encode(s, add_special_tokens=False, split_special_tokens=True)
+        return encode, tok.decode, len(tok), tok.eos_token_id
+    raise ValueError(f"unknown tokenizer {spec!r}; use {TOKENIZERS}")
+
+
+def dtype_for(vocab_size):
+    return np.uint16 if vocab_size <= 2**16 else np.uint32
+
+
+def default_name(args):
+    """The input's name (a file's stem, a folder's name, X for X/input.txt) + "_" + the tokenizer's name;
+    tiny Shakespeare, downloaded or given, is "shakespeare" as in nanoGPT (shakespeare_char)."""
+    if args.hf_dataset:
+        source = args.hf_dataset.rstrip("/").split("/")[-1]
+    elif args.input:
+        p = Path(args.input[0]).resolve()
+        source = p.parent.name if p.name == "input.txt" else p.stem if p.is_file() else p.name
+        source = "shakespeare" if source == "tinyshakespeare" else source
+    else:
+        source = "shakespeare"
+    return f"{source}_{Path(args.tokenizer.split(':', 1)[-1]).name.removesuffix('.gguf')}"
+
+
+def download_shakespeare(folder):
+    path = folder / "input.txt"
+    if not path.exists():
+        try:
+            text = urllib.request.urlopen(SHAKESPEARE_URL, timeout=30).read()
+        except OSError as e:
+            fail(f"could not download tiny Shakespeare ({e}); "
+                 "offline, pass --input ../shared/data/tinyshakespeare/input.txt")
+        folder.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(text)
+    return path
+
+
+def text_files(inputs):
+    """The files to read, in order: files as given, folders as their *.txt files (recursive, sorted)."""
+    paths = []
+    for name in inputs:
+        p = Path(name)
+        if p.is_dir():
+            found = sorted(p.rglob("*.txt"))
+            if not found:
+                fail(f"folder {name} holds no .txt files; pass text files or a folder of .txt files")
+            paths += found
+        elif p.is_file():
+            paths.append(p)
+        else:
+            fail(f"input {name} does not exist; check the path")
+    return paths
+
+
+def read_chunks(path):
+    """A file's text in pieces of about CHUNK_CHARS characters, cut before a space between two letters."""
+    text = ""
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            while block := f.read(CHUNK_CHARS):
+                text += block
+                cut = text.rfind(" ", 1, len(text) - 1)
+                while cut > 0 and not (text[cut - 1].isalpha() and text[cut + 1].isalpha()):
+                    cut = text.rfind(" ", 1, cut)
+                if cut > 0:  # else no place to cut yet: read on
+                    yield text[:cut]
+                    text = text[cut:]
+    except UnicodeDecodeError:
+        fail(f"{path} is not UTF-8 text; convert it (e.g. iconv -f latin1 -t utf-8) or leave it out")
+    if text:
+        yield text
+
+
+def file_pieces(paths, val_fraction):
+    """(split, starts_document, text) for each piece of the input files."""
+    if len(paths) == 1:  # as nanoGPT: the first (1 - val_fraction) of the characters train, the rest val
+        cut, seen = int(sum(map(len, read_chunks(paths[0]))) * (1 - val_fraction)), 0
+        for chunk in read_chunks(paths[0]):
+            if seen < cut:
+                yield "train", seen == 0, chunk[:cut - seen]
+            if seen + len(chunk) > cut:
+                yield "val", seen <= cut, chunk[max(cut - seen, 0):]
+            seen += len(chunk)
+        return
+    n_val = min(len(paths) - 1, max(1, round(len(paths) * val_fraction)))
+    for i, path in enumerate(paths):
+        for j, chunk in enumerate(read_chunks(path)):
+            yield "val" if i >= len(paths) - n_val else "train", j == 0, chunk
+
+
+def open_dataset(args):
+    """The Hugging Face dataset split, streamed: records are read as they are used."""
+    from datasets import load_dataset
+    try:
+        return load_dataset(args.hf_dataset, args.hf_config, split=args.hf_split, streaming=True)
+    except Exception as e:
+        fail(f"could not load dataset {args.hf_dataset!r} ({str(e).splitlines()[0]}); "
+             "check the name, --hf_config and --hf_split")
+
+
+def dataset_pieces(records, text_field, val_fraction):
+    """(split, starts_document, text) for each record; every round(1 / val_fraction)-th one is val."""
+    every = round(1 / val_fraction)
+    for i, record in enumerate(records):
+        if text_field not in record:
+            fail(f"the dataset has no field {text_field!r}; pick one of {list(record)} with --text_field")
+        if record[text_field]:
+            yield "val" if i % every == every - 1 else "train", True, record[text_field]
+
+
+def with_separators(pieces, separator):
+    """(split, piece) with the separator (a token id or a string) between the documents of each split."""
+    started = set()
+    for split, starts_document, text in pieces:
+        if starts_document and split in started:
+            yield split, separator
+        started.add(split)
+        yield split, text
+
+
+def write_bins(pieces, encode, dtype, folder, total_bytes):
+    """Encode (split, text or token id) pieces into folder/{train,val}.bin; return meta.json's counts."""
+    counts = {"train_tokens": 0, "val_tokens": 0, "val_bytes": 0}
+    with (tqdm(total=total_bytes, unit="B", unit_scale=True) as bar,
+          open(folder / "train.bin", "wb") as train, open(folder / "val.bin", "wb") as val):
+        for split, piece in pieces:
+            if isinstance(piece, str):
+                ids, n_bytes = encode(piece), len(piece.encode("utf-8"))
+            else:  # the end-of-text token
+                ids, n_bytes = [piece], 0
+            np.array(ids, dtype=dtype).tofile(train if split == "train" else val)
+            counts[split + "_tokens"] += len(ids)
+            counts["val_bytes"] += n_bytes if split == "val" else 0
+            bar.update(n_bytes)
+    return counts
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description="text -> data/NAME/{train,val}.bin + meta.json")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--input", nargs="+", action="extend",
+                        help="text files or folders of .txt files (default: tiny Shakespeare, downloaded)")
+    source.add_argument("--hf_dataset", help="Hugging Face dataset name, streamed (needs a network)")
+    parser.add_argument("--hf_config", help="the dataset's configuration")
+    parser.add_argument("--hf_split", default="train", help="the dataset split to read")
+    parser.add_argument("--text_field", default="text", help="the record field that holds the text")
+    parser.add_argument("--tokenizer", default="char", help=f"{TOKENIZERS} (default: char)")
+    parser.add_argument("--name", help="output folder name (default: the input's name + the tokenizer's)")
+    parser.add_argument("--out_root", default="data", help="the folder that holds NAME/")
+    parser.add_argument("--val_fraction", type=float, default=0.1,
+                        help="share of the documents (or of a single file) for val")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if not 0 < args.val_fraction < 1:
+        fail(f"--val_fraction must be between 0 and 1, not {args.val_fraction}")
+    if args.tokenizer not in ("gpt2", "char") and not args.tokenizer.startswith(("hf:", "gguf:")):
+        fail(f"unknown tokenizer {args.tokenizer!r}; use {TOKENIZERS}")
+    out_dir = Path(args.out_root) / (args.name or default_name(args))
+    if args.hf_dataset:
+        records = open_dataset(args)
+        pieces, total_bytes = (lambda: dataset_pieces(records, args.text_field, args.val_fraction)), None
+    else:
+        paths = text_files(args.input or [download_shakespeare(out_dir)])
+        total_bytes = sum(p.stat().st_size for p in paths)
+        if total_bytes == 0:
+            fail("the input holds no text; pass files that are not empty")
+        pieces = lambda: file_pieces(paths, args.val_fraction)
+    chars = None
+    if args.tokenizer == "char":  # one pass for the vocabulary, the blank-line separators included
+        chars = sorted(set().union(*(set(text) for _, text in with_separators(pieces(), "\n\n"))))
+    try:
+        encode, _, vocab_size, eot = load_tokenizer(args.tokenizer, chars)
+    except Exception as e:
+        hint = "; offline, set TIKTOKEN_CACHE_DIR=../shared/data/gpt2/tiktoken_cache" if args.tokenizer == "gpt2" else ""
+        fail(f"could not load tokenizer {args.tokenizer!r} ({str(e).splitlines()[0]}){hint}")
+    dtype = dtype_for(vocab_size)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        separator = "\n\n" if eot is None else eot
+        counts = write_bins(with_separators(pieces(), separator), encode, dtype, tmp, total_bytes)
+        for split in ("train", "val"):
+            if counts[split + "_tokens"] == 0:
+                fail(f"the {split} split is empty; give more text or documents, or change --val_fraction")
+        meta = {"tokenizer": args.tokenizer, "vocab_size": vocab_size, "dtype": np.dtype(dtype).name, **counts,
+                "eot_token": eot}
+        if chars:
+            meta["chars"] = "".join(chars)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        out_dir.mkdir(exist_ok=True)
+        for name in ("train.bin", "val.bin", "meta.json"):
+            os.replace(tmp / name, out_dir / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"{out_dir}: vocab {vocab_size:,} ({meta['dtype']}), "
+          f"train {counts['train_tokens']:,} tokens, val {counts['val_tokens']:,} tokens")
+
+
+if __name__ == "__main__":
+    main()

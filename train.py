@@ -1,0 +1,409 @@
+"""
+Train a GPT with (or without) Mixture-of-Experts layers. One process:
+$ python train.py configs/sigmoid.py
+DDP on one node, gloo on CPU and nccl on GPU, chosen automatically:
+$ torchrun --standalone --nproc_per_node=2 train.py configs/sigmoid.py
+Expert parallelism, experts sharded over the ranks (ep_size must divide the world size and n_experts):
+$ torchrun --standalone --nproc_per_node=2 train.py configs/sigmoid.py --ep_size=2
+
+The defaults below train a small character-level model on CPU in minutes (python prepare.py first).
+Batches are drawn from a generator seeded by (seed, iteration), so the tokens of a step depend on the seed
+and the global batch only: 1 and N processes given the same values train on the same tokens, and a resumed
+run continues exactly where it stopped (the iteration is the data position).
+"""
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import asdict, fields
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import moe
+from configurator import configure
+from model import GPT, GPTConfig
+
+# -----------------------------------------------------------------------------
+# default config values
+# I/O
+out_dir = 'out'
+eval_interval = 100  # evaluate (and maybe checkpoint) every this many iterations
+log_interval = 10
+eval_iters = 20  # validation batches per evaluation (a fixed set, split over the ranks)
+always_save_checkpoint = False  # save at every evaluation, not only when val loss improves
+init_from = 'scratch'  # 'scratch', 'resume' (from out_dir) or a checkpoint folder (e.g. made by upcycle.py)
+# data
+dataset = 'shakespeare_char'  # data/<dataset>/{train,val}.bin and meta.json, made by prepare.py
+gradient_accumulation_steps = 2  # micro-batches per step over all ranks (divided over the ranks)
+batch_size = 16  # sequences per micro-batch
+block_size = 128
+# model
+arch = 'gpt2'  # 'gpt2' or 'llama'
+n_layer = 4
+n_head = 4
+n_kv_head = 0  # llama grouped-query attention (0 = n_head)
+n_embd = 128
+mlp_hidden = 0  # dense MLP hidden size (0 = 4 * n_embd)
+dropout = 0.0
+bias = False
+tie_embeddings = True
+rope_theta = 10000.0
+# MoE
+router = 'dense'  # 'dense' (no MoE) or one of moe.ROUTERS
+n_experts = 8
+top_k = 2
+moe_every = 1  # every n-th layer is MoE (2 = every other layer)
+moe_first_dense = 0  # the first N layers stay dense
+expert_hidden = 0  # expert hidden size (0 = mlp_hidden); smaller for fine-grained experts
+n_shared_experts = 0  # always-on shared experts (DeepSeekMoE)
+shared_scale = 1.0  # weight of the shared experts' output
+routed_scale = 1.0  # weight of the routed experts' output (DeepSeek-V3: 2.5)
+router_renorm = True  # divide the top-k weights by their sum
+capacity_factor = 0.0  # 0 = dropless; else each expert takes ceil(cf * k * T / E) assignments
+aux_loss_coef = 0.01  # balance loss coefficient
+z_loss_coef = 0.001  # router z-loss coefficient
+balance_per_sequence = False  # balance loss per sequence (DeepSeek-V3) instead of per batch
+ep_size = 1  # expert parallelism: ranks that share one set of experts
+globals().update(moe.ROUTER_OPTIONS)  # router-specific options, defaults and comments in moe.py's router classes
+# optimizer
+learning_rate = 1e-3
+max_iters = 1000
+weight_decay = 0.1
+beta1 = 0.9
+beta2 = 0.99
+grad_clip = 1.0  # clip gradients at this global norm (0 = off)
+router_lr_scale = 1.0  # learning rate multiplier of the router parameters
+# learning rate schedule: linear warmup, then cosine decay to min_lr
+warmup_iters = 50
+lr_decay_iters = 0  # 0 = max_iters
+min_lr = 1e-4
+# system
+device = 'auto'  # 'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...
+dtype = 'bfloat16'  # 'float32', 'bfloat16' or 'float16' (autocast; bf16 works on CPU too)
+compile = False  # torch.compile the model
+seed = 1337
+peak_flops = 312e12  # per-device peak for MFU (A100 bf16); set your hardware's
+# -----------------------------------------------------------------------------
+config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
+config = configure({k: globals()[k] for k in config_keys}, sys.argv[1:])
+globals().update(config)
+lr_decay_iters = lr_decay_iters or max_iters
+# -----------------------------------------------------------------------------
+# processes, groups and devices
+
+ddp = int(os.environ.get('RANK', -1)) != -1
+use_cuda = device.startswith('cuda') or (device == 'auto' and torch.cuda.is_available())
+if ddp:
+    dist.init_process_group(backend='nccl' if use_cuda else 'gloo')
+    rank, local_rank, world_size = dist.get_rank(), int(os.environ['LOCAL_RANK']), dist.get_world_size()
+    device = f'cuda:{local_rank}' if use_cuda else 'cpu'
+    if use_cuda:
+        torch.cuda.set_device(device)
+else:
+    rank, local_rank, world_size = 0, 0, 1
+    device = ('cuda' if use_cuda else 'cpu') if device == 'auto' else device
+master = rank == 0
+if world_size % ep_size:
+    sys.exit(f"train.py: error: world size {world_size} is not divisible by ep_size={ep_size}: "
+             f"run with a multiple of {ep_size} processes or change ep_size")
+if gradient_accumulation_steps % world_size:
+    sys.exit(f"train.py: error: gradient_accumulation_steps={gradient_accumulation_steps} is not divisible by "
+             f"the world size {world_size}")
+local_accum = gradient_accumulation_steps // world_size
+ep_group = expert_dp_group = None
+if ddp:  # EP groups: consecutive ranks; expert data parallel groups: the ranks holding the same experts
+    for g in range(world_size // ep_size):
+        group = dist.new_group(list(range(g * ep_size, (g + 1) * ep_size)))
+        ep_group = group if rank // ep_size == g else ep_group
+    for j in range(ep_size):
+        group = dist.new_group(list(range(j, world_size, ep_size)))
+        expert_dp_group = group if rank % ep_size == j else expert_dp_group
+device_type = 'cuda' if 'cuda' in device else 'cpu'
+ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
+tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
+if master:
+    os.makedirs(out_dir, exist_ok=True)
+    print(f"tokens per iteration: {tokens_per_iter:,} ({world_size} processes, ep_size {ep_size}, device {device})")
+
+# -----------------------------------------------------------------------------
+# data
+
+data_dir = os.path.join('data', dataset)
+meta_path = os.path.join(data_dir, 'meta.json')
+if not os.path.exists(meta_path):
+    sys.exit(f"train.py: error: no prepared data at {data_dir}: run python prepare.py (see README) or set --dataset")
+meta = json.load(open(meta_path))
+
+
+def get_batch(split, batch_ids):
+    """the sequences batch_ids of a split's sample table"""
+    data = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=meta['dtype'], mode='r')
+    x = torch.stack([torch.from_numpy(data[i:i + block_size].astype(np.int64)) for i in batch_ids])
+    y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + block_size].astype(np.int64)) for i in batch_ids])
+    return x.to(device), y.to(device)
+
+
+def sample_offsets(split, n, generator_seed):
+    """n random sequence offsets in a split, from a generator seeded by generator_seed"""
+    size = meta[f'{split}_tokens']
+    if size <= block_size:
+        sys.exit(f"train.py: error: the {split} split has {size} tokens, fewer than block_size+1={block_size + 1}")
+    g = torch.Generator().manual_seed(generator_seed)
+    return torch.randint(size - block_size, (n,), generator=g).tolist()
+
+
+def train_offsets(it):
+    """this rank's micro-batches of iteration it: [local_accum][batch_size] offsets of the global batch"""
+    offsets = sample_offsets('train', gradient_accumulation_steps * batch_size, seed * 1_000_003 + it)
+    mine = offsets[rank * local_accum * batch_size:(rank + 1) * local_accum * batch_size]
+    return [mine[m * batch_size:(m + 1) * batch_size] for m in range(local_accum)]
+
+# -----------------------------------------------------------------------------
+# model, optimizer, checkpoints
+
+def is_expert(name):
+    return '.experts.' in name
+
+
+def full_tensor(name, t):
+    """a parameter (or its optimizer state) as the whole model has it: expert shards gathered over the EP group"""
+    if ep_size == 1 or not is_expert(name) or t.dim() == 0:
+        return t
+    parts = [torch.empty_like(t) for _ in range(ep_size)]
+    dist.all_gather(parts, t.contiguous(), group=ep_group)
+    return torch.cat(parts)
+
+
+def local_tensor(name, t):
+    """this rank's shard of a whole-model tensor"""
+    if ep_size == 1 or not is_expert(name) or t.dim() == 0:
+        return t
+    return t.chunk(ep_size)[rank % ep_size].clone()
+
+
+iter_num, best_val_loss = 0, 1e9
+arch_keys = [f.name for f in fields(GPTConfig) if f.name != 'router_options']
+train_keys = ('dropout', 'capacity_factor', 'aux_loss_coef', 'z_loss_coef', 'balance_per_sequence')  # not architecture
+if init_from == 'scratch':
+    model_args = {k: config[k] for k in arch_keys if k in config}
+    model_args.update(vocab_size=meta['vocab_size'], ep_size=1)
+    router_cls = moe.ROUTERS.get(router)
+    model_args['router_options'] = {k: config[k] for k in (router_cls.options if router_cls else {})}
+    tokenizer = meta.get('tokenizer')
+    ckpt = None
+else:
+    ckpt_dir = out_dir if init_from == 'resume' else init_from
+    ckpt_path = os.path.join(ckpt_dir, 'ckpt.pt')
+    if not os.path.exists(ckpt_path):
+        sys.exit(f"train.py: error: init_from={init_from} but there is no checkpoint at {ckpt_path}")
+    ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
+    model_args = dict(ckpt['model_args'])
+    model_args.update({k: config[k] for k in train_keys})  # the architecture comes from the checkpoint
+    tokenizer = ckpt.get('tokenizer') or meta.get('tokenizer')
+    if meta['vocab_size'] > model_args['vocab_size']:
+        sys.exit(f"train.py: error: dataset {dataset} has a vocabulary of {meta['vocab_size']} tokens but the "
+                 f"checkpoint's model has {model_args['vocab_size']}: prepare the data with the model's tokenizer")
+    if init_from == 'resume':
+        iter_num, best_val_loss = ckpt['iter_num'], ckpt['best_val_loss']
+block_size = min(block_size, model_args['block_size'])
+torch.manual_seed(seed)  # the same initial model on every rank and at every ep_size
+try:
+    state = ckpt['model'] if ckpt else GPT(GPTConfig(**model_args)).state_dict()  # the whole model
+    model = GPT(GPTConfig(**{**model_args, 'ep_size': ep_size}))  # this rank's part of it
+except ValueError as e:
+    sys.exit(f"train.py: error: {e}")
+try:
+    model.load_state_dict({k: local_tensor(k, v) for k, v in state.items()})
+except RuntimeError as e:
+    sys.exit(f"train.py: error: checkpoint {init_from} does not fit the model: {str(e).splitlines()[0]}")
+torch.manual_seed(seed + rank)
+model.to(device)
+if ep_size > 1:
+    moe.set_expert_parallel(model, ep_group)
+names = {p: n for n, p in model.named_parameters()}
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, router_lr_scale)
+if init_from == 'resume':
+    state = optimizer.state_dict()
+    order = [names[p] for g in optimizer.param_groups for p in g['params']]
+    state['state'] = {i: {k: local_tensor(n, v) for k, v in ckpt['optimizer'][n].items()}
+                      for i, n in enumerate(order) if n in ckpt['optimizer']}
+    optimizer.load_state_dict(state)
+    if ckpt.get('rng') and len(ckpt['rng']) == world_size:
+        torch.set_rng_state(ckpt['rng'][rank])
+scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
+ckpt = state = None  # free memory
+raw_model = model
+total_params, active_params = model.num_params()
+if master:
+    print(f"parameters: {total_params / 1e6:.2f}M total, {active_params / 1e6:.2f}M active per token")
+if compile:
+    model = torch.compile(model)
+if ddp:
+    experts = [n for n, p in model.named_parameters() if is_expert(n)] if ep_size > 1 else []
+    DDP._set_params_and_buffers_to_ignore_for_model(model, experts)  # expert grads are reduced by hand
+    warnings.filterwarnings('ignore', '`broadcast_buffers` is deprecated')  # its replacement still syncs at init
+    model = DDP(model, device_ids=[local_rank] if use_cuda else None, broadcast_buffers=False)  # counters are per rank
+
+
+def save_checkpoint():
+    """ckpt.pt with the whole model whatever the ep_size, written atomically (temporary file, then rename)"""
+    state = {n: full_tensor(n, t) for n, t in raw_model.state_dict().items()}
+    opt = {names[p]: {k: full_tensor(names[p], v) for k, v in s.items()} for p, s in optimizer.state.items()}
+    rng = [torch.get_rng_state()] * world_size
+    if ddp:
+        dist.all_gather_object(rng, torch.get_rng_state())
+    if not master:
+        return
+    ckpt = dict(model=state, optimizer=opt, model_args={**asdict(raw_model.config), 'ep_size': 1},
+                iter_num=iter_num, best_val_loss=best_val_loss, config=config, tokenizer=tokenizer, rng=rng)
+    tmp = os.path.join(out_dir, 'ckpt.pt.tmp')
+    torch.save(ckpt, tmp)
+    os.replace(tmp, os.path.join(out_dir, 'ckpt.pt'))
+
+
+def all_reduce(t, group=None):
+    if ddp:
+        dist.all_reduce(t, group=group)
+    return t
+
+
+@torch.no_grad()
+def estimate_loss():
+    """mean loss over a fixed set of eval_iters batches per split, the batches split over all ranks"""
+    out = {}
+    raw_model.eval()
+    for split in ('train', 'val'):
+        offsets = sample_offsets(split, eval_iters * batch_size, seed + (1 if split == 'val' else 2))
+        total = torch.zeros(2, device=device)
+        for b in range(rank, eval_iters, world_size):
+            x, y = get_batch(split, offsets[b * batch_size:(b + 1) * batch_size])
+            with ctx:
+                logits, _ = raw_model(x)
+            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())  # language modelling only
+            total += torch.stack([loss, torch.ones((), device=device)])
+        total = all_reduce(total)
+        out[split] = (total[0] / total[1]).item()
+    raw_model.train()
+    return out
+
+
+def get_lr(it):
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if it > lr_decay_iters:
+        return min_lr
+    ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+
+
+def reduce_expert_grads():
+    """expert grads summed over the ranks holding the same experts, scaled so the step equals one process's"""
+    for n, p in raw_model.named_parameters():
+        if is_expert(n) and p.grad is not None:
+            all_reduce(p.grad, expert_dp_group).div_(world_size)
+
+
+def clip_grad_norm(max_norm):
+    """clip on the true global norm: dense grads counted once, each expert once over the EP group"""
+    dense, expert = torch.zeros((), device=device), torch.zeros((), device=device)
+    for n, p in raw_model.named_parameters():
+        if p.grad is not None:
+            sq = p.grad.float().square().sum()
+            if ep_size > 1 and is_expert(n):
+                expert += sq
+            else:
+                dense += sq
+    norm = (dense + (all_reduce(expert, ep_group) if ep_size > 1 else 0)).sqrt()
+    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for p in raw_model.parameters():
+        if p.grad is not None:
+            p.grad.mul_(scale)
+    return norm
+
+
+def log_stats(layers):
+    """load CV and dropped fraction averaged over the MoE layers, from counts summed over all ranks"""
+    for m in layers:
+        all_reduce(m.load)
+        all_reduce(m.sums)
+    stats = [m.stats() for m in layers]
+    for m in layers:
+        m.reset_stats()
+    return {k: sum(s[k] for s in stats) / len(stats) for k in ('load_cv', 'dropped')} if stats else {}
+
+# -----------------------------------------------------------------------------
+# training loop
+
+if master:
+    with open(os.path.join(out_dir, 'config.json'), 'w') as f:
+        json.dump(config, f, indent=2)
+    log_file = open(os.path.join(out_dir, 'log.jsonl'), 'a')
+moe_layers = raw_model.moe_layers()
+t0 = time.time()
+while True:
+    if iter_num % eval_interval == 0 or iter_num == max_iters:
+        losses = estimate_loss()
+        if master:
+            print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+            log_file.write(json.dumps(dict(iter=iter_num, train_loss=losses['train'], val_loss=losses['val'])) + '\n')
+            log_file.flush()
+        if losses['val'] < best_val_loss or always_save_checkpoint:
+            best_val_loss = min(best_val_loss, losses['val'])
+            if iter_num > 0:
+                save_checkpoint()
+        for m in moe_layers:
+            m.reset_stats()
+        t0 = time.time()  # tokens/s counts training only
+    if iter_num == max_iters:
+        break
+
+    lr = get_lr(iter_num)
+    for group in optimizer.param_groups:
+        group['lr'] = lr * group['lr_scale']
+    moe.set_progress(raw_model, iter_num / max_iters)
+    step_loss = torch.zeros(4, device=device)  # loss, balance, z, micro-steps
+    for micro_step, batch_ids in enumerate(train_offsets(iter_num)):
+        x, y = get_batch('train', batch_ids)
+        if ddp:
+            model.require_backward_grad_sync = micro_step == local_accum - 1
+        with ctx:
+            _, loss = model(x, y)
+        aux = raw_model.aux
+        step_loss += torch.stack([loss.detach().float(), torch.as_tensor(aux.get('balance', 0.0), device=device).float(),
+                                  torch.as_tensor(aux.get('z', 0.0), device=device).float(), torch.ones((), device=device)])
+        scaler.scale(loss / local_accum).backward()
+    if ep_size > 1:
+        reduce_expert_grads()
+    scaler.unscale_(optimizer)
+    if grad_clip > 0:
+        clip_grad_norm(grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    moe.update_router_biases(raw_model)
+    iter_num += 1
+
+    if iter_num % log_interval == 0:
+        loss_sum, balance, z, n = all_reduce(step_loss).tolist()  # mean over all micro-steps of all ranks
+        stats = log_stats(moe_layers)
+        dt = time.time() - t0
+        t0 = time.time()
+        if master:
+            mfu = raw_model.estimate_mfu(batch_size * local_accum * log_interval, dt, peak_flops)
+            row = dict(iter=iter_num, loss=loss_sum / n, aux_loss=balance / n, z_loss=z / n, lr=lr,
+                       tokens_per_s=tokens_per_iter * log_interval / dt, mfu=mfu, **stats)
+            print(f"iter {iter_num}: loss {row['loss']:.4f}, aux {row['aux_loss']:.4f}, z {row['z_loss']:.4f}, "
+                  f"lr {lr:.2e}, {row['tokens_per_s']:,.0f} tok/s, mfu {mfu * 100:.2f}%"
+                  + (f", load cv {stats['load_cv']:.3f}, dropped {stats['dropped']:.3f}" if stats else ''))
+            log_file.write(json.dumps(row) + '\n')
+            log_file.flush()
+
+if ddp:
+    dist.destroy_process_group()
