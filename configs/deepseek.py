@@ -1,0 +1,9 @@
+# DeepSeek-V3 routing: sigmoid scores, aux-loss-free balancing with a per-expert bias (u = 1e-3),
+# one shared expert, a tiny sequence-wise balance loss (alpha = 1e-4) as in the paper
+router = 'deepseek'
+n_shared_experts = 1
+top_k = 2
+aux_loss_coef = 1e-4
+balance_per_sequence = True
+bias_update_rate = 1e-3
+out_dir = 'out/deepseek'
