@@ -314,10 +314,11 @@ class Experts(nn.Module):
 
     def forward(self, x, counts):
         """x (N, d) sorted by expert, counts: rows per expert (list of ints)"""
-        out = []
-        for e, xe in enumerate(x.split(counts)):
-            h = F.linear(xe, self.c_fc[e], None if self.b_fc is None else self.b_fc[e])
-            out.append(F.linear(activation(h, self.arch), self.c_proj[e], None if self.b_proj is None else self.b_proj[e]))
+        n = len(counts)
+        b_fc = [None] * n if self.b_fc is None else self.b_fc.unbind(0)
+        b_proj = [None] * n if self.b_proj is None else self.b_proj.unbind(0)
+        out = [F.linear(activation(F.linear(xe, w1, b1), self.arch), w2, b2)  # unbind: one gradient copy, not E
+               for xe, w1, b1, w2, b2 in zip(x.split(counts), self.c_fc.unbind(0), b_fc, self.c_proj.unbind(0), b_proj)]
         return torch.cat(out)
 
 
@@ -376,13 +377,13 @@ class MoE(nn.Module):
         if hasattr(self.router, 'cheap_output'):
             y = y + self.router.cheap_output(x.float(), ids, w * self.routed_scale)
         if self.shared is not None:
-            y = y + self.shared_scale * self.shared(x, [x.shape[0]]).float()
+            y = y + self.shared_scale * self.shared(x, [x.shape[0]])
         self.record_stats(ids, w, dropped)
         aux = dict(balance=balance_loss(r.probs, ids, B if self.per_sequence else 1), z=z_loss(r.logits), router=r.loss)
         return y.to(x.dtype).view(B, S, d), aux
 
     def routed(self, x, ids, w):
-        """sorted dispatch of the T*k assignments to the FFN experts -> (y (T, d) float32, dropped count)"""
+        """sorted dispatch of the T*k assignments to the FFN experts -> (y (T, d), dropped count)"""
         T, E = x.shape[0], self.n_experts
         flat = ids.t().reshape(-1)  # (k*T,) slot-major: every first choice comes before any second choice
         order = flat.argsort(stable=True)  # FFN experts first, cheap ids (>= E) last
@@ -394,11 +395,10 @@ class MoE(nn.Module):
             pos = torch.arange(n, device=x.device) - (counts.cumsum(0) - counts).repeat_interleave(counts)  # place in its expert
             order, counts = order[pos < cap], counts.clamp(max=cap)
             dropped = n - order.numel()
-        token = order % T  # (N,)
-        ys = self.run_experts(x[token], counts)  # (N, d)
-        weight = w.t().reshape(-1)[order]  # (N,)
-        y = torch.zeros(T, x.shape[1], device=x.device, dtype=torch.float32)
-        return y.index_add_(0, token, ys.float() * weight[:, None]), dropped
+        ys = self.run_experts(x[order % T], counts)  # (N, d)
+        ys = ys * w.t().reshape(-1)[order, None].to(ys.dtype)
+        y = ys.new_zeros(ids.numel(), x.shape[1]).index_copy_(0, order, ys)  # (k*T, d) back in slot-major order
+        return y.view(ids.shape[1], T, -1).sum(0), dropped  # (T, d)
 
     def run_experts(self, xs, counts):
         """xs (N, d) sorted by global expert id, counts (E,): run the experts, wherever they live"""
