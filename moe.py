@@ -378,7 +378,7 @@ class MoE(nn.Module):
             y = y + self.router.cheap_output(x.float(), ids, w * self.routed_scale)
         if self.shared is not None:
             y = y + self.shared_scale * self.shared(x, [x.shape[0]])
-        self.record_stats(ids, w, dropped)
+        self.record_stats(ids, w, dropped, training_step=self.training and torch.is_grad_enabled())
         aux = dict(balance=balance_loss(r.probs, ids, B if self.per_sequence else 1), z=z_loss(r.logits), router=r.loss)
         return y.to(x.dtype).view(B, S, d), aux
 
@@ -417,11 +417,11 @@ class MoE(nn.Module):
         return AllToAll.apply(yr, in_splits, out_splits, self.ep_group)
 
     @torch.no_grad()
-    def record_stats(self, ids, w, dropped):
+    def record_stats(self, ids, w, dropped, training_step):
         E = self.n_experts
         counts = torch.bincount(ids.flatten(), minlength=E + 1)[:E].float()
         self.load += counts
-        if self.training and torch.is_grad_enabled():
+        if training_step:  # counts for the deepseek bias update
             self.step_counts += counts
         q = w.abs() / (w.abs().sum(-1, keepdim=True) + 1e-20)  # (T, k)
         top = w.topk(min(2, w.shape[1]), dim=-1).values
