@@ -91,9 +91,14 @@ seed = 1337
 peak_flops = 312e12  # per-device peak for MFU (A100 bf16); set your hardware's
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
-config = configure({k: globals()[k] for k in config_keys}, sys.argv[1:])
+try:
+    config = configure({k: globals()[k] for k in config_keys}, sys.argv[1:])
+except ValueError as e:
+    sys.exit(f"train.py: error: {e}")
 globals().update(config)
 lr_decay_iters = lr_decay_iters or max_iters
+if min_lr > learning_rate:
+    sys.exit(f"train.py: error: min_lr={min_lr} is above learning_rate={learning_rate}: set --min_lr (e.g. learning_rate / 10)")
 # -----------------------------------------------------------------------------
 # processes, groups and devices
 
@@ -207,6 +212,8 @@ else:
     model_args = dict(ckpt['model_args'])
     model_args.update({k: config[k] for k in train_keys})  # the architecture comes from the checkpoint
     tokenizer = ckpt.get('tokenizer') or meta.get('tokenizer')
+    if master and meta.get('tokenizer') != tokenizer:
+        print(f"warning: dataset {dataset} was tokenized with {meta.get('tokenizer')}, the checkpoint with {tokenizer}")
     if meta['vocab_size'] > model_args['vocab_size']:
         sys.exit(f"train.py: error: dataset {dataset} has a vocabulary of {meta['vocab_size']} tokens but the "
                  f"checkpoint's model has {model_args['vocab_size']}: prepare the data with the model's tokenizer")

@@ -1,0 +1,314 @@
+"""
+Sparse upcycling (Komatsuzaki et al. 2023; LibMoE's MoE stage): a dense model -> an MoE model whose experts
+start as copies of the dense MLP and whose routers start at N(0, router_init_std), seed + layer index.
+
+    python upcycle.py --init_from=path/to/SmolLM2-135M-Instruct.Q4_1.gguf configs/sigmoid.py --n_experts=4 \
+        --out_dir=out/smol_sigmoid
+    python upcycle.py --init_from=gpt2 --router=softmax --n_experts=4 --top_k=2 --out_dir=out/gpt2_softmax
+    python upcycle.py --init_from=out/dense --router=dense --out_dir=out/dense_copy   # import only, no MoE
+then fine-tune on data prepared with the model's tokenizer (prepare.py --tokenizer gguf:path/to/...gguf):
+    python train.py configs/sigmoid.py --init_from=out/smol_sigmoid --dataset=NAME --out_dir=out/smol_sigmoid_ft
+
+init_from: a checkpoint folder of ours (ckpt.pt), a Hugging Face model name or folder (GPT-2 -> arch 'gpt2';
+Llama / Mistral -> arch 'llama'), or a .gguf file (loaded and dequantised by transformers).
+Settings: the MoE keys of GPTConfig and the router options of moe.py, from config files and --key=value, as
+train.py; train.py's other keys are accepted and ignored (the architecture comes from the source).
+Writes out_dir/ckpt.pt (train.py's format, iter_num 0) and out_dir/config.json.
+
+Expert initialisation. The dense MLP's hidden units are cut into g = mlp_hidden / expert_hidden slices;
+the S shared experts take slices 0..S-1 (concatenated), routed expert e takes slice (S + e) % g, and each
+expert gets 1/g of the output bias. expert_init='copy' is g = 1: every expert is the whole MLP (LibMoE);
+expert_init='split' is fine-grained. expert_noise adds N(0, (noise * std(W))^2) to each routed expert matrix.
+The upcycled model computes exactly the dense function when the routed weights sum to 1 and
+routed_scale + n_shared_experts * shared_scale = 1 (copies), nothing is dropped and no noise is added; split
+experts do so only when every slice is used once with weight 1 (n_shared + n_experts = g, top_k = n_experts
+= routed_scale, shared_scale = 1 and a uniform router, router_init_std = 0). After building, the logits of
+both models are compared on 2 x 32 random tokens and the reasons for any difference are printed.
+"""
+import json
+import os
+import sys
+from dataclasses import asdict, fields
+
+import torch
+import torch.nn as nn
+
+from configurator import configure
+from model import GPT, GPTConfig
+from moe import ROUTER_OPTIONS
+
+MOE_KEYS = ('router', 'n_experts', 'top_k', 'moe_every', 'moe_first_dense', 'expert_hidden', 'n_shared_experts',
+            'shared_scale', 'routed_scale', 'router_renorm', 'capacity_factor', 'aux_loss_coef', 'z_loss_coef',
+            'balance_per_sequence')
+ARCH_KEYS = ('arch', 'n_layer', 'n_head', 'n_kv_head', 'n_embd', 'mlp_hidden', 'dropout', 'bias', 'tie_embeddings',
+             'rope_theta')  # set by the source: ignored with a note (config files may compute with them)
+TRAIN_KEYS = ARCH_KEYS + (
+    'out_dir', 'dataset', 'batch_size', 'block_size', 'gradient_accumulation_steps', 'max_iters', 'learning_rate',
+    'warmup_iters', 'lr_decay_iters', 'min_lr', 'weight_decay', 'beta1', 'beta2', 'grad_clip', 'eval_interval',
+    'eval_iters', 'log_interval', 'always_save_checkpoint', 'init_from', 'device', 'dtype', 'compile', 'seed',
+    'ep_size', 'router_lr_scale', 'peak_flops')  # train.py's keys: accepted, and ignored unless upcycle has them
+DEFAULTS = dict(
+    init_from='',  # checkpoint folder, Hugging Face name or folder, or .gguf file
+    out_dir='out/upcycle',
+    block_size=0,  # 0 = the source's (llama: at most 2048); smaller crops the positions
+    expert_init='copy',  # 'copy' (every expert = the dense MLP) or 'split' (slices of its hidden units)
+    expert_noise=0.0,  # std of the noise added to routed experts, relative to each matrix's std
+    router_init_std=0.02,
+    seed=42,  # router of layer i: torch.Generator seeded seed + i (LibMoE: 42)
+    **{f.name: f.default for f in fields(GPTConfig) if f.name in MOE_KEYS},
+    **ROUTER_OPTIONS,
+)
+ARCH_DEFAULTS = {f.name: f.default for f in fields(GPTConfig) if f.name in ARCH_KEYS}
+
+
+# -----------------------------------------------------------------------------
+# dense models: ours, Hugging Face GPT-2 / Llama, GGUF
+
+def hf_model_args(cfg):
+    """(GPTConfig arguments, maximum length) of a Hugging Face config; ValueError for what model.py cannot run"""
+    name = f"{cfg.model_type} model '{getattr(cfg, '_name_or_path', '')}'"
+    if cfg.model_type == 'gpt2':
+        if cfg.activation_function not in ('gelu_new', 'gelu_pytorch_tanh') or cfg.scale_attn_by_inverse_layer_idx:
+            raise ValueError(f"{name}: only GPT-2's tanh GELU and standard attention scaling are supported")
+        return dict(arch='gpt2', vocab_size=cfg.vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+                    mlp_hidden=cfg.n_inner or 4 * cfg.n_embd, bias=True, norm_eps=cfg.layer_norm_epsilon,
+                    tie_embeddings=cfg.tie_word_embeddings), cfg.n_positions
+    if cfg.model_type not in ('llama', 'mistral'):
+        raise ValueError(f"unsupported {name}: upcycle.py converts gpt2 and llama-family (llama, mistral) models")
+    rope = getattr(cfg, 'rope_parameters', None) or getattr(cfg, 'rope_scaling', None) or {}  # transformers 5 / 4
+    head_dim = getattr(cfg, 'head_dim', None) or cfg.hidden_size // cfg.num_attention_heads
+    problem = ('rope scaling' if rope.get('rope_type', rope.get('type', 'default')) != 'default' else
+               'attention or MLP biases' if getattr(cfg, 'attention_bias', 0) or getattr(cfg, 'mlp_bias', 0) else
+               f"hidden_act={cfg.hidden_act}" if cfg.hidden_act != 'silu' else
+               f"head_dim={head_dim} != hidden / heads" if head_dim * cfg.num_attention_heads != cfg.hidden_size else
+               'a sliding window' if getattr(cfg, 'sliding_window', None) else None)
+    if problem:
+        raise ValueError(f"{name} has {problem}, which model.py's llama blocks do not implement")
+    return dict(arch='llama', vocab_size=cfg.vocab_size, n_layer=cfg.num_hidden_layers, n_head=cfg.num_attention_heads,
+                n_kv_head=cfg.num_key_value_heads, n_embd=cfg.hidden_size, mlp_hidden=cfg.intermediate_size, bias=False,
+                tie_embeddings=cfg.tie_word_embeddings, rope_theta=float(rope.get('rope_theta') or cfg.rope_theta),
+                norm_eps=cfg.rms_norm_eps), cfg.max_position_embeddings
+
+
+def hf_model(source):
+    """a transformers causal LM in float32 from a hub name, a folder or a .gguf file (its config checked first)"""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    if source.endswith('.gguf'):  # reading a GGUF file's config costs as much as loading the model
+        folder, name = os.path.split(os.path.abspath(source))
+        hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        hf_model_args(hf.config)
+        return hf
+    try:
+        hf_model_args(AutoConfig.from_pretrained(source))
+        return AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    except OSError as e:
+        raise ValueError(f"cannot load '{source}': {str(e).splitlines()[0]}")
+
+
+LLAMA_NAMES = {'input_layernorm': 'ln_1', 'post_attention_layernorm': 'ln_2', 'self_attn.q_proj': 'attn.q_proj',
+               'self_attn.k_proj': 'attn.k_proj', 'self_attn.v_proj': 'attn.v_proj', 'self_attn.o_proj': 'attn.c_proj',
+               'mlp.down_proj': 'mlp.c_proj'}  # Hugging Face -> ours, in every layer
+
+
+def hf_state_dict(hf, arch, n_layer):
+    """the Hugging Face state dict in our names: GPT-2's Conv1D weights transposed, llama's c_fc = [gate; up]"""
+    sd = hf.state_dict()
+    if arch == 'gpt2':  # the names are ours already; Conv1D stores (in, out)
+        conv1d = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
+        return {k: v.t() if k.endswith(conv1d) else v for k, v in sd.items()
+                if not k.endswith(('.attn.bias', '.attn.masked_bias'))}  # old versions' causal-mask buffers
+    wte = sd['model.embed_tokens.weight']
+    out = {'transformer.wte.weight': wte, 'transformer.ln_f.weight': sd['model.norm.weight'],
+           'lm_head.weight': sd.get('lm_head.weight', wte)}  # tied: transformers may leave lm_head out
+    for i in range(n_layer):
+        theirs, ours = f'model.layers.{i}.', f'transformer.h.{i}.'
+        out |= {f'{ours}{b}.weight': sd[f'{theirs}{a}.weight'] for a, b in LLAMA_NAMES.items()}
+        gate, up = sd[theirs + 'mlp.gate_proj.weight'], sd[theirs + 'mlp.up_proj.weight']
+        out[ours + 'mlp.c_fc.weight'] = torch.cat([gate, up])  # (2 * mlp_hidden, n_embd)
+    return out
+
+
+def dense_model(model_args, sd, block_size):
+    """a dense GPT holding state dict sd (every parameter covered, every shape asserted; gpt2 positions cropped)"""
+    model = GPT(GPTConfig(**{**model_args, 'block_size': block_size, 'router': 'dense', 'ep_size': 1}))
+    if 'transformer.wpe.weight' in sd:
+        sd = {**sd, 'transformer.wpe.weight': sd['transformer.wpe.weight'][:block_size]}
+    ours = model.state_dict()
+    assert ours.keys() == sd.keys(), f"state dicts differ: {sorted(ours.keys() ^ sd.keys())[:6]}"
+    with torch.no_grad():
+        for k, v in sd.items():
+            assert v.shape == ours[k].shape, f"{k}: source {tuple(v.shape)} vs ours {tuple(ours[k].shape)}"
+            ours[k].copy_(v)
+    return model
+
+
+def load_dense(source, block_size=None):
+    """(dense GPT, tokenizer spec) from a checkpoint folder of ours, a Hugging Face name or folder, or a .gguf file"""
+    source = os.path.expanduser(source)
+    if os.path.isfile(os.path.join(source, 'ckpt.pt')):
+        ckpt = torch.load(os.path.join(source, 'ckpt.pt'), map_location='cpu', weights_only=True)
+        args, sd, tokenizer = ckpt['model_args'], ckpt['model'], ckpt.get('tokenizer')
+        if args.get('router', 'dense') != 'dense':
+            raise ValueError(f"{source} already has MoE layers (router={args['router']}): upcycle a dense checkpoint")
+        max_len = default = args['block_size']
+    else:
+        local = os.path.exists(source) or source.endswith('.gguf') or source.startswith(('/', '.', '~'))
+        if local and not (os.path.isfile(os.path.join(source, 'config.json')) or os.path.isfile(source)):
+            raise ValueError(f"init_from={source} is not a checkpoint folder (ckpt.pt), a Hugging Face folder "
+                             f"(config.json) or a .gguf file")
+        hf = hf_model(source)
+        args, max_len = hf_model_args(hf.config)
+        default = min(max_len, 2048) if args['arch'] == 'llama' else max_len
+        sd = hf_state_dict(hf, args['arch'], args['n_layer'])
+        tokenizer = ('gguf:' if source.endswith('.gguf') else 'hf:') + (os.path.abspath(source) if local else source)
+    if (block_size or default) > max_len:
+        raise ValueError(f"block_size={block_size} is longer than the source's {max_len} positions")
+    return dense_model(args, sd, block_size or default), tokenizer
+
+# -----------------------------------------------------------------------------
+# upcycling
+
+def set_expert(experts, e, mlp, units, bias_share):
+    """expert e := the dense MLP restricted to the hidden units `units`, with bias_share of its output bias"""
+    h = mlp.c_proj.weight.shape[1]
+    rows = units if experts.arch == 'gpt2' else torch.cat([units, units + h])  # llama c_fc rows: [gate; up]
+    pairs = [(experts.c_fc[e], mlp.c_fc.weight[rows]), (experts.c_proj[e], mlp.c_proj.weight[:, units])]
+    if experts.b_fc is not None:
+        pairs += [(experts.b_fc[e], mlp.c_fc.bias[rows]), (experts.b_proj[e], mlp.c_proj.bias * bias_share)]
+    for ours, theirs in pairs:
+        assert ours.shape == theirs.shape, f"expert {tuple(ours.shape)} vs dense slice {tuple(theirs.shape)}"
+        ours.copy_(theirs)
+
+
+@torch.no_grad()
+def upcycle_model(dense, moe_args, expert_init='copy', expert_noise=0.0, router_init_std=0.02, seed=42):
+    """the MoE GPT of dense with the MoE settings moe_args (GPTConfig MoE fields and router_options)"""
+    if set(moe_args) - set(MOE_KEYS) - {'router_options'}:
+        raise ValueError(f"not MoE settings: {sorted(set(moe_args) - set(MOE_KEYS) - {'router_options'})}")
+    config = GPTConfig(**{**asdict(dense.config), **moe_args, 'ep_size': 1})
+    h, eh, S, E = config.mlp_hidden, config.expert_hidden, config.n_shared_experts, config.n_experts
+    if expert_init == 'copy' and eh != h:
+        raise ValueError(f"expert_init='copy' copies the whole MLP: leave expert_hidden=0 (= {h}) or use 'split'")
+    if expert_init == 'split' and (eh == h or h % eh):
+        raise ValueError(f"expert_init='split' cuts the MLP's {h} hidden units into slices: set expert_hidden "
+                         f"to a divisor of {h} smaller than it (got {eh})")
+    if expert_init not in ('copy', 'split'):
+        raise ValueError(f"expert_init={expert_init!r}: use 'copy' or 'split'")
+    g = h // eh
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)  # the routers' other state: cosine's expert embeddings, hyper's embedding, moepp's c
+        model = GPT(config)
+    ours, theirs = model.state_dict(), dense.state_dict()
+    assert all('.mlp.' in k for k in ours.keys() - theirs.keys()), "only the MoE layers' MLPs are new"
+    for k, v in theirs.items():  # everything but the MLPs of the MoE layers
+        if k in ours:
+            assert v.shape == ours[k].shape, f"{k}: dense {tuple(v.shape)} vs upcycled {tuple(ours[k].shape)}"
+            ours[k].copy_(v)
+    piece = lambda s: torch.arange(s * eh, (s + 1) * eh)  # the hidden units of slice s
+    for i, block in enumerate(model.transformer.h):
+        if not config.is_moe(i):
+            continue
+        layer, mlp, gen = block.mlp, dense.transformer.h[i].mlp, torch.Generator().manual_seed(seed + i)
+        for m in layer.router.modules():
+            if isinstance(m, nn.Linear):
+                m.weight.normal_(0.0, router_init_std, generator=gen)
+                if m.bias is not None:
+                    m.bias.zero_()
+        if S:
+            set_expert(layer.shared, 0, mlp, torch.cat([piece(j % g) for j in range(S)]), S / g)
+        for e in range(E):
+            set_expert(layer.experts, e, mlp, piece((S + e) % g), 1 / g)
+            for w in (layer.experts.c_fc[e], layer.experts.c_proj[e]) if expert_noise > 0 else ():
+                w.add_(torch.randn(w.shape, generator=gen) * expert_noise * w.std())
+    return model
+
+
+def not_preserved(c, expert_noise=0.0, router_init_std=0.02):
+    """why an upcycled model with config c may compute another function than its dense model ([]: it cannot)"""
+    if not any(c.is_moe(i) for i in range(c.n_layer)):
+        return []
+    why = []
+    g, S, E = c.mlp_hidden // c.expert_hidden, c.n_shared_experts, c.n_experts
+    if c.router == 'switch':
+        why.append("switch weights each token's expert by max p < 1 (no renorm)")
+    elif c.router == 'tcmoe':
+        why.append("tcmoe's negative slots subtract expert outputs and its null slots output nothing")
+    elif c.router == 'moepp':
+        why.append("moepp can pick its zero / copy / constant experts instead of the MLP copies")
+    elif c.router != 'hyper' and not c.router_renorm:
+        why.append(f"router_renorm=False: the top-k {c.router} weights do not sum to 1")
+    if g == 1 and abs(c.routed_scale + S * c.shared_scale - 1) > 1e-9:
+        why.append(f"routed_scale + n_shared_experts * shared_scale = {c.routed_scale + S * c.shared_scale:g}, not 1")
+    if g > 1 and not (S + E == g and c.top_k == E and c.routed_scale == E and (S == 0 or c.shared_scale == 1)
+                      and router_init_std == 0):
+        why.append(f"expert_init='split': each expert holds 1/{g} of the MLP's hidden units, and the experts "
+                   f"add up to the MLP only when n_shared_experts + n_experts = {g}, top_k = n_experts = routed_scale, "
+                   f"shared_scale = 1 and router_init_std = 0")
+    if c.capacity_factor > 0:
+        why.append(f"capacity_factor={c.capacity_factor:g} may drop assignments")
+    if expert_noise > 0:
+        why.append(f"expert_noise={expert_noise:g} perturbs the expert copies")
+    return why
+
+
+@torch.no_grad()
+def logit_diff(a, b, n_seq=2, seq_len=32, seed=0):
+    """(max |logits_a - logits_b|, max |logits_a|) on n_seq random sequences of seq_len tokens"""
+    a.eval(), b.eval()
+    shape = (n_seq, min(seq_len, a.config.block_size))
+    idx = torch.randint(a.config.vocab_size, shape, generator=torch.Generator().manual_seed(seed))
+    la, lb = a(idx)[0], b(idx)[0]
+    return (la - lb).abs().max().item(), la.abs().max().item()
+
+
+def save_checkpoint(out_dir, model, tokenizer, config, source):
+    """out_dir/ckpt.pt in train.py's format, written atomically, and out_dir/config.json"""
+    os.makedirs(out_dir, exist_ok=True)
+    ckpt = dict(model=model.state_dict(), model_args=asdict(model.config), tokenizer=tokenizer, iter_num=0,
+                best_val_loss=1e9, config=config, source=source)
+    tmp = os.path.join(out_dir, 'ckpt.pt.tmp')
+    torch.save(ckpt, tmp)
+    os.replace(tmp, os.path.join(out_dir, 'ckpt.pt'))
+    with open(os.path.join(out_dir, 'config.json'), 'w') as f:
+        json.dump(config, f, indent=2)
+
+
+def main(argv):
+    config = configure(DEFAULTS | ARCH_DEFAULTS, argv, extra=TRAIN_KEYS)
+    ignored = {k: config.pop(k) for k in list(config) if k not in DEFAULTS}  # train.py's settings
+    arch = [f'{k}={v!r}' for k, v in ignored.items() if k in ARCH_KEYS and v != ARCH_DEFAULTS[k]]
+    if arch:
+        print(f"ignoring {', '.join(arch)}: the architecture comes from init_from")
+    source = config['init_from']
+    if source in ('', 'scratch', 'resume'):  # the last two are train.py's
+        raise ValueError("set --init_from to a checkpoint folder, a Hugging Face model name or folder, or a .gguf file")
+    dense, tokenizer = load_dense(source, config['block_size'] or None)
+    c = dense.config
+    print(f"loaded {source}: {c.arch}, {c.n_layer} layers, n_embd {c.n_embd}, {c.n_head} heads / {c.n_kv_head} kv, "
+          f"mlp_hidden {c.mlp_hidden}, vocab {c.vocab_size}, block_size {c.block_size}, tokenizer {tokenizer}")
+    moe_args = {k: config[k] for k in MOE_KEYS} | {'router_options': {k: config[k] for k in ROUTER_OPTIONS}}
+    model = upcycle_model(dense, moe_args, config['expert_init'], config['expert_noise'], config['router_init_std'],
+                          config['seed'])
+    c, (total, active) = model.config, model.num_params()
+    n_moe = sum(c.is_moe(i) for i in range(c.n_layer))
+    print(f"router={c.router}: {n_moe} of {c.n_layer} layers MoE ({c.n_experts} experts, top_k {c.top_k}, "
+          f"{c.n_shared_experts} shared, expert_hidden {c.expert_hidden}, expert_init={config['expert_init']}); "
+          f"{dense.num_params()[0] / 1e6:.2f}M parameters -> {total / 1e6:.2f}M, {active / 1e6:.2f}M active")
+    diff, scale = logit_diff(dense, model)
+    why = not_preserved(c, config['expert_noise'], config['router_init_std'])
+    print(f"function check on 2 x 32 random tokens: max |logits - dense logits| = {diff:.2e} (max |logit| {scale:.1f})")
+    if why:
+        print("these settings do not preserve the dense model's function: " + "; ".join(why))
+    elif diff > 1e-4 * max(scale, 1.0):
+        print("WARNING: these settings should preserve the dense function, but the logits differ")
+    else:
+        print("the upcycled model computes the dense model's function")
+    save_checkpoint(config['out_dir'], model, tokenizer, config, source)
+    print(f"saved {os.path.join(config['out_dir'], 'ckpt.pt')}")
+
+
+if __name__ == '__main__':
+    try:
+        main(sys.argv[1:])
+    except (ValueError, OSError, SyntaxError) as e:
+        sys.exit(f"upcycle.py: error: {' '.join(str(e).split())}")
