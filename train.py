@@ -37,6 +37,7 @@ eval_interval = 100  # evaluate (and maybe checkpoint) every this many iteration
 log_interval = 10
 eval_iters = 20  # validation batches per evaluation (a fixed set, split over the ranks)
 always_save_checkpoint = False  # save at every evaluation, not only when val loss improves
+keep_checkpoints = False  # also keep each saved checkpoint as out_dir/iter_N/ckpt.pt (eval.py --checkpoints)
 init_from = 'scratch'  # 'scratch', 'resume' (from out_dir) or a checkpoint folder (e.g. made by upcycle.py)
 # data
 dataset = 'shakespeare_char'  # data/<dataset>/{train,val}.bin and meta.json, made by prepare.py
@@ -273,6 +274,12 @@ def save_checkpoint():
     tmp = os.path.join(out_dir, 'ckpt.pt.tmp')
     torch.save(ckpt, tmp)
     os.replace(tmp, os.path.join(out_dir, 'ckpt.pt'))
+    if keep_checkpoints:  # a hard link: no second copy on disk
+        kept = os.path.join(out_dir, f'iter_{iter_num}', 'ckpt.pt')
+        os.makedirs(os.path.dirname(kept), exist_ok=True)
+        if os.path.exists(kept):
+            os.remove(kept)
+        os.link(os.path.join(out_dir, 'ckpt.pt'), kept)
 
 
 def all_reduce(t, group=None):
