@@ -296,12 +296,13 @@ def estimate_loss():
     for split in ('train', 'val'):
         offsets = sample_offsets(split, eval_iters * batch_size, seed + (1 if split == 'val' else 2))
         total = torch.zeros(2, device=device)
-        for b in range(rank, eval_iters, world_size):
-            x, y = get_batch(split, offsets[b * batch_size:(b + 1) * batch_size])
+        for b in range(rank, -(-eval_iters // world_size) * world_size, world_size):  # as many forwards on every rank
+            c = min(b, eval_iters - 1)  # (expert parallelism exchanges tokens in each); the padding ones count 0
+            x, y = get_batch(split, offsets[c * batch_size:(c + 1) * batch_size])
             with ctx:
                 logits, _ = raw_model(x)
             loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())  # language modelling only
-            total += torch.stack([loss, torch.ones((), device=device)])
+            total += torch.stack([loss, torch.ones((), device=device)]) * (b < eval_iters)
         total = all_reduce(total)
         out[split] = (total[0] / total[1]).item()
     raw_model.train()

@@ -1,0 +1,138 @@
+"""Worker of test_ep.py: torchrun --nproc_per_node=W tests/ep_worker.py RESULT_DIR
+
+On every rank, for every case and every EP size (W, and 2 when W=4: two EP groups of consecutive ranks):
+a reference MoE layer with all the experts (ep_size=1) and an expert-parallel layer with this rank's slice
+(ep_size=ep, moe.set_expert_parallel over the EP group), the same parameters. Each rank feeds both its own
+tokens. The EP layer must give the reference's output, aux losses and gradients w.r.t. the input, the router
+and the shared experts on this rank's tokens, and for its local experts the SUM over the EP group's ranks of
+the reference's expert gradients (every rank's tokens that reached the expert). Writes RESULT_DIR/rank{r}.json.
+"""
+import json
+import sys
+import traceback
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import moe  # noqa: E402
+from model import GPTConfig  # noqa: E402
+
+E, D, H, B, S = 8, 16, 24, 2, 8  # experts, width, expert hidden, tokens per rank = B * S
+RTOL, ATOL = 1e-5, 1e-6
+CASES = {
+    'softmax_bias': dict(router='softmax', top_k=2, bias=True),
+    'sigmoid': dict(router='sigmoid', top_k=2),
+    'deepseek_shared': dict(router='deepseek', top_k=2, n_shared_experts=1, routed_scale=2.5,
+                            balance_per_sequence=True),
+    'capacity': dict(router='softmax', top_k=2, capacity_factor=1.0),
+    'shared_llama_top1': dict(router='softmax', top_k=1, n_shared_experts=1, arch='llama'),
+    'zero_tokens': dict(router='softmax', top_k=2),  # skewed tokens: see tokens()
+    'switch_capacity': dict(router='switch', top_k=1, capacity_factor=1.25),
+    'tcmoe': dict(router='tcmoe', top_k=2),
+    'moepp': dict(router='moepp', top_k=2),
+}
+
+
+def make_config(case, ep):
+    kw = dict(n_embd=D, n_head=4, n_experts=E, bias=False, ep_size=ep)
+    kw.update(CASES[case])
+    return GPTConfig(**kw)
+
+
+def tokens(case, rank):
+    """this rank's tokens (different on every rank); for zero_tokens, rank 0 prefers experts 1..E-1 and every
+    other rank the last two experts, so expert 0 gets nothing and ranks > 0 send nothing to most EP peers"""
+    g = torch.Generator().manual_seed(100 + rank)
+    x = torch.randn(B, S, D, generator=g)
+    if case == 'zero_tokens':
+        keep = torch.zeros(D, dtype=torch.bool)
+        keep[list(range(1, E)) if rank == 0 else [E - 2, E - 1]] = True
+        x[..., :E] = 0.3 * x[..., :E] + torch.where(keep[:E], 3.0, -3.0)
+    return x.requires_grad_()
+
+
+def reference_layer(case):
+    torch.manual_seed(1234)  # the same layer on every rank
+    layer = moe.MoE(make_config(case, 1), H)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0, 0.2)
+        if case == 'zero_tokens':
+            layer.router.gate.weight.zero_()
+            layer.router.gate.weight[:, :E] = 4 * torch.eye(E)
+        if hasattr(layer.router, 'expert_bias'):
+            layer.router.expert_bias.normal_(0, 0.05)
+    return layer
+
+
+def run(layer, x, case, rank):
+    torch.manual_seed(7 + rank)  # the same switch jitter in both layers
+    y, aux = layer(x)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(200 + rank))
+    loss = (y * g).sum() + aux['balance'] + aux['z'] + aux['router']
+    loss.backward()
+    return y.detach(), torch.stack([torch.as_tensor(aux[k]).float() for k in ('balance', 'z', 'router')]).detach()
+
+
+def compare(case, ep, group, rank):
+    ep_rank = dist.get_rank(group)
+    ref = reference_layer(case)
+    layer = moe.MoE(make_config(case, ep), H)
+    state = {k: (v.chunk(ep)[ep_rank].clone() if k.startswith('experts.') else v) for k, v in ref.state_dict().items()}
+    layer.load_state_dict(state)
+    moe.set_expert_parallel(layer, group)
+    assert layer.experts.c_fc.shape[0] == E // ep and layer.ep_rank == ep_rank
+
+    x_ref, x_ep = tokens(case, rank), tokens(case, rank)
+    y_ref, aux_ref = run(ref, x_ref, case, rank)
+    y_ep, aux_ep = run(layer, x_ep, case, rank)
+
+    pairs = {'output': (y_ep, y_ref), 'aux': (aux_ep, aux_ref), 'grad input': (x_ep.grad, x_ref.grad)}
+    ep_params = dict(layer.named_parameters())
+    for name, p in ref.named_parameters():
+        q = ep_params[name]
+        if name.startswith('experts.'):  # sum over the EP group's ranks, then this rank's slice
+            full = torch.zeros_like(p) if p.grad is None else p.grad.clone()
+            dist.all_reduce(full, group=group)
+            pairs[f'grad {name}'] = (q.grad, full.chunk(ep)[ep_rank])
+        else:
+            pairs[f'grad {name}'] = (q.grad, p.grad)
+    errors, bad = {}, []
+    for key, (got, want) in pairs.items():
+        if got is None or want is None:
+            errors[key] = None
+            if (got is None) != (want is None):
+                bad.append(f'{key}: grad is {"None" if got is None else "set"} in the EP layer, '
+                           f'{"None" if want is None else "set"} in the reference')
+            continue
+        errors[key] = (got - want).abs().max().item() if got.numel() else 0.0
+        if got.shape != want.shape or not torch.allclose(got, want, rtol=RTOL, atol=ATOL):
+            bad.append(f'{key}: max abs diff {errors[key]:.3g}')
+    ids = ref.load  # assignments per expert from this rank's tokens (record_stats)
+    return dict(bad=bad, errors=errors, sends=ids.view(ep, E // ep).sum(1).tolist(), load=ids.tolist(),
+                dropped=ref.sums[2].item())
+
+
+def main():
+    out = Path(sys.argv[1])
+    dist.init_process_group('gloo', timeout=timedelta(seconds=60))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    results = {}
+    for ep in ([world, 2] if world == 4 else [world]):
+        groups = [dist.new_group(list(range(g * ep, (g + 1) * ep))) for g in range(world // ep)]
+        group = groups[rank // ep]
+        for case in CASES:
+            try:
+                results[f'{case}/ep{ep}'] = compare(case, ep, group, rank)
+            except Exception:
+                results[f'{case}/ep{ep}'] = dict(bad=['exception: ' + traceback.format_exc()])
+            dist.barrier()
+    (out / f'rank{rank}.json').write_text(json.dumps(results, indent=1))
+    dist.destroy_process_group()
+
+
+if __name__ == '__main__':
+    main()
