@@ -3,6 +3,7 @@ the multi-process run, the big batch for gradient accumulation, the uninterrupte
 Tiny models on tiny character data (conftest.py), float32, every step logged."""
 import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -241,3 +242,25 @@ def test_kill_during_checkpoint_keeps_the_last_good_one(trainer):
     resumed = trainer.resume(killed.out_dir, config_args('deepseek')).check()
     assert resumed.val_losses()[5] == pytest.approx(full.val_losses()[5], rel=1e-6)
     assert_same_losses(resumed, full, rel=1e-6, iters=range(6, 11))
+
+
+def test_train_fine_tunes_an_upcycled_checkpoint(trainer, tmp_path):
+    """a tiny Hugging Face Llama -> upcycle.py (softmax, 4 experts) -> train.py init_from=<that folder>: the
+    architecture comes from the checkpoint and the fine-tuned val loss falls"""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    hf.save_pretrained(tmp_path / 'hf')
+    up = tmp_path / 'up'
+    r = subprocess.run([sys.executable, str(REPO / 'upcycle.py'), config('softmax'), f'--init_from={tmp_path / "hf"}',
+                        '--n_experts=4', f'--out_dir={up}'], capture_output=True, text=True, cwd=trainer.root)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert 'computes the dense model' in r.stdout
+    run = trainer.run([*TINY, config('softmax'), f'--init_from={up}', '--max_iters=10', '--eval_interval=10'],
+                      cache=False).check()
+    ckpt = torch.load(run.out_dir / 'ckpt.pt', weights_only=True)
+    assert ckpt['model_args']['router'] == 'softmax' and ckpt['model_args']['n_experts'] == 4
+    assert ckpt['model_args']['arch'] == 'llama' and ckpt['iter_num'] == 10
+    first, last = run.evals[0]['val_loss'], run.evals[-1]['val_loss']
+    assert last < first - 0.3, (first, last)
