@@ -363,7 +363,7 @@ class MoE(nn.Module):
         self.routed_scale, self.shared_scale = config.routed_scale, config.shared_scale
         self.per_sequence = config.balance_per_sequence
         self.router = ROUTERS[config.router](config)
-        self.ep_size, self.ep_rank, self.ep_group = config.ep_size, 0, None  # set by set_expert_parallel
+        self.ep_size, self.ep_group = config.ep_size, None  # the group is set by set_expert_parallel
         self.experts = Experts(config, config.n_experts // config.ep_size, hidden)
         self.shared = Experts(config, 1, hidden * config.n_shared_experts) if config.n_shared_experts else None
         self.drop_top1 = False  # eval.py's Drop-Top-1 analysis
@@ -459,10 +459,10 @@ class MoE(nn.Module):
 
 
 def set_expert_parallel(model, group):
-    """shard every MoE layer's experts over `group` (each rank keeps E/ep_size experts)"""
+    """the process group in which every MoE layer exchanges tokens (its ranks hold E/ep_size experts each)"""
     for m in model.modules():
         if isinstance(m, MoE):
-            m.ep_group, m.ep_rank = group, dist.get_rank(group)
+            m.ep_group = group
 
 
 def update_router_biases(model, group=None):

@@ -84,7 +84,7 @@ def compare(case, ep, group, rank):
     state = {k: (v.chunk(ep)[ep_rank].clone() if k.startswith('experts.') else v) for k, v in ref.state_dict().items()}
     layer.load_state_dict(state)
     moe.set_expert_parallel(layer, group)
-    assert layer.experts.c_fc.shape[0] == E // ep and layer.ep_rank == ep_rank
+    assert layer.experts.c_fc.shape[0] == E // ep and layer.ep_group is group
 
     x_ref, x_ep = tokens(case, rank), tokens(case, rank)
     y_ref, aux_ref = run(ref, x_ref, case, rank)
