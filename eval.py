@@ -369,7 +369,7 @@ def save_heatmap(path, loads, title):
     share = np.array(loads) / np.maximum(np.array(loads).sum(1, keepdims=True), 1)
     fig, ax = plt.subplots(figsize=(2 + 0.4 * share.shape[1], 1.5 + 0.4 * share.shape[0]))
     fig.colorbar(ax.imshow(share, cmap='viridis', aspect='auto'), ax=ax, label='share of assignments')
-    ax.set(xlabel='expert', ylabel='MoE layer', title=title)
+    ax.set(xlabel='expert', ylabel='MoE layer', title=title, xticks=range(share.shape[1]), yticks=range(share.shape[0]))
     fig.savefig(path, dpi=120, bbox_inches='tight')
     plt.close(fig)
 
