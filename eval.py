@@ -302,7 +302,10 @@ def ppl_tokens(source, spec, encode):
         return np.memmap(Path(source, 'val.bin'), dtype=meta['dtype'], mode='r'), meta['val_bytes']
     with open(source, encoding='utf-8', newline='') as f:  # as prepare.py: CRLF stays CRLF
         text = f.read()
-    return np.array(encode(text), dtype=np.int64), len(text.encode('utf-8'))
+    try:
+        return np.array(encode(text), dtype=np.int64), len(text.encode('utf-8'))
+    except KeyError as e:  # a character-level vocabulary
+        raise ValueError(f"the tokenizer {spec} has no token for {e.args[0]!r}, which {source} holds") from e
 
 
 def perplexity(lm, tokens, n_bytes, stride=None):

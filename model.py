@@ -232,7 +232,8 @@ class GPT(nn.Module):
                 continue
             if '.router.' in name:
                 groups['router'].append(p)
-            elif p.dim() >= 2 and not name.startswith(('transformer.wte', 'transformer.wpe')):
+            elif p.dim() >= 2 and not name.startswith(('transformer.wte', 'transformer.wpe')) \
+                    and not name.endswith(('.b_fc', '.b_proj')):  # stacked expert biases are 2-D
                 groups['decay'].append(p)
             else:
                 groups['no_decay'].append(p)
@@ -242,12 +243,12 @@ class GPT(nn.Module):
         optim_groups = [g for g in optim_groups if g['params']]
         return torch.optim.AdamW(optim_groups, lr=learning_rate, betas=betas, fused=device_type == 'cuda')
 
-    def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops):
+    def estimate_mfu(self, fwdbwd_per_iter, seq_len, dt, peak_flops):
         """model flops utilization on active parameters (PaLM appendix B), as a fraction of peak_flops"""
         c = self.config
         n = self.num_params()[1] - (self.transformer.wpe.weight.numel() if c.arch == 'gpt2' else 0)
-        flops_per_token = 6 * n + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * c.block_size
-        return flops_per_token * c.block_size * fwdbwd_per_iter / dt / peak_flops
+        flops_per_token = 6 * n + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * seq_len
+        return flops_per_token * seq_len * fwdbwd_per_iter / dt / peak_flops
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):

@@ -13,7 +13,7 @@ k weights by their sum, on by default where the source does it, switchable with 
 | cosine           | Chi et al. 2022 (X-MoE); LibMoE Cosine-R       | l_e = cos(Px, M_e) / tau; softmax; top-k; renorm               |
 | perturbed_cosine | Nguyen et al. 2024; LibMoE PertCos-R           | l_e = <Px, M_e> / ((|Px| + theta)(|M_e| + theta)) / tau        |
 | hyper            | Do et al. 2023 (HyperRouter); LibMoE Hyper-R   | W = frozen_hypernet(e), e trainable; top-k of Wx; softmax of k |
-| deepseek         | DeepSeek-V3 (aux-loss-free balancing)          | s = sigmoid(Wx); ids = top-k(s + b); w = renorm(s[ids]) * 2.5  |
+| deepseek         | DeepSeek-V3 (aux-loss-free balancing)          | s = sigmoid(Wx); ids = top-k(s + b); w = renorm(s[ids])        |
 | tcmoe            | TC-MoE (ternary expert choice); LibMoE v2      | softmax over 2E + k slots (+e, -e, null); signed weights       |
 | moepp            | Jin et al. 2024 (MoE++); LibMoE v2             | softmax over E FFN + zero, copy, constant experts; top-k       |
 
@@ -28,7 +28,7 @@ Choices and the numbers behind them:
   this). balance_per_sequence computes it per sequence and averages (DeepSeek-V3). z-loss (ST-MoE):
   mean_t logsumexp(l_t)^2. Both are averaged over the MoE layers, so a coefficient means the same at any depth.
 - Dispatch is sort-based and dropless: the T*k assignments are sorted by expert id (stable), gathered,
-  each expert runs on its contiguous slice, and the weighted outputs are added back with index_add_.
+  each expert runs on its contiguous slice, and the weighted outputs are put back and summed over k.
   No [T, E, capacity] one-hot (nanoMoE's costs O(T^2)). The assignments are flattened slot-major, so with
   a capacity factor every token's first choice is seated before any second choice (GShard).
 - Cheap experts (tcmoe's null slots, MoE++'s zero / copy / constant experts) are ids >= E: the sort puts
@@ -277,7 +277,12 @@ ROUTERS = {
     'tcmoe': TCMoERouter,
     'moepp': MoEPPRouter,
 }
-ROUTER_OPTIONS = {k: v for cls in ROUTERS.values() for k, v in cls.options.items()}
+
+
+def router_options():
+    """every registered router's own config keys with their defaults (read when asked: routers registered
+    later, e.g. at the end of this file, count too)"""
+    return {k: v for cls in ROUTERS.values() for k, v in cls.options.items()}
 
 # -----------------------------------------------------------------------------
 # aux losses

@@ -71,7 +71,7 @@ aux_loss_coef = 0.01  # balance loss coefficient
 z_loss_coef = 0.001  # router z-loss coefficient
 balance_per_sequence = False  # balance loss per sequence (DeepSeek-V3) instead of per batch
 ep_size = 1  # expert parallelism: ranks that share one set of experts
-globals().update(moe.ROUTER_OPTIONS)  # router-specific options, defaults and comments in moe.py's router classes
+globals().update(moe.router_options())  # router-specific options, defaults and comments in moe.py's router classes
 # optimizer
 learning_rate = 1e-3
 max_iters = 1000
@@ -115,6 +115,9 @@ else:
     rank, local_rank, world_size = 0, 0, 1
     device = ('cuda' if use_cuda else 'cpu') if device == 'auto' else device
 master = rank == 0
+if dtype == 'float16' and ep_size > 1:
+    sys.exit("train.py: error: dtype=float16 with ep_size > 1 is not supported (the loss scaler's overflow check "
+             "would differ between ranks): use bfloat16")
 if world_size % ep_size:
     sys.exit(f"train.py: error: world size {world_size} is not divisible by ep_size={ep_size}: "
              f"run with a multiple of {ep_size} processes or change ep_size")
@@ -212,6 +215,9 @@ else:
     ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
     model_args = dict(ckpt['model_args'])
     model_args.update({k: config[k] for k in train_keys})  # the architecture comes from the checkpoint
+    ignored = {k: config[k] for k, v in model_args['router_options'].items() if config.get(k, v) != v}
+    if ignored and master:
+        print(f"warning: the checkpoint's router options win over {ignored} (they are part of the model)")
     tokenizer = ckpt.get('tokenizer') or meta.get('tokenizer')
     if master and meta.get('tokenizer') != tokenizer:
         print(f"warning: dataset {dataset} was tokenized with {meta.get('tokenizer')}, the checkpoint with {tokenizer}")
@@ -237,15 +243,25 @@ if ep_size > 1:
     moe.set_expert_parallel(model, ep_group)
 names = {p: n for n, p in model.named_parameters()}
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, router_lr_scale)
+scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
+
+
+def rng_state():
+    return [torch.get_rng_state()] + ([torch.cuda.get_rng_state()] if use_cuda else [])
+
+
 if init_from == 'resume':
     state = optimizer.state_dict()
     order = [names[p] for g in optimizer.param_groups for p in g['params']]
     state['state'] = {i: {k: local_tensor(n, v) for k, v in ckpt['optimizer'][n].items()}
                       for i, n in enumerate(order) if n in ckpt['optimizer']}
     optimizer.load_state_dict(state)
-    if ckpt.get('rng') and len(ckpt['rng']) == world_size:
-        torch.set_rng_state(ckpt['rng'][rank])
-scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
+    if ckpt.get('rng') and len(ckpt['rng']) == world_size:  # the same world: every rank continues its streams
+        torch.set_rng_state(ckpt['rng'][rank][0])
+        if use_cuda and len(ckpt['rng'][rank]) > 1:
+            torch.cuda.set_rng_state(ckpt['rng'][rank][1])
+    if ckpt.get('scaler'):
+        scaler.load_state_dict(ckpt['scaler'])
 ckpt = state = None  # free memory
 raw_model = model
 total_params, active_params = model.num_params()
@@ -264,13 +280,14 @@ def save_checkpoint():
     """ckpt.pt with the whole model whatever the ep_size, written atomically (temporary file, then rename)"""
     state = {n: full_tensor(n, t) for n, t in raw_model.state_dict().items()}
     opt = {names[p]: {k: full_tensor(names[p], v) for k, v in s.items()} for p, s in optimizer.state.items()}
-    rng = [torch.get_rng_state()] * world_size
+    rng = [rng_state()] * world_size
     if ddp:
-        dist.all_gather_object(rng, torch.get_rng_state())
+        dist.all_gather_object(rng, rng_state())
     if not master:
         return
     ckpt = dict(model=state, optimizer=opt, model_args={**asdict(raw_model.config), 'ep_size': 1},
-                iter_num=iter_num, best_val_loss=best_val_loss, config=config, tokenizer=tokenizer, rng=rng)
+                iter_num=iter_num, best_val_loss=best_val_loss, config=config, tokenizer=tokenizer, rng=rng,
+                scaler=scaler.state_dict())
     tmp = os.path.join(out_dir, 'ckpt.pt.tmp')
     torch.save(ckpt, tmp)
     os.replace(tmp, os.path.join(out_dir, 'ckpt.pt'))
@@ -411,7 +428,7 @@ while True:
         dt = time.time() - t0
         t0 = time.time()
         if master:
-            mfu = raw_model.estimate_mfu(batch_size * local_accum * log_interval, dt, peak_flops)
+            mfu = raw_model.estimate_mfu(batch_size * local_accum * log_interval, block_size, dt, peak_flops)
             row = dict(iter=iter_num, loss=loss_sum / n, aux_loss=balance / n, z_loss=z / n, lr=lr,
                        tokens_per_s=tokens_per_iter * log_interval / dt, mfu=mfu, **stats)
             print(f"iter {iter_num}: loss {row['loss']:.4f}, aux {row['aux_loss']:.4f}, z {row['z_loss']:.4f}, "

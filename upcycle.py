@@ -35,7 +35,7 @@ import torch.nn as nn
 
 from configurator import configure
 from model import GPT, GPTConfig
-from moe import ROUTER_OPTIONS
+from moe import router_options
 
 MOE_KEYS = ('router', 'n_experts', 'top_k', 'moe_every', 'moe_first_dense', 'expert_hidden', 'n_shared_experts',
             'shared_scale', 'routed_scale', 'router_renorm', 'capacity_factor', 'aux_loss_coef', 'z_loss_coef',
@@ -56,7 +56,7 @@ DEFAULTS = dict(
     router_init_std=0.02,
     seed=42,  # router of layer i: torch.Generator seeded seed + i (LibMoE: 42)
     **{f.name: f.default for f in fields(GPTConfig) if f.name in MOE_KEYS},
-    **ROUTER_OPTIONS,
+    **router_options(),
 )
 ARCH_DEFAULTS = {f.name: f.default for f in fields(GPTConfig) if f.name in ARCH_KEYS}
 
@@ -286,7 +286,7 @@ def main(argv):
     c = dense.config
     print(f"loaded {source}: {c.arch}, {c.n_layer} layers, n_embd {c.n_embd}, {c.n_head} heads / {c.n_kv_head} kv, "
           f"mlp_hidden {c.mlp_hidden}, vocab {c.vocab_size}, block_size {c.block_size}, tokenizer {tokenizer}")
-    moe_args = {k: config[k] for k in MOE_KEYS} | {'router_options': {k: config[k] for k in ROUTER_OPTIONS}}
+    moe_args = {k: config[k] for k in MOE_KEYS} | {'router_options': {k: config[k] for k in router_options()}}
     model = upcycle_model(dense, moe_args, config['expert_init'], config['expert_noise'], config['router_init_std'],
                           config['seed'])
     c, (total, active) = model.config, model.num_params()
