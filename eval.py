@@ -389,8 +389,9 @@ def evaluate_run(run_dir, specs, task_manager, args):
     lm = MoELM(model, tokenizer, args.batch_size, args.device, args.dtype)
     layers, E = model.moe_layers(), model.config.n_experts
     lm.routing = {} if args.analyze and layers else None
+    val = ckpt.get('best_val_loss')
     out = dict(command=args.command, run=str(run_dir), tokenizer=spec, iter_num=ckpt.get('iter_num'),
-               best_val_loss=ckpt.get('best_val_loss'), model_args=ckpt['model_args'], tasks={}, ppl={},
+               best_val_loss=val if val is not None and val < 1e9 else None, model_args=ckpt['model_args'], tasks={}, ppl={},
                settings={k: getattr(args, k) for k in ('limit', 'batch_size', 'device', 'dtype', 'data_dir', 'stride')})
     dropped = {}  # {task: dropped fraction per layer}, from the layers' counters
 
