@@ -39,9 +39,9 @@ Choices and the numbers behind them:
   2-core CPU this was written on, torch's grouped_mm was no faster than the loop (8192 rows, d=512,
   h=1024, E=8, bf16, fwd+bwd, 1 thread: 0.87 s vs 0.60-0.85 s; noisy machine). The weighted expert outputs
   go back to slot-major order with index_copy_ and are summed over the k slots (no index_add_ scatter).
-- bench.py, T=4096, d=512, E=8, k=2, expert_hidden=1024, fwd+bwd, 1 thread: this layer takes 1.10x (bf16)
-  and 0.99x (fp32) the time of a dense SwiGLU MLP with the same active FLOPs, and transformers'
-  MixtralSparseMoeBlock on the same weights takes 1.03x (bf16) and 1.14x (fp32) this layer's time: on a
+- bench.py, T=4096, d=512, E=8, k=2, expert_hidden=1024, fwd+bwd, 2 threads, idle: this layer takes 1.06x
+  (bf16) and 0.96x (fp32) the time of a dense SwiGLU MLP with the same active FLOPs, and transformers'
+  MixtralSparseMoeBlock on the same weights takes 1.08x (bf16) and 1.17x (fp32) this layer's time: on a
   CPU both are bound by the same matmuls, so no layout can be 1.45x faster than Mixtral here.
 - Expert parallelism: each rank of an EP group holds E/ep_size experts; per layer, counts travel with an
   equal-split all_to_all_single, tokens with an uneven one inside an autograd Function whose backward is
