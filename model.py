@@ -262,6 +262,13 @@ class GPT(nn.Module):
         return idx
 
 
+def save_checkpoint(out_dir, ckpt):
+    """out_dir/ckpt.pt, written atomically: a temporary file, then a rename (a crash never leaves half a file)"""
+    tmp = os.path.join(out_dir, 'ckpt.pt.tmp')
+    torch.save(ckpt, tmp)
+    os.replace(tmp, os.path.join(out_dir, 'ckpt.pt'))
+
+
 def load_model(out_dir, device='cpu'):
     """the model of a checkpoint folder (out_dir/ckpt.pt written by train.py or upcycle.py) -> (model, checkpoint)"""
     path = os.path.join(out_dir, 'ckpt.pt')

@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import moe
 from configurator import configure
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, save_checkpoint
 
 # -----------------------------------------------------------------------------
 # default config values
@@ -276,8 +276,8 @@ if ddp:
     model = DDP(model, device_ids=[local_rank] if use_cuda else None, broadcast_buffers=False)  # counters are per rank
 
 
-def save_checkpoint():
-    """ckpt.pt with the whole model whatever the ep_size, written atomically (temporary file, then rename)"""
+def checkpoint():
+    """out_dir/ckpt.pt with the whole model whatever the ep_size (rank 0 writes it)"""
     state = {n: full_tensor(n, t) for n, t in raw_model.state_dict().items()}
     opt = {names[p]: {k: full_tensor(names[p], v) for k, v in s.items()} for p, s in optimizer.state.items()}
     rng = [rng_state()] * world_size
@@ -288,9 +288,7 @@ def save_checkpoint():
     ckpt = dict(model=state, optimizer=opt, model_args={**asdict(raw_model.config), 'ep_size': 1},
                 iter_num=iter_num, best_val_loss=best_val_loss, config=config, tokenizer=tokenizer, rng=rng,
                 scaler=scaler.state_dict())
-    tmp = os.path.join(out_dir, 'ckpt.pt.tmp')
-    torch.save(ckpt, tmp)
-    os.replace(tmp, os.path.join(out_dir, 'ckpt.pt'))
+    save_checkpoint(out_dir, ckpt)
     if keep_checkpoints:  # a hard link: no second copy on disk
         kept = os.path.join(out_dir, f'iter_{iter_num}', 'ckpt.pt')
         os.makedirs(os.path.dirname(kept), exist_ok=True)
@@ -389,7 +387,7 @@ while True:
         if losses['val'] < best_val_loss or always_save_checkpoint:
             best_val_loss = min(best_val_loss, losses['val'])
             if iter_num > 0:
-                save_checkpoint()
+                checkpoint()
         for m in moe_layers:
             m.reset_stats()
         t0 = time.time()  # tokens/s counts training only

@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 
 from configurator import configure
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, save_checkpoint
 from moe import router_options
 
 MOE_KEYS = ('router', 'n_experts', 'top_k', 'moe_every', 'moe_first_dense', 'expert_hidden', 'n_shared_experts',
@@ -261,14 +261,12 @@ def logit_diff(a, b, n_seq=2, seq_len=32, seed=0):
     return (la - lb).abs().max().item(), la.abs().max().item()
 
 
-def save_checkpoint(out_dir, model, tokenizer, config, source):
+def save_upcycled(out_dir, model, tokenizer, config, source):
     """out_dir/ckpt.pt in train.py's format, written atomically, and out_dir/config.json"""
     os.makedirs(out_dir, exist_ok=True)
     ckpt = dict(model=model.state_dict(), model_args=asdict(model.config), tokenizer=tokenizer, iter_num=0,
                 best_val_loss=1e9, config=config, source=source)
-    tmp = os.path.join(out_dir, 'ckpt.pt.tmp')
-    torch.save(ckpt, tmp)
-    os.replace(tmp, os.path.join(out_dir, 'ckpt.pt'))
+    save_checkpoint(out_dir, ckpt)
     with open(os.path.join(out_dir, 'config.json'), 'w') as f:
         json.dump(config, f, indent=2)
 
@@ -303,7 +301,7 @@ def main(argv):
         print("WARNING: these settings should preserve the dense function, but the logits differ")
     else:
         print("the upcycled model computes the dense model's function")
-    save_checkpoint(config['out_dir'], model, tokenizer, config, source)
+    save_upcycled(config['out_dir'], model, tokenizer, config, source)
     print(f"saved {os.path.join(config['out_dir'], 'ckpt.pt')}")
 
 

@@ -165,11 +165,11 @@ def test_unsupported_llama_rejected(tmp_path, kw, msg):
 
 def test_own_checkpoint_round_trip(source, tmp_path):
     hf, folder, ref, dense = source
-    upcycle.save_checkpoint(str(tmp_path / 'dense'), dense, 'hf:' + folder, {}, folder)
+    upcycle.save_upcycled(str(tmp_path / 'dense'), dense, 'hf:' + folder, {}, folder)
     again, tokenizer = upcycle.load_dense(str(tmp_path / 'dense'), block_size=32)
     assert tokenizer == 'hf:' + folder and again.config.block_size == 32  # gpt2: wpe cropped
     torch.testing.assert_close(logits(again, IDX[:, :32]), ref[:, :32], atol=1e-4, rtol=0)
-    upcycle.save_checkpoint(str(tmp_path / 'moe'), upcycle.upcycle_model(dense, dict(router='softmax')), 'x', {}, 'x')
+    upcycle.save_upcycled(str(tmp_path / 'moe'), upcycle.upcycle_model(dense, dict(router='softmax')), 'x', {}, 'x')
     with pytest.raises(ValueError, match='already has MoE layers'):
         upcycle.load_dense(str(tmp_path / 'moe'))
 
