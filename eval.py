@@ -57,6 +57,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from model import load_model
+from moe import load_stats, weight_sums
 from prepare import load_meta, load_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -334,14 +335,9 @@ def perplexity(lm, tokens, n_bytes, stride=None):
 def routing_metrics(ids, weights, n_experts):
     """one layer's routings of N tokens, ids and weights (N, k) -> load per expert, its CV and entropy, mean
     entropy of the top-k weights (q = |w| / sum |w|), mean router margin w1 - w2 (w1 when k = 1), as moe.py"""
-    load = torch.bincount(ids.flatten(), minlength=n_experts)[:n_experts].float()  # ids >= E: cheap experts
-    share = load / load.sum().clamp_min(1)
-    q = weights.abs() / (weights.abs().sum(-1, keepdim=True) + 1e-20)
-    top = weights.topk(min(2, weights.shape[1]), dim=-1).values
-    margin = top[:, 0] - top[:, 1] if weights.shape[1] > 1 else top[:, 0]
-    return dict(load=load.tolist(), load_cv=(load.std(correction=0) / load.mean().clamp_min(1e-20)).item(),
-                load_entropy=-(share * share.clamp_min(1e-20).log()).sum().item(),
-                weight_entropy=-(q * q.clamp_min(1e-20).log()).sum(-1).mean().item(), margin=margin.mean().item())
+    load = torch.bincount(ids.flatten(), minlength=n_experts + 1)[:n_experts].float()  # ids >= E: cheap experts
+    entropy, margin = weight_sums(weights)
+    return dict(**load_stats(load), weight_entropy=(entropy / len(ids)).item(), margin=(margin / len(ids)).item())
 
 
 def change_rate(ids_a, ids_b):

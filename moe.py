@@ -302,6 +302,25 @@ def z_loss(logits):
     return torch.logsumexp(logits, dim=-1).square().mean()
 
 # -----------------------------------------------------------------------------
+# routing statistics (the MoE layer's counters and eval.py's analysis)
+
+def weight_sums(w):
+    """sums over the tokens of w (T, k) of the top-k weight entropy (q = |w| / sum |w|) and of the router
+    margin w1 - w2 (w1 when k = 1)"""
+    q = w.abs() / (w.abs().sum(-1, keepdim=True) + 1e-20)  # (T, k)
+    top = w.topk(min(2, w.shape[1]), dim=-1).values
+    margin = top[:, 0] - top[:, 1] if w.shape[1] > 1 else top[:, 0]
+    return -(q * q.clamp_min(1e-20).log()).sum(), margin.sum()
+
+
+def load_stats(load):
+    """assignments per expert (E,) -> the load, its coefficient of variation, max/mean and entropy"""
+    share = load / load.sum().clamp_min(1)
+    return dict(load=load.tolist(), load_cv=(load.std(correction=0) / load.mean().clamp_min(1e-20)).item(),
+                max_over_mean=(load.max() / load.mean().clamp_min(1e-20)).item(),
+                load_entropy=-(share * share.clamp_min(1e-20).log()).sum().item())
+
+# -----------------------------------------------------------------------------
 # experts and expert parallelism
 
 def activation(h, arch):
@@ -387,37 +406,39 @@ class MoE(nn.Module):
             if ids.shape[1] < 2:
                 raise ValueError("drop_top1 needs top_k >= 2: with one expert per token nothing would be left")
             ids, w = ids[:, 1:], renorm(w[:, 1:]) * w.sum(-1, keepdim=True)
-        y, dropped = self.routed(x, ids, w * self.routed_scale)
+        scaled = w * self.routed_scale
+        y, load, dropped = self.routed(x, ids, scaled)
         if hasattr(self.router, 'cheap_output'):
-            y = y + self.router.cheap_output(x.float(), ids, w * self.routed_scale)
+            y = y + self.router.cheap_output(x.float(), ids, scaled)
         if self.shared is not None:
             y = y + self.shared_scale * self.shared(x, [x.shape[0]])
-        self.record_stats(ids, w, dropped, training_step=self.training and torch.is_grad_enabled())
+        self.record_stats(ids, w, load, dropped, training_step=self.training and torch.is_grad_enabled())
         aux = dict(balance=balance_loss(r.probs, ids, B if self.per_sequence else 1), z=z_loss(r.logits), router=r.loss)
         return y.to(x.dtype).view(B, S, d), aux
 
     def routed(self, x, ids, w):
-        """sorted dispatch of the T*k assignments to the FFN experts -> (y (T, d), dropped count)"""
+        """sorted dispatch of the T*k assignments to the FFN experts
+        -> (y (T, d), assignments per expert before any drop (E,), dropped count)"""
         T, E = x.shape[0], self.n_experts
         flat = ids.t().reshape(-1)  # (k*T,) slot-major: every first choice comes before any second choice
         order = flat.argsort(stable=True)  # FFN experts first, cheap ids (>= E) last
-        counts = torch.bincount(flat, minlength=E + 1)[:E]  # (E,)
-        n = int(counts.sum())
-        order, dropped = order[:n], 0
+        load = torch.bincount(flat, minlength=E + 1)[:E]  # (E,)
+        counts, sizes = load, load.tolist()  # the layer's one host sync
+        n = sum(sizes)
+        order = order[:n]
         if self.capacity_factor > 0:
             cap = math.ceil(self.capacity_factor * ids.shape[1] * T / E)
-            pos = torch.arange(n, device=x.device) - (counts.cumsum(0) - counts).repeat_interleave(counts)  # place in its expert
-            order, counts = order[pos < cap], counts.clamp(max=cap)
-            dropped = n - order.numel()
-        ys = self.run_experts(x[order % T], counts)  # (N, d)
+            pos = torch.arange(n, device=x.device) - (load.cumsum(0) - load).repeat_interleave(load, output_size=n)  # place in its expert
+            order, counts, sizes = order[pos < cap], load.clamp(max=cap), [min(s, cap) for s in sizes]
+        ys = self.run_experts(x[order % T], counts, sizes)  # (N, d)
         ys = ys * w.t().reshape(-1)[order, None].to(ys.dtype)
         y = ys.new_zeros(ids.numel(), x.shape[1]).index_copy_(0, order, ys)  # (k*T, d) back in slot-major order
-        return y.view(ids.shape[1], T, -1).sum(0), dropped  # (T, d)
+        return y.view(ids.shape[1], T, -1).sum(0), load, n - sum(sizes)  # (T, d)
 
-    def run_experts(self, xs, counts):
-        """xs (N, d) sorted by global expert id, counts (E,): run the experts, wherever they live"""
+    def run_experts(self, xs, counts, sizes):
+        """xs (N, d) sorted by global expert id, counts (E,) and the same as a list: run the experts, wherever they live"""
         if self.ep_size == 1:
-            return self.experts(xs, counts.tolist())
+            return self.experts(xs, sizes)
         ep, el = self.ep_size, self.n_experts // self.ep_size
         recv = torch.empty_like(counts)
         dist.all_to_all_single(recv, counts, group=self.ep_group)  # recv[r*el + j]: rank r's rows for my expert j
@@ -431,18 +452,13 @@ class MoE(nn.Module):
         return AllToAll.apply(yr, in_splits, out_splits, self.ep_group)
 
     @torch.no_grad()
-    def record_stats(self, ids, w, dropped, training_step):
-        E = self.n_experts
-        counts = torch.bincount(ids.flatten(), minlength=E + 1)[:E].float()
-        self.load += counts
+    def record_stats(self, ids, w, load, dropped, training_step):
+        self.load += load
         if training_step:  # counts for the deepseek bias update
-            self.step_counts += counts
-        q = w.abs() / (w.abs().sum(-1, keepdim=True) + 1e-20)  # (T, k)
-        top = w.topk(min(2, w.shape[1]), dim=-1).values
-        margin = top[:, 0] - top[:, 1] if w.shape[1] > 1 else top[:, 0]
-        entropy = -(q * q.clamp_min(1e-20).log()).sum()
-        self.sums += torch.stack([counts.new_tensor(ids.shape[0]), counts.sum(), counts.new_tensor(dropped),
-                                  entropy, margin.sum()])
+            self.step_counts += load
+        entropy, margin = weight_sums(w)
+        self.sums += torch.stack([entropy.new_tensor(ids.shape[0]), load.sum().float(),
+                                  entropy.new_tensor(dropped), entropy, margin])
         if self.record is not None:
             self.record.append((ids.cpu(), w.cpu()))
 
@@ -450,12 +466,7 @@ class MoE(nn.Module):
         """routing statistics since the last reset: load per expert and its CV, max/mean, entropy of the load,
         mean entropy of the top-k weights, router margin (w1 - w2), dropped fraction"""
         tokens, assignments, dropped, entropy, margin = self.sums.tolist()
-        load = self.load
-        share = load / load.sum().clamp_min(1)
-        return dict(load=load.tolist(), load_cv=(load.std(correction=0) / load.mean().clamp_min(1e-20)).item(),
-                    max_over_mean=(load.max() / load.mean().clamp_min(1e-20)).item(),
-                    load_entropy=-(share * share.clamp_min(1e-20).log()).sum().item(),
-                    weight_entropy=entropy / max(tokens, 1), margin=margin / max(tokens, 1),
+        return dict(**load_stats(self.load), weight_entropy=entropy / max(tokens, 1), margin=margin / max(tokens, 1),
                     dropped=dropped / max(assignments, 1))
 
     def reset_stats(self):

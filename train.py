@@ -203,8 +203,7 @@ train_keys = ('dropout', 'capacity_factor', 'aux_loss_coef', 'z_loss_coef', 'bal
 if init_from == 'scratch':
     model_args = {k: config[k] for k in arch_keys if k in config}
     model_args.update(vocab_size=meta['vocab_size'], ep_size=1)
-    router_cls = moe.ROUTERS.get(router)
-    model_args['router_options'] = {k: config[k] for k in (router_cls.options if router_cls else {})}
+    model_args['router_options'] = {k: config[k] for k in moe.router_options()}  # GPTConfig keeps its router's
     tokenizer = meta.get('tokenizer')
     ckpt = None
 else:
