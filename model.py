@@ -97,6 +97,22 @@ def apply_rotary(x, cos, sin):
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
+class LayerKV:
+    """one layer's keys and values of the positions seen so far (GPT.generate's cache)"""
+
+    def __init__(self):
+        self.k = self.v = None  # (B, Hkv, P, hd)
+
+    def __len__(self):
+        return 0 if self.k is None else self.k.shape[2]
+
+    def append(self, k, v):
+        """add the new positions' k, v (B, Hkv, S, hd); returns all of them"""
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+        return self.k, self.v
+
+
 class Attention(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -111,7 +127,8 @@ class Attention(nn.Module):
         self.c_proj = nn.Linear(d, d, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, rope):
+    def forward(self, x, rope, kv=None):
+        """rope: cos, sin of these S positions; kv: a LayerKV holding the earlier positions (or None)"""
         B, S, d = x.shape
         if self.arch == 'gpt2':
             q, k, v = self.c_attn(x).split(d, dim=2)
@@ -123,7 +140,14 @@ class Attention(nn.Module):
         if self.arch == 'llama':
             cos, sin = rope[0][:S].to(q.dtype), rope[1][:S].to(q.dtype)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0,
+        P = len(kv) if kv is not None else 0  # positions already cached
+        mask = None
+        if kv is not None:
+            k, v = kv.append(k, v)  # (B, Hkv, P+S, hd)
+            if P and S > 1:  # query i sees the P cached positions and new positions up to i
+                mask = torch.ones(S, P + S, dtype=torch.bool, device=x.device).tril(diagonal=P)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=P == 0 and S > 1,
+                                           dropout_p=self.dropout if self.training else 0.0,
                                            enable_gqa=self.n_kv_head != self.n_head)
         return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, S, d)))
 
@@ -147,8 +171,8 @@ class Block(nn.Module):
         self.mlp = MoE(config, config.expert_hidden) if moe else MLP(config)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, rope):
-        x = x + self.attn(self.ln_1(x), rope)
+    def forward(self, x, rope, kv=None):
+        x = x + self.attn(self.ln_1(x), rope, kv)
         h, aux = self.mlp(self.ln_2(x))
         return x + self.dropout(h), aux
 
@@ -191,18 +215,21 @@ class GPT(nn.Module):
     def moe_layers(self):
         return [b.mlp for b in self.transformer.h if isinstance(b.mlp, MoE)]
 
-    def forward(self, idx, targets=None):
-        """logits (B, S, vocab) for every position; loss = cross-entropy + weighted aux losses (with targets)"""
+    def forward(self, idx, targets=None, cache=None):
+        """logits (B, S, vocab) for every position; loss = cross-entropy + weighted aux losses (with targets);
+        cache: one LayerKV per layer holding the earlier positions (GPT.generate), idx then holds the new ones"""
         B, S = idx.shape
-        if S > self.config.block_size:
-            raise ValueError(f"sequence of length {S} is longer than block_size={self.config.block_size}")
+        P = len(cache[0]) if cache else 0  # positions before idx
+        if P + S > self.config.block_size:
+            raise ValueError(f"sequence of length {P + S} is longer than block_size={self.config.block_size}")
         x = self.transformer.wte(idx)  # (B, S, d)
         if self.config.arch == 'gpt2':
-            x = x + self.transformer.wpe(torch.arange(S, device=idx.device))
+            x = x + self.transformer.wpe(torch.arange(P, P + S, device=idx.device))
         x = self.transformer.drop(x)
         auxes = []
-        for block in self.transformer.h:
-            x, aux = block(x, (self.rope_cos, self.rope_sin))
+        rope = (self.rope_cos[P:P + S], self.rope_sin[P:P + S])  # (S, hd) each
+        for block, kv in zip(self.transformer.h, cache or [None] * len(self.transformer.h)):
+            x, aux = block(x, rope, kv)
             if aux:
                 auxes.append(aux)
         logits = self.lm_head(self.transformer.ln_f(x))
@@ -251,10 +278,17 @@ class GPT(nn.Module):
         return flops_per_token * seq_len * fwdbwd_per_iter / dt / peak_flops
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, kv_cache=True):
+        """nanoGPT's sampling loop. kv_cache: the keys and values of the tokens seen so far are kept, so each new
+        token costs a forward of one position (total cost linear in the length) while the sequence fits in
+        block_size; past it every step runs the last block_size tokens, as without the cache. The cached path
+        routes each new token in a forward of its own: with a capacity factor its drops can differ."""
+        cache = [LayerKV() for _ in self.transformer.h] if kv_cache else None
         for _ in range(max_new_tokens):
-            idx_cond = idx[:, -self.config.block_size:]
-            logits = self(idx_cond)[0][:, -1, :] / temperature
+            if cache is not None and idx.size(1) <= self.config.block_size:
+                logits = self(idx[:, len(cache[0]):], cache=cache)[0][:, -1, :] / temperature  # the new tokens only
+            else:
+                logits = self(idx[:, -self.config.block_size:])[0][:, -1, :] / temperature
             if top_k is not None:
                 v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
                 logits[logits < v[:, [-1]]] = -float('inf')
