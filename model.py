@@ -160,7 +160,7 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, out, bias=config.bias)
         self.c_proj = nn.Linear(config.mlp_hidden, config.n_embd, bias=config.bias)
 
-    def forward(self, x):
+    def forward(self, x, prev=None):
         return self.c_proj(activation(self.c_fc(x), self.arch)), {}
 
 
@@ -171,9 +171,10 @@ class Block(nn.Module):
         self.mlp = MoE(config, config.expert_hidden) if moe else MLP(config)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, rope, kv=None):
+    def forward(self, x, rope, kv=None, prev=None):
+        """prev: the previous MoE layer's aux['state'], for this layer's router (MoE++'s gating residual)"""
         x = x + self.attn(self.ln_1(x), rope, kv)
-        h, aux = self.mlp(self.ln_2(x))
+        h, aux = self.mlp(self.ln_2(x), prev)
         return x + self.dropout(h), aux
 
 
@@ -226,12 +227,13 @@ class GPT(nn.Module):
         if self.config.arch == 'gpt2':
             x = x + self.transformer.wpe(torch.arange(P, P + S, device=idx.device))
         x = self.transformer.drop(x)
-        auxes = []
+        auxes, prev = [], None
         rope = (self.rope_cos[P:P + S], self.rope_sin[P:P + S])  # (S, hd) each
         for block, kv in zip(self.transformer.h, cache or [None] * len(self.transformer.h)):
-            x, aux = block(x, rope, kv)
-            if aux:
+            x, aux = block(x, rope, kv, prev)
+            if aux:  # an MoE layer: its router's state goes to the next MoE layer's router
                 auxes.append(aux)
+                prev = aux['state']
         logits = self.lm_head(self.transformer.ln_f(x))
         self.aux = {k: sum(a[k] for a in auxes) / len(auxes) for k in ('balance', 'z', 'router')} if auxes else {}
         if targets is None:

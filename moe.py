@@ -61,10 +61,12 @@ import torch.distributed as dist
 @dataclass
 class Routing:
     ids: torch.Tensor      # (T, k) expert ids; ids >= E are cheap experts (no FFN)
-    weights: torch.Tensor  # (T, k) combine weights
+    weights: torch.Tensor  # (T, k) combine weights (signed for tcmoe)
     probs: torch.Tensor    # (T, n) probabilities for the balance loss
-    logits: torch.Tensor   # (T, n) logits for the z-loss
+    logits: torch.Tensor | None  # (T, n) logits for the z-loss; None where the router's source has no z-loss
     loss: torch.Tensor | float = 0.0  # router-specific loss, already weighted (tcmoe's null reward)
+    balance_weight: torch.Tensor | None = None  # (n,) factor of each expert's term in the balance loss (MoE++'s tau)
+    state: torch.Tensor | None = None  # handed to the next MoE layer's router as `prev` (MoE++'s gating residual)
 
 
 def renorm(w):
@@ -72,8 +74,9 @@ def renorm(w):
 
 
 class Router(nn.Module):
-    """Base class. A router maps x (T, d) float32 to a Routing. `options` lists its own config keys and
-    their defaults; train.py and GPTConfig pick them up from here, so a new router touches only this file."""
+    """Base class. A router maps x (T, d) float32, and prev (the previous MoE layer's Routing.state, None in the
+    first MoE layer), to a Routing. `options` lists its own config keys and their defaults; train.py and GPTConfig
+    pick them up from here, so a new router touches only this file."""
     options = {}
 
     def __init__(self, config):
@@ -92,7 +95,7 @@ class SoftmaxRouter(Router):
         super().__init__(config)
         self.gate = nn.Linear(config.n_embd, config.n_experts, bias=False)
 
-    def forward(self, x):
+    def forward(self, x, prev=None):
         logits = self.gate(x)  # (T, E)
         p = logits.softmax(-1)
         w, ids = self.select(p)
@@ -109,13 +112,13 @@ class SwitchRouter(Router):
         self.gate = nn.Linear(config.n_embd, config.n_experts, bias=False)
         self.jitter = config.router_options['router_jitter']
 
-    def forward(self, x):
+    def forward(self, x, prev=None):
         if self.training and self.jitter > 0:
             x = x * torch.empty_like(x).uniform_(1 - self.jitter, 1 + self.jitter)
         logits = self.gate(x)
         p = logits.softmax(-1)
         w, ids = p.max(-1, keepdim=True)  # (T, 1)
-        return Routing(ids, w, p, logits)
+        return Routing(ids, w, p, None)  # the Switch Transformer has no z-loss (it came with ST-MoE)
 
 
 class SigmoidRouter(Router):
@@ -123,7 +126,7 @@ class SigmoidRouter(Router):
         super().__init__(config)
         self.gate = nn.Linear(config.n_embd, config.n_experts, bias=False)
 
-    def forward(self, x):
+    def forward(self, x, prev=None):
         logits = self.gate(x)
         s = logits.sigmoid()
         w, ids = self.select(s)
@@ -131,39 +134,64 @@ class SigmoidRouter(Router):
 
 
 class CosineRouter(Router):
-    options = dict(router_dim=0, router_temperature=0.3)  # cosine routing space (0 = E/2, as LibMoE) and tau
+    """cosine_variant 'xmoe' (LibMoE v2 xmoe.py): r = Px in router_dim dims, expert embeddings M held at norm 1.5,
+    l = <r/|r|, M_e>, p = softmax(l / tau), top-k of p, weights = softmax of the k values of p.
+    'libmoe' (LibMoE v1.1 moe_cosinegating.py, the benchmarked Cosine-R): gate Linear(d, E) with bias b,
+    l = <x, W_e> / (|x| |W_e|) in full dimension, no temperature, p = softmax(l), top-k of p + b, weights =
+    softmax of the k values of p + b. No z-loss in either (the logits are bounded cosines)."""
+    options = dict(cosine_variant='xmoe',  # 'xmoe' (projected, tau, M at norm 1.5) or 'libmoe' (LibMoE v1.1 Cosine-R / PertCos-R)
+                   router_dim=0, router_temperature=0.3)  # xmoe: routing space (0 = E/2, as LibMoE) and tau
 
     def __init__(self, config):
         super().__init__(config)
-        o = config.router_options
-        dim = o['router_dim'] or max(config.n_experts // 2, 2)
-        self.tau = o['router_temperature']
-        self.gate = nn.Linear(config.n_embd, dim, bias=False)  # P: d -> router_dim
-        self.expert_emb = nn.Parameter(torch.randn(config.n_experts, dim) / math.sqrt(dim))  # M, rows of norm ~1
+        o, d, E = config.router_options, config.n_embd, config.n_experts
+        self.variant = o['cosine_variant']
+        if self.variant not in ('xmoe', 'libmoe'):
+            raise ValueError(f"cosine_variant={self.variant!r}: use 'xmoe' or 'libmoe'")
+        if self.variant == 'xmoe':
+            dim = o['router_dim'] or max(E // 2, 2)
+            self.tau = o['router_temperature']
+            self.gate = nn.Linear(d, dim, bias=False)  # P: d -> router_dim
+            self.expert_emb = nn.Parameter(torch.randn(E, dim))  # M, rescaled to norm 1.5 at each forward
+        else:
+            self.gate = nn.Linear(d, E, bias=True)  # rows W_e; the bias is added to the probabilities
 
-    def similarity(self, r, m):
-        return F.normalize(r, dim=-1) @ F.normalize(m, dim=-1).t()
+    def scores(self, a, b):
+        """(T, n) x (E, n) -> (T, E); xmoe: b's rows are held at norm 1.5 and only a is normalised"""
+        if self.variant == 'xmoe':
+            return F.normalize(a, dim=-1, eps=1e-4) @ b.t()
+        return (a @ b.t()) / (a.norm(dim=-1, keepdim=True) * b.norm(dim=-1))
 
-    def forward(self, x):
-        logits = self.similarity(self.gate(x), self.expert_emb) / self.tau  # (T, E)
-        p = logits.softmax(-1)
-        w, ids = self.select(p)
-        return Routing(ids, w, p, logits)
+    def forward(self, x, prev=None):
+        if self.variant == 'xmoe':
+            with torch.no_grad():  # X-MoE: the expert embeddings are set back to norm 1.5 in place, outside autograd
+                self.expert_emb.mul_(1.5 / self.expert_emb.norm(dim=-1, keepdim=True))
+            logits = self.scores(self.gate(x), self.expert_emb)  # (T, E)
+            p = (logits / self.tau).softmax(-1)
+            v, ids = p.topk(self.top_k, dim=-1)
+        else:
+            logits = self.scores(x, self.gate.weight)  # (T, E)
+            p = logits.softmax(-1)
+            v, ids = (p + self.gate.bias).topk(self.top_k, dim=-1)  # the bias shifts the probabilities
+        return Routing(ids, v.softmax(-1), p, None)  # a softmax over the k selected values
 
 
 class PerturbedCosineRouter(CosineRouter):
+    """the cosine's norms each get + theta (LibMoE v1.1 moe_perturbed.py): l = <a, b> / ((|a| + theta)(|b| + theta));
+    'libmoe' is LibMoE's PertCos-R exactly; 'xmoe' puts this score into the xmoe variant (a = Px, b = M at norm 1.5)"""
     options = dict(CosineRouter.options, cosine_theta=0.1)  # theta added to both norms
 
     def __init__(self, config):
         super().__init__(config)
         self.theta = config.router_options['cosine_theta']
 
-    def similarity(self, r, m):
-        return (r @ m.t()) / ((r.norm(dim=-1, keepdim=True) + self.theta) * (m.norm(dim=-1) + self.theta))
+    def scores(self, a, b):
+        return (a @ b.t()) / ((a.norm(dim=-1, keepdim=True) + self.theta) * (b.norm(dim=-1) + self.theta))
 
 
 class HyperRouter(Router):
-    options = dict(hyper_k_schedule=True)  # k grows from 1 to top_k over training, as HyperRouter
+    options = dict(hyper_k_schedule=True,  # k grows from hyper_k_min to top_k over training, as HyperRouter / LibMoE
+                   hyper_k_min=1)  # the schedule's first k (1 as LibMoE; >= 2 gives the router a gradient from the start)
 
     def __init__(self, config):
         super().__init__(config)
@@ -171,19 +199,23 @@ class HyperRouter(Router):
         self.embedding = nn.Parameter(torch.randn(d))  # trainable e
         self.hypernet = nn.Sequential(nn.Linear(d, d // 4), nn.ReLU(), nn.Linear(d // 4, E * (d + 1)))
         self.hypernet.requires_grad_(False)  # frozen random hypernetwork
-        self.k_schedule = config.router_options['hyper_k_schedule']
+        self.k_schedule, self.k_min = config.router_options['hyper_k_schedule'], config.router_options['hyper_k_min']
+        if self.k_schedule and not 1 <= self.k_min <= self.top_k:
+            raise ValueError(f"hyper_k_min={self.k_min} must be between 1 and top_k={self.top_k}")
 
     def current_k(self):
+        """HyperRouter's linear_increase / LibMoE's set_num_current_selected: round((k - k_min) * step / total) + k_min,
+        Python's round (half to even): with k_min = 1, top_k = 2, k = 1 until past half of training"""
         if not (self.training and self.k_schedule):
             return self.top_k
-        return round((self.top_k - 1) * self.progress) + 1
+        return round((self.top_k - self.k_min) * self.progress) + self.k_min
 
-    def forward(self, x):
+    def forward(self, x, prev=None):
         E, d = self.n_experts, x.shape[-1]
         wb = self.hypernet(self.embedding).view(E, d + 1)  # router weight and bias, made from e
         logits = F.linear(x, wb[:, :d], wb[:, d])  # (T, E)
         top, ids = logits.topk(self.current_k(), dim=-1)
-        return Routing(ids, top.softmax(-1), logits.softmax(-1), logits)
+        return Routing(ids, top.softmax(-1), logits.softmax(-1), None)  # HyperRouter and LibMoE: no aux loss
 
 
 class DeepSeekRouter(Router):
@@ -199,7 +231,7 @@ class DeepSeekRouter(Router):
         self.gate = nn.Linear(config.n_embd, E, bias=False)
         self.register_buffer('expert_bias', torch.zeros(E))  # b: steers selection only, no gradient
 
-    def forward(self, x):
+    def forward(self, x, prev=None):
         logits = self.gate(x)
         s = logits.sigmoid()  # (T, E)
         choice = s + self.expert_bias
@@ -212,7 +244,7 @@ class DeepSeekRouter(Router):
             choice = grouped.masked_fill(~keep[..., None], float('-inf')).view(T, -1)
         ids = choice.topk(self.top_k, dim=-1).indices  # (T, k)
         w = s.gather(1, ids)
-        return Routing(ids, renorm(w) if self.renorm else w, s / s.sum(-1, keepdim=True), logits)
+        return Routing(ids, renorm(w) if self.renorm else w, s / s.sum(-1, keepdim=True), None)  # V3: no z-loss
 
     @torch.no_grad()
     def update_bias(self, counts):
@@ -230,32 +262,43 @@ class TCMoERouter(Router):
         self.register_buffer('offset', torch.cat([torch.zeros(E), -torch.ones(E), -10 * torch.ones(k)]), persistent=False)
         self.reward = config.router_options['null_reward']
 
-    def forward(self, x):
+    def forward(self, x, prev=None):
         E = self.n_experts
-        logits = self.gate(x) + self.offset  # (T, 2E+k)
-        p = logits.softmax(-1)
+        logits = self.gate(x)  # (T, 2E+k), the z-loss's logits (before the offsets, as LibMoE)
+        p = (logits + self.offset).softmax(-1)
         v, idx = p.topk(self.top_k, dim=-1)  # (T, k)
-        null_mass = p[:, 2 * E:].sum(-1)  # (T,)
-        w = v / ((v * (idx < 2 * E)).sum(-1, keepdim=True) + null_mass[:, None])
+        null_mass = p[:, 2 * E:].sum(-1)  # (T,) every null slot counts as active
+        w = v / ((v * (idx < 2 * E)).sum(-1, keepdim=True) + null_mass[:, None])  # selected non-null + all null
         sign = torch.where(idx < E, 1.0, torch.where(idx < 2 * E, -1.0, 0.0))
         ids = torch.where(idx < 2 * E, idx % E, E)  # null slots -> cheap id E, no output
         pe = p[:, :E] + p[:, E:2 * E]  # (T, E) probability of each base expert
-        return Routing(ids, w * sign, pe / pe.sum(-1, keepdim=True), logits, -self.reward * null_mass.mean())
+        reward = -self.reward * null_mass.mean() if self.training else 0.0
+        return Routing(ids, w * sign, pe / pe.sum(-1, keepdim=True), logits, reward)
 
 
 class MoEPPRouter(Router):
+    options = dict(moepp_gate_residual=True,  # MoE++ gating residual: logits + W_r (previous MoE layer's logits)
+                   moepp_tau=0.75)  # balance-loss factor of the zero / copy / constant experts (1 = homogeneous)
+
     def __init__(self, config):
         super().__init__(config)
-        d = config.n_embd
-        self.gate = nn.Linear(d, config.n_experts + 3, bias=False)  # E FFN experts, zero, copy, constant
+        d, n = config.n_embd, config.n_experts + 3
+        o = config.router_options
+        self.gate = nn.Linear(d, n, bias=False)  # E FFN experts, zero, copy, constant
+        self.residual = nn.Linear(n, n, bias=False) if o['moepp_gate_residual'] else None  # MoE++'s gate_map
         self.const_gate = nn.Linear(d, 2, bias=False)
         self.const = nn.Parameter(0.002 * torch.randn(d))  # the constant expert's vector c
+        eta = torch.ones(n)
+        eta[config.n_experts:] = o['moepp_tau']
+        self.register_buffer('eta', eta, persistent=False)
 
-    def forward(self, x):
+    def forward(self, x, prev=None):
         logits = self.gate(x)  # (T, E+3)
+        if self.residual is not None and prev is not None:
+            logits = logits + self.residual(prev)  # the previous MoE layer's logits (after its own residual)
         p = logits.softmax(-1)
         w, ids = self.select(p)
-        return Routing(ids, w, p, logits)
+        return Routing(ids, w, p, None, balance_weight=self.eta, state=logits)  # MoE++: no z-loss
 
     def cheap_output(self, x, ids, w):
         """zero expert: 0; copy expert: x; constant expert: a0 x + a1 c with a = softmax(W_c x)"""
@@ -287,15 +330,17 @@ def router_options():
 # -----------------------------------------------------------------------------
 # aux losses
 
-def balance_loss(probs, ids, n_seq=1):
-    """n * sum_e f_e P_e per sequence, averaged; probs (T, n), ids (T, k); ids >= n are not counted"""
+def balance_loss(probs, ids, n_seq=1, weight=None):
+    """n * sum_e eta_e f_e P_e per sequence, averaged; probs (T, n), ids (T, k); f_e = share of the assignments to
+    the n experts that went to e (ids >= n, tcmoe's null slots, are not assignments: LibMoE counts non-null only);
+    eta = weight (n,), 1 by default (MoE++: tau for its zero / copy / constant experts)"""
     T, n = probs.shape
     k = ids.shape[1]
     counts = torch.zeros(n_seq, n + 1, device=ids.device)
     counts.scatter_add_(1, ids.clamp(max=n).view(n_seq, -1), torch.ones(n_seq, T // n_seq * k, device=ids.device))
-    f = counts[:, :n] / (T // n_seq * k)  # (B, n) share of assignments
+    f = counts[:, :n] / counts[:, :n].sum(-1, keepdim=True).clamp_min(1)  # (B, n) share of the assignments
     P = probs.view(n_seq, -1, n).mean(1)  # (B, n) mean probability
-    return n * (f * P).sum(-1).mean()
+    return n * (f * P * (1 if weight is None else weight)).sum(-1).mean()
 
 
 def z_loss(logits):
@@ -305,12 +350,24 @@ def z_loss(logits):
 # routing statistics (the MoE layer's counters and eval.py's analysis)
 
 def weight_sums(w):
-    """sums over the tokens of w (T, k) of the top-k weight entropy (q = |w| / sum |w|) and of the router
-    margin w1 - w2 (w1 when k = 1)"""
-    q = w.abs() / (w.abs().sum(-1, keepdim=True) + 1e-20)  # (T, k)
-    top = w.topk(min(2, w.shape[1]), dim=-1).values
+    """sums over the tokens of w (T, k), defined for signed weights (tcmoe) too: the entropy of the top-k weights
+    (q = |w| / sum |w|), the router margin |w|_(1) - |w|_(2) (the two largest magnitudes; w1 - w2 for weights >= 0,
+    LibMoE's router_magine; |w|_(1) when k = 1), and the number of negative weights (subtracted experts)"""
+    a = w.abs()
+    q = a / (a.sum(-1, keepdim=True) + 1e-20)  # (T, k)
+    top = a.topk(min(2, w.shape[1]), dim=-1).values
     margin = top[:, 0] - top[:, 1] if w.shape[1] > 1 else top[:, 0]
-    return -(q * q.clamp_min(1e-20).log()).sum(), margin.sum()
+    return -(q * q.clamp_min(1e-20).log()).sum(), margin.sum(), (w < 0).sum().float()
+
+
+def drop_top1(ids, w):
+    """eval.py's Drop-Top-1: each token loses its first choice (slot 0); the other slots keep their signs and are
+    scaled to the total |w| of the k slots (for weights >= 0: the same total weight). A token whose other slots
+    carry no weight (a null slot) gets no routed output. (T, k) -> (T, k-1)"""
+    rest = w[:, 1:]
+    left = rest.abs().sum(-1, keepdim=True)  # (T, 1)
+    scale = torch.where(left > 0, w.abs().sum(-1, keepdim=True) / left.clamp_min(1e-20), 0.0)
+    return ids[:, 1:], rest * scale
 
 
 def load_stats(load):
@@ -394,18 +451,21 @@ class MoE(nn.Module):
         self.record = None  # a list to collect (ids, weights) per forward, for eval.py's analysis
         for name in ('load', 'step_counts'):  # load: since the last reset_stats; step_counts: since the last bias update
             self.register_buffer(name, torch.zeros(config.n_experts), persistent=False)
-        self.register_buffer('sums', torch.zeros(5), persistent=False)  # tokens, assignments, dropped, weight entropy, margin
+        # tokens, assignments, dropped, weight entropy, margin, top-k slots, negative weights
+        self.register_buffer('sums', torch.zeros(7), persistent=False)
 
-    def forward(self, x):
+    def forward(self, x, prev=None):
+        """x (B, S, d), prev: the previous MoE layer's aux['state'] (None in the first) -> y, aux: the unweighted
+        balance and z-losses, the router's own weighted loss, and `state` for the next MoE layer's router"""
         B, S, d = x.shape
         x = x.reshape(-1, d)  # (T, d)
         with torch.autocast(x.device.type, enabled=False):
-            r = self.router(x.float())
+            r = self.router(x.float(), prev)
         ids, w = r.ids, r.weights  # (T, k)
-        if self.drop_top1:  # eval.py's analysis: the top expert masked, the others keep the total weight
+        if self.drop_top1:  # eval.py's analysis: the first choice masked, the others keep the total |w|
             if ids.shape[1] < 2:
                 raise ValueError("drop_top1 needs top_k >= 2: with one expert per token nothing would be left")
-            ids, w = ids[:, 1:], renorm(w[:, 1:]) * w.sum(-1, keepdim=True)
+            ids, w = drop_top1(ids, w)
         scaled = w * self.routed_scale
         y, load, dropped = self.routed(x, ids, scaled)
         if hasattr(self.router, 'cheap_output'):
@@ -413,7 +473,9 @@ class MoE(nn.Module):
         if self.shared is not None:
             y = y + self.shared_scale * self.shared(x, [x.shape[0]])
         self.record_stats(ids, w, load, dropped, training_step=self.training and torch.is_grad_enabled())
-        aux = dict(balance=balance_loss(r.probs, ids, B if self.per_sequence else 1), z=z_loss(r.logits), router=r.loss)
+        aux = dict(balance=balance_loss(r.probs, ids, B if self.per_sequence else 1, r.balance_weight),
+                   z=x.new_zeros((), dtype=torch.float32) if r.logits is None else z_loss(r.logits),
+                   router=r.loss, state=r.state)
         return y.to(x.dtype).view(B, S, d), aux
 
     def routed(self, x, ids, w):
@@ -456,18 +518,19 @@ class MoE(nn.Module):
         self.load += load
         if training_step:  # counts for the deepseek bias update
             self.step_counts += load
-        entropy, margin = weight_sums(w)
-        self.sums += torch.stack([entropy.new_tensor(ids.shape[0]), load.sum().float(),
-                                  entropy.new_tensor(dropped), entropy, margin])
+        entropy, margin, negative = weight_sums(w)
+        self.sums += torch.stack([entropy.new_tensor(ids.shape[0]), load.sum().float(), entropy.new_tensor(dropped),
+                                  entropy, margin, entropy.new_tensor(ids.numel()), negative])
         if self.record is not None:
             self.record.append((ids.cpu(), w.cpu()))
 
     def stats(self):
         """routing statistics since the last reset: load per expert and its CV, max/mean, entropy of the load,
-        mean entropy of the top-k weights, router margin (w1 - w2), dropped fraction"""
-        tokens, assignments, dropped, entropy, margin = self.sums.tolist()
+        mean entropy of the top-k weights, router margin (|w|_(1) - |w|_(2)), dropped fraction, share of the top-k
+        slots with a negative weight (signed routers)"""
+        tokens, assignments, dropped, entropy, margin, slots, negative = self.sums.tolist()
         return dict(**load_stats(self.load), weight_entropy=entropy / max(tokens, 1), margin=margin / max(tokens, 1),
-                    dropped=dropped / max(assignments, 1))
+                    dropped=dropped / max(assignments, 1), negative=negative / max(slots, 1))
 
     def reset_stats(self):
         self.load.zero_()
