@@ -388,25 +388,51 @@ def activation(h, arch):
     return F.silu(gate) * up
 
 
+def use_grouped(impl, x):
+    """whether the experts run as grouped matmuls: 'grouped', 'loop', or 'auto' = grouped on every CPU (faster than
+    the loop at every size measured, see the docstring) and on CUDA GPUs of compute capability 8.0 and up"""
+    if impl == 'auto':
+        return x.device.type == 'cpu' or (x.device.type == 'cuda' and torch.cuda.get_device_capability(x.device) >= (8, 0))
+    return impl == 'grouped'
+
+
 class Experts(nn.Module):
-    """n MLPs in the block's flavour, stacked: c_fc (n, out, d), c_proj (n, d, hidden), biases for gpt2"""
+    """n MLPs in the block's flavour, stacked: c_fc (n, out, d), c_proj (n, d, hidden), biases for gpt2.
+    impl: 'grouped' (one F.grouped_mm per matrix over all experts' rows), 'loop' (one F.linear per expert), 'auto'"""
 
     def __init__(self, config, n, hidden):
         super().__init__()
         d, out = config.n_embd, hidden * (1 if config.arch == 'gpt2' else 2)
-        self.arch = config.arch
+        self.arch, self.impl = config.arch, config.expert_impl
         self.c_fc = nn.Parameter(torch.empty(n, out, d))
         self.c_proj = nn.Parameter(torch.empty(n, d, hidden))
         self.b_fc = nn.Parameter(torch.zeros(n, out)) if config.bias else None
         self.b_proj = nn.Parameter(torch.zeros(n, d)) if config.bias else None
 
     def forward(self, x, counts):
-        """x (N, d) sorted by expert, counts: rows per expert (list of ints)"""
-        n = len(counts)
+        """x (N, d) sorted by expert, counts (n,) rows per expert -> (N, d)"""
+        if use_grouped(self.impl, x):
+            return self.grouped(x, counts)
+        return self.loop(x, counts.tolist())
+
+    def grouped(self, x, counts):
+        dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        x = x.to(dt)  # grouped_mm is not autocast-aware: cast as F.linear would be
+        offs = counts.cumsum(0).to(torch.int32)  # (n,) end row of each expert
+        h = F.grouped_mm(x, self.c_fc.to(dt).transpose(1, 2), offs=offs)  # (N, out)
+        if self.b_fc is not None:
+            h = h + self.b_fc.to(dt).repeat_interleave(counts, dim=0, output_size=x.shape[0])  # each row's expert bias
+        y = F.grouped_mm(activation(h, self.arch), self.c_proj.to(dt).transpose(1, 2), offs=offs)  # (N, d)
+        if self.b_proj is not None:
+            y = y + self.b_proj.to(dt).repeat_interleave(counts, dim=0, output_size=x.shape[0])
+        return y
+
+    def loop(self, x, sizes):
+        n = len(sizes)
         b_fc = [None] * n if self.b_fc is None else self.b_fc.unbind(0)
         b_proj = [None] * n if self.b_proj is None else self.b_proj.unbind(0)
         out = [F.linear(activation(F.linear(xe, w1, b1), self.arch), w2, b2)  # unbind: one gradient copy, not E
-               for xe, w1, b1, w2, b2 in zip(x.split(counts), self.c_fc.unbind(0), b_fc, self.c_proj.unbind(0), b_proj)]
+               for xe, w1, b1, w2, b2 in zip(x.split(sizes), self.c_fc.unbind(0), b_fc, self.c_proj.unbind(0), b_proj)]
         return torch.cat(out)
 
 
@@ -441,6 +467,7 @@ class MoE(nn.Module):
             raise ValueError(f"n_experts={config.n_experts} is not divisible by ep_size={config.ep_size}: "
                              f"pick an ep_size that divides it")
         self.n_experts, self.capacity_factor = config.n_experts, config.capacity_factor
+        self.eval_capacity_factor = config.eval_capacity_factor  # 0 = dropless at eval, as nanoMoE
         self.routed_scale, self.shared_scale = config.routed_scale, config.shared_scale
         self.per_sequence = config.balance_per_sequence
         self.router = ROUTERS[config.router](config)
@@ -471,7 +498,7 @@ class MoE(nn.Module):
         if hasattr(self.router, 'cheap_output'):
             y = y + self.router.cheap_output(x.float(), ids, scaled)
         if self.shared is not None:
-            y = y + self.shared_scale * self.shared(x, [x.shape[0]])
+            y = y + self.shared_scale * self.shared(x, load.new_tensor([x.shape[0]]))
         self.record_stats(ids, w, load, dropped, training_step=self.training and torch.is_grad_enabled())
         aux = dict(balance=balance_loss(r.probs, ids, B if self.per_sequence else 1, r.balance_weight),
                    z=x.new_zeros((), dtype=torch.float32) if r.logits is None else z_loss(r.logits),
@@ -479,28 +506,30 @@ class MoE(nn.Module):
         return y.to(x.dtype).view(B, S, d), aux
 
     def routed(self, x, ids, w):
-        """sorted dispatch of the T*k assignments to the FFN experts
+        """sorted dispatch of the T*k assignments to the FFN experts, then the weighted sum over each token's k slots
         -> (y (T, d), assignments per expert before any drop (E,), dropped count)"""
-        T, E = x.shape[0], self.n_experts
+        T, k, E = x.shape[0], ids.shape[1], self.n_experts
         flat = ids.t().reshape(-1)  # (k*T,) slot-major: every first choice comes before any second choice
         order = flat.argsort(stable=True)  # FFN experts first, cheap ids (>= E) last
         load = torch.bincount(flat, minlength=E + 1)[:E]  # (E,)
-        counts, sizes = load, load.tolist()  # the layer's one host sync
-        n = sum(sizes)
-        order = order[:n]
-        if self.capacity_factor > 0:
-            cap = math.ceil(self.capacity_factor * ids.shape[1] * T / E)
+        n = int(load.sum())  # the layer's one host sync
+        order, counts = order[:n], load
+        capacity_factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        if capacity_factor > 0:
+            cap = math.ceil(capacity_factor * k * T / E)
             pos = torch.arange(n, device=x.device) - (load.cumsum(0) - load).repeat_interleave(load, output_size=n)  # place in its expert
-            order, counts, sizes = order[pos < cap], load.clamp(max=cap), [min(s, cap) for s in sizes]
-        ys = self.run_experts(x[order % T], counts, sizes)  # (N, d)
-        ys = ys * w.t().reshape(-1)[order, None].to(ys.dtype)
-        y = ys.new_zeros(ids.numel(), x.shape[1]).index_copy_(0, order, ys)  # (k*T, d) back in slot-major order
-        return y.view(ids.shape[1], T, -1).sum(0), load, n - sum(sizes)  # (T, d)
+            order, counts = order[pos < cap], load.clamp(max=cap)
+        token = order % T  # (N,) the token of each kept assignment
+        ys = self.run_experts(x.index_select(0, token), counts)  # (N, d)
+        slot = token * k + order // T  # (N,) its place in token-major order
+        Y = ys.new_zeros(T * k, x.shape[1]).index_copy_(0, slot, ys).view(T, k, -1)  # (T, k, d); cheap and dropped slots stay 0
+        y = torch.bmm(w.to(Y.dtype).unsqueeze(1), Y).squeeze(1)  # (T, d): sum_j w_tj Y_tj in one pass
+        return y, load, n - counts.sum()
 
-    def run_experts(self, xs, counts, sizes):
-        """xs (N, d) sorted by global expert id, counts (E,) and the same as a list: run the experts, wherever they live"""
+    def run_experts(self, xs, counts):
+        """xs (N, d) sorted by global expert id, counts (E,) rows per expert: run the experts, wherever they live"""
         if self.ep_size == 1:
-            return self.experts(xs, sizes)
+            return self.experts(xs, counts)
         ep, el = self.ep_size, self.n_experts // self.ep_size
         recv = torch.empty_like(counts)
         dist.all_to_all_single(recv, counts, group=self.ep_group)  # recv[r*el + j]: rank r's rows for my expert j
@@ -509,7 +538,7 @@ class MoE(nn.Module):
         xr = AllToAll.apply(xs, out_splits, in_splits, self.ep_group)  # (M, d) rank-major, then expert
         local = torch.arange(el, device=xs.device).repeat(ep).repeat_interleave(recv)  # local expert of each row
         regroup = local.argsort(stable=True)  # rank-major -> expert-major
-        ye = self.experts(xr[regroup], recv.view(ep, el).sum(0).tolist())
+        ye = self.experts(xr[regroup], recv.view(ep, el).sum(0))
         yr = torch.empty_like(ye).index_copy_(0, regroup, ye)  # back to rank-major
         return AllToAll.apply(yr, in_splits, out_splits, self.ep_group)
 
@@ -519,7 +548,7 @@ class MoE(nn.Module):
         if training_step:  # counts for the deepseek bias update
             self.step_counts += load
         entropy, margin, negative = weight_sums(w)
-        self.sums += torch.stack([entropy.new_tensor(ids.shape[0]), load.sum().float(), entropy.new_tensor(dropped),
+        self.sums += torch.stack([entropy.new_tensor(ids.shape[0]), load.sum().float(), dropped.float(),
                                   entropy, margin, entropy.new_tensor(ids.numel()), negative])
         if self.record is not None:
             self.record.append((ids.cpu(), w.cpu()))

@@ -33,6 +33,7 @@ CASES = {
     'switch_capacity': dict(router='switch', top_k=1, capacity_factor=1.25),
     'tcmoe': dict(router='tcmoe', top_k=2),
     'moepp': dict(router='moepp', top_k=2),
+    'loop_bias': dict(router='softmax', top_k=2, bias=True, expert_impl='loop'),  # the other cases run grouped (auto on CPU)
 }
 
 

@@ -36,7 +36,7 @@ def test_ep_layer_equals_single_process_layer(tmp_path, nproc):
     results = [json.loads((tmp_path / f'rank{r}.json').read_text()) for r in range(nproc)]
     cases = set(results[0])
     expected = {f'{c}/ep{ep}' for c in ('softmax_bias', 'sigmoid', 'deepseek_shared', 'capacity', 'shared_llama_top1',
-                                        'zero_tokens', 'switch_capacity', 'tcmoe', 'moepp')
+                                        'zero_tokens', 'switch_capacity', 'tcmoe', 'moepp', 'loop_bias')
                 for ep in ([4, 2] if nproc == 4 else [2])}
     assert cases == expected
     bad = [f'rank {r} {case}: {msg}' for r, res in enumerate(results) for case in sorted(res) for msg in res[case]['bad']]

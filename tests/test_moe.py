@@ -113,12 +113,13 @@ DISPATCH_CASES = {
 }
 
 
+@pytest.mark.parametrize('impl', ['grouped', 'loop'])
 @pytest.mark.parametrize('arch', ['gpt2', 'llama'])
 @pytest.mark.parametrize('case', list(DISPATCH_CASES))
-def test_dispatch_matches_naive_loop(arch, case):
+def test_dispatch_matches_naive_loop(arch, case, impl):
     torch.manual_seed(0)
     E, k, B, S, renorm, extra = DISPATCH_CASES[case]
-    cfg = config(arch, 'softmax', E=E, k=k, router_renorm=renorm, **extra)
+    cfg = config(arch, 'softmax', E=E, k=k, router_renorm=renorm, expert_impl=impl, **extra)
     layer = make_layer(cfg)
     x = torch.randn(B, S, cfg.n_embd)
     if case.startswith('collapsed'):  # a shared direction in x that the gate reads strongly
@@ -159,13 +160,14 @@ def test_dispatch_matches_naive_loop(arch, case):
                 assert (g[1 + i][unused] == 0).all(), name
 
 
+@pytest.mark.parametrize('impl', ['grouped', 'loop'])
 @pytest.mark.parametrize('router', ROUTERS)
-def test_dispatch_every_router_matches_naive_loop(router):
+def test_dispatch_every_router_matches_naive_loop(router, impl):
     """the same naive loop on each router's own (ids, weights): cheap experts (ids >= E) cost nothing,
     tcmoe's signed weights subtract, moepp's copy / constant experts are added by hand"""
     torch.manual_seed(1)
     k = 1 if router == 'switch' else 2
-    cfg = config('gpt2', router, E=4, k=k)
+    cfg = config('gpt2', router, E=4, k=k, expert_impl=impl)
     layer = make_layer(cfg).eval()  # eval: no switch jitter, deterministic routing
     if router == 'tcmoe':
         layer.router.offset.zero_()  # make negative and null slots as likely as positive ones
@@ -445,12 +447,13 @@ def test_deepseek_bias_balances_load():
     assert cv1 < 0.5 * cv0, (cv0, cv1, load0.tolist(), load1.tolist())
 
 
+@pytest.mark.parametrize('impl', ['grouped', 'loop'])
 @pytest.mark.parametrize('arch', ['gpt2', 'llama'])
 @pytest.mark.parametrize('cf', [0.5, 1.0, 1.25])
-def test_capacity_drops_exactly_the_overflow(arch, cf):
+def test_capacity_drops_exactly_the_overflow(arch, cf, impl):
     torch.manual_seed(0)
     E, k, B, S, d = 4, 2, 2, 10, 16
-    cfg = config(arch, 'softmax', E=E, k=k, d=d, capacity_factor=cf)
+    cfg = config(arch, 'softmax', E=E, k=k, d=d, capacity_factor=cf, expert_impl=impl)
     layer = make_layer(cfg)
     x = torch.randn(B, S, d)
     x[..., 0] += 2.0
@@ -487,6 +490,28 @@ def test_capacity_drops_exactly_the_overflow(arch, cf):
     gone = [t for t in range(T) if not any(seated[t])]
     assert gone or cf > 0.5, 'cf=0.5 should drop every assignment of some token: weak test'
     assert (y.detach().view(T, d)[gone] == 0).all()
+
+
+def test_eval_capacity_is_separate_from_training():
+    """capacity_factor drops in training only; at eval the layer is dropless unless eval_capacity_factor is set"""
+    torch.manual_seed(0)
+    E, k, B, S, d = 4, 2, 2, 10, 16
+    x = torch.randn(B, S, d)
+    x[..., 0] += 2.0
+    outs = {}
+    for ecf in (0.0, 1.0):
+        torch.manual_seed(0)
+        layer = make_layer(config('llama', 'softmax', E=E, k=k, d=d, capacity_factor=1.0, eval_capacity_factor=ecf))
+        with torch.no_grad():  # skewed, so that experts 0 and 1 overflow
+            layer.router.gate.weight[:, 0] = torch.tensor([2.0, 1.5, -1.0, -1.0])
+        P = leaf_copies(layer)
+        ids, w = softmax_routing(x.view(-1, d), P['router.gate.weight'], k)
+        outs['train', ecf] = layer.train()(x)[0]
+        outs['eval', ecf] = layer.eval()(x)[0]
+        outs['naive', ecf] = naive_moe(x.view(-1, d), ids, w, P, config('llama', 'softmax', E=E, k=k, d=d)).view(B, S, d)
+    assert not torch.allclose(outs['train', 0.0], outs['naive', 0.0], atol=1e-3)  # training drops
+    torch.testing.assert_close(outs['eval', 0.0], outs['naive', 0.0], atol=ATOL, rtol=RTOL)  # eval: dropless
+    torch.testing.assert_close(outs['eval', 1.0], outs['train', 1.0], atol=ATOL, rtol=RTOL)  # the same drops
 
 
 # -----------------------------------------------------------------------------
