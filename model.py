@@ -43,6 +43,8 @@ class GPTConfig:
     routed_scale: float = 1.0
     router_renorm: bool = True
     capacity_factor: float = 0.0  # 0 = dropless
+    eval_capacity_factor: float = 0.0  # capacity at eval (0 = dropless: eval-time drops inflate the loss)
+    expert_impl: str = 'auto'  # 'auto', 'grouped' (F.grouped_mm) or 'loop' (one matmul per expert): same math
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 0.001
     balance_per_sequence: bool = False
