@@ -7,6 +7,7 @@ Which layers are MoE is a config rule (moe_every, moe_first_dense); the MoE laye
 """
 import math
 import os
+import shutil
 from dataclasses import dataclass, field
 
 import torch
@@ -300,19 +301,117 @@ class GPT(nn.Module):
         return idx
 
 
-def save_checkpoint(out_dir, ckpt):
-    """out_dir/ckpt.pt, written atomically: a temporary file, then a rename (a crash never leaves half a file)"""
-    tmp = os.path.join(out_dir, 'ckpt.pt.tmp')
-    torch.save(ckpt, tmp)
-    os.replace(tmp, os.path.join(out_dir, 'ckpt.pt'))
+CKPT, PREVIOUS = 'ckpt.pt', 'ckpt.prev.pt'  # a checkpoint folder's checkpoint and the one saved before it
+
+
+def auto_dtype(device_type):
+    """the autocast dtype for dtype='auto' -> (name, why): bfloat16 where the hardware runs bf16 matmuls fast (CUDA
+    GPUs with bf16; CPUs with AMX or AVX-512 BF16), else float32: on an AVX2-only CPU a bf16 matmul is ~100x slower"""
+    if device_type == 'cuda':
+        name = torch.cuda.get_device_name()
+        if torch.cuda.is_bf16_supported():
+            return 'bfloat16', f'{name} runs bf16'
+        return 'float32', f'{name} has no bf16'
+    flags = set()
+    if os.path.exists('/proc/cpuinfo'):
+        flags = {f for line in open('/proc/cpuinfo') if line.startswith('flags') for f in line.split(':')[1].split()}
+    fast = [f for f in ('amx_bf16', 'avx512_bf16') if f in flags]
+    if fast:
+        return 'bfloat16', f'the CPU has {fast[0]} (fast bf16 matmuls)'
+    return 'float32', 'the CPU has neither AMX nor AVX-512 BF16 (bf16 matmuls would be far slower than fp32)'
+
+
+def save_checkpoint(out_dir, ckpt, previous='keep'):
+    """out_dir/ckpt.pt, written atomically and durably: a temporary file, fsync, then a rename (a crash never leaves
+    half a file). previous: 'keep' = the checkpoint it replaces becomes out_dir/ckpt.prev.pt (a hard link: no copy,
+    no moment without a ckpt.pt); 'leave' = ckpt.prev.pt stays as it is (a run that fell back to it); 'drop' = an old
+    ckpt.prev.pt is removed (it belongs to another run). OSError (disk full, ...) leaves the old files as they were."""
+    path, tmp = os.path.join(out_dir, CKPT), os.path.join(out_dir, CKPT + '.tmp')
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(ckpt, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if previous == 'keep' and os.path.exists(path):
+            prev_tmp = os.path.join(out_dir, PREVIOUS + '.tmp')
+            if os.path.exists(prev_tmp):
+                os.remove(prev_tmp)
+            try:
+                os.link(path, prev_tmp)
+            except OSError:  # a file system without hard links
+                shutil.copyfile(path, prev_tmp)
+            os.replace(prev_tmp, os.path.join(out_dir, PREVIOUS))
+        elif previous == 'drop' and os.path.exists(os.path.join(out_dir, PREVIOUS)):
+            os.remove(os.path.join(out_dir, PREVIOUS))
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    fd = os.open(out_dir, os.O_RDONLY)  # the renames themselves survive a power cut
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_checkpoint(path, device='cpu'):
+    """a checkpoint file, checked whole: readable, train.py's layout, weights that fit its own model_args and are
+    finite; else ValueError saying what is wrong with it (one line)"""
+    if not os.path.isfile(path):
+        raise ValueError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # a truncated zip, a bad pickle, random bytes: all the same to the reader
+        raise ValueError(f"{path} cannot be read, it is truncated or corrupted ({type(e).__name__}: "
+                         f"{(str(e).splitlines() or [''])[0][:160]})")
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get('model'), dict) or not isinstance(ckpt.get('model_args'), dict):
+        raise ValueError(f"{path} is not a checkpoint of train.py or upcycle.py (no model and model_args)")
+    try:
+        with torch.device('meta'):  # the model's shapes without memory or time
+            expected = GPT(GPTConfig(**ckpt['model_args'])).state_dict()
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path} holds a model this version of model.py cannot build ({str(e).splitlines()[0]})")
+    got = ckpt['model']
+    wrong = sorted(expected.keys() ^ got.keys()) + sorted(k for k in expected.keys() & got.keys()
+                                                           if expected[k].shape != got[k].shape)
+    if wrong:
+        raise ValueError(f"{path} holds weights of another architecture than its model_args say "
+                         f"({len(wrong)} names or shapes differ, e.g. {wrong[0]})")
+    bad = next((k for k, v in got.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad:
+        raise ValueError(f"{path} holds non-finite weights ({bad} has NaN or inf)")
+    return ckpt
+
+
+def load_checkpoint(ckpt_dir, device='cpu', fallback=False):
+    """(checkpoint, path, note) of ckpt_dir/ckpt.pt, checked by read_checkpoint. When it cannot be used: with
+    fallback, the previous checkpoint ckpt_dir/ckpt.prev.pt, and note (a warning line) says so; else ValueError,
+    one line naming the file and the fix."""
+    path, prev = os.path.join(ckpt_dir, CKPT), os.path.join(ckpt_dir, PREVIOUS)
+    try:
+        return read_checkpoint(path, device), path, None
+    except ValueError as e:
+        problem = e
+    if not os.path.exists(prev):
+        fix = ("train one with train.py or make one with upcycle.py" if not os.path.exists(path) else
+               "train again, or use another checkpoint folder")
+        raise ValueError(f"{problem}: {fix}")
+    if not fallback:
+        raise ValueError(f"{problem}: the previous checkpoint is {prev}; to use it, copy it over "
+                         f"{CKPT} (train.py init_from=resume falls back to it by itself)")
+    try:
+        ckpt = read_checkpoint(prev, device)
+    except ValueError as e:
+        raise ValueError(f"{problem}, and the previous checkpoint too: {e}: train again")
+    return ckpt, prev, (f"warning: {problem}; falling back to the previous checkpoint {prev} "
+                        f"(iteration {ckpt.get('iter_num', '?')})")
 
 
 def load_model(out_dir, device='cpu'):
-    """the model of a checkpoint folder (out_dir/ckpt.pt written by train.py or upcycle.py) -> (model, checkpoint)"""
-    path = os.path.join(out_dir, 'ckpt.pt')
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no checkpoint at {path}: train one with train.py or make one with upcycle.py")
-    ckpt = torch.load(path, map_location=device, weights_only=True)
+    """the model of a checkpoint folder (out_dir/ckpt.pt written by train.py or upcycle.py) -> (model, checkpoint);
+    ValueError (one line: the file and the fix) when it cannot be loaded"""
+    ckpt = load_checkpoint(out_dir, device)[0]
     model = GPT(GPTConfig(**ckpt['model_args']))
     model.load_state_dict(ckpt['model'])
     return model.to(device), ckpt

@@ -55,9 +55,47 @@ def fail(message):
     sys.exit(f"prepare.py: error: {message}")
 
 
+META_KEYS = {"tokenizer": str, "vocab_size": int, "dtype": str, "train_tokens": int, "val_tokens": int}
+DTYPES = ("uint16", "uint32")
+
+
 def load_meta(data_dir):
-    with open(Path(data_dir) / "meta.json") as f:
-        return json.load(f)
+    """A prepared folder's meta.json, checked: ValueError (one line) if it is missing, not JSON, or lacks a key."""
+    path = Path(data_dir) / "meta.json"
+    redo = "run prepare.py again for this folder"
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"no {path}: prepare the data with prepare.py")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not readable JSON ({e}): {redo}")
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} is not a JSON object: {redo}")
+    bad = [k for k, t in META_KEYS.items() if type(meta.get(k)) is not t]
+    if bad:
+        raise ValueError(f"{path} lacks {', '.join(bad)} (or has the wrong type): it is incomplete; {redo}")
+    if meta["dtype"] not in DTYPES or meta["vocab_size"] < 1 or meta["vocab_size"] > np.iinfo(meta["dtype"]).max + 1:
+        raise ValueError(f"{path}: dtype {meta['dtype']!r} cannot hold a vocabulary of {meta['vocab_size']} "
+                         f"(use {' or '.join(DTYPES)}): {redo}")
+    if meta["tokenizer"] == "char" and len(meta.get("chars") or "") != meta["vocab_size"]:
+        raise ValueError(f"{path}: the char tokenizer needs its {meta['vocab_size']} characters in 'chars': {redo}")
+    return meta
+
+
+def check_data(data_dir, meta):
+    """ValueError (one line) unless train.bin and val.bin hold whole tokens, as many as meta.json says."""
+    size = np.dtype(meta["dtype"]).itemsize
+    for split in ("train", "val"):
+        path = Path(data_dir) / f"{split}.bin"
+        if not path.is_file():
+            raise ValueError(f"no {path}: the folder is incomplete; run prepare.py again for it")
+        n = path.stat().st_size
+        if n % size:
+            raise ValueError(f"{path} has {n} bytes, not a whole number of {meta['dtype']} tokens ({size} bytes each): "
+                             f"it is truncated or not from prepare.py; run prepare.py again for this folder")
+        if n // size != meta[f"{split}_tokens"]:
+            raise ValueError(f"{path} holds {n // size} tokens but meta.json says {meta[f'{split}_tokens']}: the "
+                             f"files do not belong together; run prepare.py again for this folder")
 
 
 def get_tokenizer(spec, meta=None):

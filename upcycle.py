@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 
 from configurator import configure
-from model import GPT, GPTConfig, save_checkpoint
+from model import GPT, GPTConfig, load_checkpoint, save_checkpoint
 from moe import router_options
 
 MOE_KEYS = ('router', 'n_experts', 'top_k', 'moe_every', 'moe_first_dense', 'expert_hidden', 'n_shared_experts',
@@ -146,7 +146,7 @@ def load_dense(source, block_size=None):
     """(dense GPT, tokenizer spec) from a checkpoint folder of ours, a Hugging Face name or folder, or a .gguf file"""
     source = os.path.expanduser(source)
     if os.path.isfile(os.path.join(source, 'ckpt.pt')):
-        ckpt = torch.load(os.path.join(source, 'ckpt.pt'), map_location='cpu', weights_only=True)
+        ckpt = load_checkpoint(source)[0]  # ValueError, one line, for a checkpoint that does not load
         args, sd, tokenizer = ckpt['model_args'], ckpt['model'], ckpt.get('tokenizer')
         if args.get('router', 'dense') != 'dense':
             raise ValueError(f"{source} already has MoE layers (router={args['router']}): upcycle a dense checkpoint")
@@ -266,7 +266,7 @@ def save_upcycled(out_dir, model, tokenizer, config, source):
     os.makedirs(out_dir, exist_ok=True)
     ckpt = dict(model=model.state_dict(), model_args=asdict(model.config), tokenizer=tokenizer, iter_num=0,
                 best_val_loss=1e9, config=config, source=source)
-    save_checkpoint(out_dir, ckpt)
+    save_checkpoint(out_dir, ckpt, previous='drop')  # a new model: an older ckpt.prev.pt is not its previous one
     with open(os.path.join(out_dir, 'config.json'), 'w') as f:
         json.dump(config, f, indent=2)
 

@@ -215,8 +215,9 @@ def save(obj, f, *args, **kwargs):
         return real_save(obj, f, *args, **kwargs)
     buf = io.BytesIO()
     real_save(obj, buf)
-    with open(f, 'wb') as out:  # half of the file, then the process dies
-        out.write(buf.getvalue()[:len(buf.getvalue()) // 2])
+    out = open(f, 'wb') if isinstance(f, (str, os.PathLike)) else f
+    out.write(buf.getvalue()[:len(buf.getvalue()) // 2])  # half of the file, then the process dies
+    out.flush()
     os.kill(os.getpid(), signal.SIGKILL)
 
 torch.save = save
