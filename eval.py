@@ -7,6 +7,7 @@ Zero-shot tasks through lm-eval, perplexity, and routing analysis of our checkpo
     python eval.py out/r/ckpt_1000 out/r/ckpt_2000 out/r --checkpoints --tasks piqa --data_dir ../shared/data/tasks
     python eval.py out/RUN --ppl data/gutenberg_gpt2 --ppl notes.txt [--stride 256]
     python eval.py --compare out/A out/B                                # one markdown table of their eval.json
+    python eval.py --plot out/A out/B     # training curves, expert load over training (log.jsonl), eval heatmaps
 
 Zero-shot: MoELM is an lm-eval LM over our GPT, scored like lm-eval's `hf` model (requests sorted by length,
 right-padded, one forward per batch, log-softmax in float32, context + continuation left-truncated to
@@ -373,6 +374,100 @@ def save_heatmap(path, loads, title):
     plt.close(fig)
 
 # -----------------------------------------------------------------------------
+# plots (--plot): training curves of one or several runs, each layer's expert load over training, eval heatmaps
+
+def training_log(run):
+    """(train rows, eval rows) of run/log.jsonl; skipped steps (a non-finite loss, logged as text) left out"""
+    path = Path(run, 'log.jsonl')
+    if not path.is_file():
+        raise ValueError(f"no {path}: --plot draws the log that train.py writes into its out_dir")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return ([r for r in rows if isinstance(r.get('loss'), float) and not r.get('skipped')],
+            [r for r in rows if 'val_loss' in r])
+
+
+def pyplot():
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_training(runs, path):
+    """one figure, one colour per run: train and val loss, balance (aux) loss, z-loss, load CV of each MoE layer"""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
+    for run, color in zip(runs, plt.rcParams['axes.prop_cycle'].by_key()['color'] * len(runs)):
+        train, evals = training_log(run)
+        name = Path(run).name
+        it = [r['iter'] for r in train]
+        axes[0].plot(it, [r['loss'] for r in train], color=color, alpha=0.6, label=f"{name} train")
+        axes[0].plot([r['iter'] for r in evals], [r['val_loss'] for r in evals], 'o--', color=color, label=f"{name} val")
+        for ax, key in ((axes[1], 'aux_loss'), (axes[2], 'z_loss')):
+            ax.plot(it, [r.get(key, float('nan')) for r in train], color=color, label=name)
+        cvs = np.array([r.get('layer_load_cv', []) for r in train if r.get('layer_load_cv')])  # (logs, layers)
+        kept = [r['iter'] for r in train if r.get('layer_load_cv')]
+        for j in range(cvs.shape[1] if cvs.ndim == 2 else 0):
+            axes[3].plot(kept, cvs[:, j], color=color, alpha=0.4 + 0.6 * (j + 1) / cvs.shape[1],
+                         linestyle=['-', '--', ':', '-.'][j % 4], label=f"{name} layer {j}")
+    titles = ('loss (line: train, dots: val)', 'balance loss (1 = balanced)', 'router z-loss', 'load CV per MoE layer')
+    for ax, title in zip(axes, titles):
+        ax.set(xlabel='iteration', title=title)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    fig.savefig(path, dpi=110, bbox_inches='tight')
+    plt.close(fig)
+
+
+def plot_load_over_training(run, path):
+    """each MoE layer's expert load over training: a heatmap of the share of assignments (iteration x expert)"""
+    train, _ = training_log(run)
+    rows = [r for r in train if r.get('layer_load')]
+    if not rows:
+        return False
+    load = np.array([r['layer_load'] for r in rows], dtype=float)  # (logs, layers, experts)
+    share = load / np.maximum(load.sum(-1, keepdims=True), 1)
+    it, (n_logs, L, E) = [r['iter'] for r in rows], share.shape
+    plt = pyplot()
+    fig, axes = plt.subplots(L, 1, figsize=(10, 0.6 + (1.0 + 0.18 * E) * L), squeeze=False, sharex=True)
+    step = (it[-1] - it[0]) / max(n_logs - 1, 1) if n_logs > 1 else 1
+    for j, ax in enumerate(axes[:, 0]):
+        im = ax.imshow(share[:, j].T, aspect='auto', cmap='viridis', vmin=0, vmax=max(share.max(), 1e-9),
+                       extent=(it[0] - step / 2, it[-1] + step / 2, E - 0.5, -0.5), interpolation='nearest')
+        ax.set(ylabel=f"layer {j}\nexpert", yticks=range(E))
+    axes[-1, 0].set_xlabel('iteration')
+    axes[0, 0].set_title(f"expert load over training: {run} (share of each layer's assignments; 1/{E} = balanced)")
+    fig.colorbar(im, ax=axes[:, 0].tolist(), label='share of assignments')
+    fig.savefig(path, dpi=110, bbox_inches='tight')
+    plt.close(fig)
+    return True
+
+
+def plot_runs(runs):
+    """--plot: the PNGs next to the runs; returns their paths"""
+    for run in runs:
+        training_log(run)  # every run checked before anything is drawn
+    names = [Path(r).name for r in runs]
+    if len(runs) == 1:
+        curves = Path(runs[0], 'training.png')
+    else:  # several runs: one figure in the folder that holds them
+        curves = Path(os.path.commonpath([os.path.abspath(r) for r in runs]), f"training_{'_'.join(names)}.png")
+    plot_training(runs, curves)
+    paths = [curves]
+    for run in runs:
+        if plot_load_over_training(run, Path(run, 'expert_load_training.png')):
+            paths.append(Path(run, 'expert_load_training.png'))
+        ej = Path(run, 'eval.json')
+        out = json.loads(ej.read_text()) if ej.is_file() else {}
+        if out.get('routing'):  # eval.py --analyze's load heatmap, from eval.json
+            per_task = list(out['routing'].values())
+            load = [[sum(t[j]['load'][e] for t in per_task) for e in range(len(per_task[0][j]['load']))]
+                    for j in range(len(per_task[0]))]
+            save_heatmap(Path(run, 'expert_load.png'), load, f"expert load: {run}")
+            paths.append(Path(run, 'expert_load.png'))
+    return paths
+
+# -----------------------------------------------------------------------------
 # a run, eval.json, tables
 
 def main_score(scores):
@@ -501,6 +596,8 @@ def parse_args(argv):
     p.add_argument('--checkpoints', action='store_true', help='the runs are checkpoints of one run, oldest first: '
                    'also change rate and saturation (implies --analyze)')
     p.add_argument('--compare', action='store_true', help="one markdown table from the runs' eval.json files")
+    p.add_argument('--plot', action='store_true', help='training curves (one figure for all runs), expert load over '
+                   'training and eval load heatmaps, from log.jsonl and eval.json: PNGs next to the runs')
     return p.parse_args(argv)
 
 
@@ -510,6 +607,10 @@ def main(argv=None):
     args.analyze = args.analyze or args.checkpoints
     datasets.disable_progress_bars()  # lm-eval maps hellaswag's 10,042 documents five times per task
     try:
+        if args.plot:
+            for path in plot_runs(args.runs):
+                print(f"wrote {path}")
+            return
         if args.compare:
             print(compare_table(args.runs))
             return
