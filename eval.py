@@ -334,11 +334,14 @@ def perplexity(lm, tokens, n_bytes, stride=None):
 # routing analysis
 
 def routing_metrics(ids, weights, n_experts):
-    """one layer's routings of N tokens, ids and weights (N, k) -> load per expert, its CV and entropy, mean
-    entropy of the top-k weights (q = |w| / sum |w|), mean router margin w1 - w2 (w1 when k = 1), as moe.py"""
+    """one layer's routings of N tokens, ids and weights (N, k) -> load per expert, its CV and entropy, and, as
+    moe.py (moe.weight_sums: defined for signed weights, tcmoe's, too), the mean entropy of the top-k weights
+    (q = |w| / sum |w|), the mean router margin |w|_(1) - |w|_(2) (w1 - w2 for weights >= 0; |w|_(1) when k = 1)
+    and the share of the top-k slots with a negative weight (a subtracted expert)"""
     load = torch.bincount(ids.flatten(), minlength=n_experts + 1)[:n_experts].float()  # ids >= E: cheap experts
-    entropy, margin = weight_sums(weights)
-    return dict(**load_stats(load), weight_entropy=(entropy / len(ids)).item(), margin=(margin / len(ids)).item())
+    entropy, margin, negative = weight_sums(weights)
+    return dict(**load_stats(load), weight_entropy=(entropy / len(ids)).item(), margin=(margin / len(ids)).item(),
+                negative=(negative / weights.numel()).item())
 
 
 def change_rate(ids_a, ids_b):
