@@ -3,28 +3,80 @@ The Mixture-of-Experts layer: every router, the aux losses, the experts, dispatc
 and routing statistics. One file, so a router can be read (and added) next to everything it plugs into.
 
 Routers (x: token (d), E experts, k = top_k, W: E x d; all router math in float32; "renorm" = divide the
-k weights by their sum, on by default where the source does it, switchable with router_renorm):
+k weights by their sum, on by default where the source does it, switchable with router_renorm). Each row is
+checked in tests/ against the source named in the last column (a Hugging Face module with copied weights, or a
+transcription of the source file written in tests/test_routers.py, not from this file):
 
-| name             | source                                         | formula                                                        |
-|------------------|------------------------------------------------|----------------------------------------------------------------|
-| softmax          | Shazeer et al. 2017; Mixtral; LibMoE SMoE-R    | p = softmax(Wx); top-k of p; renorm (off = OLMoE / Qwen2-MoE)  |
-| switch           | Fedus et al. 2021 (Switch Transformer)         | k = 1; p = softmax(W(x * U(1-eps, 1+eps))); weight = max p     |
-| sigmoid          | Csordas et al. 2023 (sigma-MoE); LibMoE        | s = sigmoid(Wx); top-k of s; renorm; balance probs s / sum(s)  |
-| cosine           | Chi et al. 2022 (X-MoE); LibMoE Cosine-R       | l_e = cos(Px, M_e) / tau; softmax; top-k; renorm               |
-| perturbed_cosine | Nguyen et al. 2024; LibMoE PertCos-R           | l_e = <Px, M_e> / ((|Px| + theta)(|M_e| + theta)) / tau        |
-| hyper            | Do et al. 2023 (HyperRouter); LibMoE Hyper-R   | W = frozen_hypernet(e), e trainable; top-k of Wx; softmax of k |
-| deepseek         | DeepSeek-V3 (aux-loss-free balancing)          | s = sigmoid(Wx); ids = top-k(s + b); w = renorm(s[ids])        |
-| tcmoe            | TC-MoE (ternary expert choice); LibMoE v2      | softmax over 2E + k slots (+e, -e, null); signed weights       |
-| moepp            | Jin et al. 2024 (MoE++); LibMoE v2             | softmax over E FFN + zero, copy, constant experts; top-k       |
+| name             | formula                                                           | z-loss | source file (checked against)               |
+|------------------|-------------------------------------------------------------------|--------|---------------------------------------------|
+| softmax          | p = softmax(Wx); top-k of p; renorm (off = OLMoE / Qwen2-MoE)     | l      | HF Mixtral / OLMoE blocks; LibMoE smoe.py    |
+| switch           | k = 1; p = softmax(W(x * U(1-eps, 1+eps))); weight = max p        | none   | Switch Transformer (Fedus et al. 2021)       |
+| sigmoid          | s = sigmoid(Wx); top-k of s; renorm; balance probs s / sum(s)     | l      | LibMoE smoe_sigmoidgating.py, moe_layer.py   |
+| cosine xmoe      | r = Px (E/2 dims), M rows set to norm 1.5 (in place, no grad);    | none   | LibMoE v2 xmoe.py                            |
+|                  | l = <r/|r|, M_e>; p = softmax(l / 0.3); top-k of p; softmax(top k)|        |                                              |
+| cosine libmoe    | l = cos(x, W_e) (full dim, no tau); p = softmax(l); ids = top-k   | none   | LibMoE v1.1 moe_cosinegating.py (Cosine-R)   |
+|                  | of p + b (gate bias); weights = softmax of those k values         |        |                                              |
+| perturbed_cosine | as cosine with l = <a, b> / ((|a| + theta)(|b| + theta)), 0.1;    | none   | LibMoE v1.1 moe_perturbed.py (PertCos-R);    |
+|                  | libmoe = PertCos-R exactly; xmoe = that score in the xmoe variant |        | xmoe: our combination of the two files       |
+| hyper            | [W | b] = frozen_hypernet(e), e trainable; top-k of Wx + b;       | none   | LibMoE v1.1 hyperrouter.py; HyperRouter      |
+|                  | softmax over the k; k = round((k - k_min) step/total) + k_min     |        | custom_gate.py, new_utils.py                 |
+| deepseek         | s = sigmoid(Wx); ids = top-k(s + b), group-limited; renorm(s[ids])| none   | HF DeepseekV3MoE; DeepSeek-V3 model.py Gate  |
+| tcmoe            | softmax(Wx + [0, -1, -10]) over 2E + k slots (+e, -e, null); top-k| Wx     | TC-MoE modeling_tcmoe.py; LibMoE moe_tcmoe.py|
+|                  | w = p / (selected non-null p + all null p); sign +1 / -1 / 0      |        |                                              |
+| moepp            | l = Wx + W_r l_prev (gating residual: the previous MoE layer's l);| none   | MoE++ moe_plus_plus_layer.py (Router);       |
+|                  | softmax over E FFN + zero, copy, constant experts; top-k; renorm  |        | LibMoE moe_plus_plus.py (selection)          |
+
+Options of a router are class attributes (`options`) and become config keys: cosine_variant ('xmoe' default,
+'libmoe'), router_dim, router_temperature (xmoe only), cosine_theta; hyper_k_schedule, hyper_k_min;
+moepp_gate_residual, moepp_tau; n_group, topk_group, bias_update_rate; null_reward; router_jitter.
 
 Any router combines with: shared experts (n_shared_experts, always on, DeepSeekMoE / LibMoE SharedE),
 a free expert hidden size (expert_hidden, fine-grained experts), routed_scale / shared_scale
 (DeepSeek-V3: 2.5 / 1; LibMoE's upcycling mix: 0.5 / 0.5), and a capacity factor.
 
+What the sources do, and where this file follows or leaves them (read for issue 10):
+- Cosine. X-MoE's own release (torchscale component/xmoe/routing.py) projects to 16 dims (orthogonal init,
+  gain 0.32), holds the expert embeddings at norm 1.5, then normalises them again and leaves the input
+  unnormalised (`# mat1 = F.normalize(...)` is commented out), has no temperature and no z-loss, and routes
+  with GShard's top-2 (random second expert, capacity). LibMoE v2 xmoe.py (the X-MoE LibMoE benchmarked, and
+  the 'xmoe' variant here) normalises the input instead, keeps M at norm 1.5 unnormalised, divides by 0.3 and
+  takes a softmax over the top-k probabilities. LibMoE v1.1's Cosine-R / PertCos-R ('libmoe') are full-dim
+  cosines without temperature, so p is nearly uniform, with the gate's bias added to the probabilities before
+  top-k. moe_cosinegating.py assigns combine_loss's tuple to its aux loss (a bug); LibMoE computes a z-loss on
+  the bounded cosine logits, which this file does not (|l| <= 1.5: it cannot blow up, it only pulls every
+  cosine down). xmoe.py's _make_finite (replace non-finite scores) is omitted: F.normalize's eps keeps l finite.
+- HyperRouter. new_utils.calculate_gate_number('linear_increase') and LibMoE's set_num_current_selected both
+  use round(n * step / total) + k_min with Python's round (half to even). With LibMoE's topk_min = 1,
+  topk_max = 2 that is k = 1 until past half of training, and a softmax over one value is the constant 1: the
+  router gets no gradient from the loss while k = 1, and configs/hyper.py (LibMoE: no aux loss) gives it none
+  either. That is the sources' behaviour and the default here; hyper_k_min = 2 (HyperRouter's own scripts
+  use 8 -> 16 of 16) or hyper_k_schedule = False gives the router a gradient from the first step.
+- TC-MoE. The official modeling_tcmoe.py computes `* -1.0` for a negative expert and then overwrites that
+  line with the unsigned one (negative slots are added there); LibMoE's moe_tcmoe.py and the paper subtract,
+  as here. The number of null slots is k (LibMoE; the official config's num_null_experts defaults to 2). The
+  balance loss counts non-null assignments only (LibMoE); LibMoE has no factor E and sums f counted over the
+  whole batch into every sequence's row; here it is the shared normalisation. Null reward: training only.
+  The z-loss is on the gate's raw logits, before the -1 / -10 offsets (LibMoE).
+- MoE++. Gating residual (moe_plus_plus_layer.py Router): logits += gate_map(previous layer's logits), the
+  previous logits after their own residual, not detached; the first MoE layer has none. Heterogeneous balance
+  loss (Jin et al. 2024): L = sum_e eta_e f_e P_e, eta = 1 for FFN experts and tau for the zero-computation
+  experts (tau = 0.75 here, moepp_tau = 1 = homogeneous), times n as every balance loss here. LibMoE's
+  moe_plus_plus.py multiplies the term of hard-coded expert 4 by 1.3 (its comment says 0.75) and uses top-1.
+  The official MoE++ code differs in ways not taken here: a two-layer gate (Linear, tanh, Linear), 2 constant
+  experts, the zero expert's gate set to 0 before the renorm (the other expert then gets weight 1), and the
+  expert input multiplied by k; LibMoE keeps a one-layer gate and renormalises over the k, as here.
+- z-loss: only where the router's source has one (table above); DeepSeek-V3, HyperRouter and MoE++ have
+  none, the Switch Transformer has none (it came with ST-MoE), and cosines are bounded.
+- Drop-Top-1 (eval.py, drop_top1 below): each token's first choice is removed and the others keep their
+  signs, scaled to the total |w| of the k slots (for weights >= 0 that is LibMoE's renormalisation to the same
+  total); a token left with only a null slot gets no routed output. Margin: |w|_(1) - |w|_(2), the two largest
+  magnitudes (w1 - w2 for weights >= 0, LibMoE's router_magine), plus the share of negative weights.
+
 Choices and the numbers behind them:
 - Aux losses are computed from what the router returns, for any router. Balance (Switch / Megatron
-  normalisation): L = n * sum_e f_e P_e with f_e the share of the T*k assignments that went to e and P_e
-  the mean balance probability; perfect balance gives exactly 1 (Hugging Face Mixtral reports k times
+  normalisation): L = n * sum_e eta_e f_e P_e with f_e the share of the assignments to the n experts that went
+  to e (ids >= n, tcmoe's null slots, are not assignments), P_e the mean balance probability and eta = 1 unless
+  the router gives one (MoE++); perfect balance gives exactly 1 (Hugging Face Mixtral reports k times
   this). balance_per_sequence computes it per sequence and averages (DeepSeek-V3). z-loss (ST-MoE):
   mean_t logsumexp(l_t)^2. Both are averaged over the MoE layers, so a coefficient means the same at any depth.
 - Dispatch is sort-based and dropless: the T*k assignments are sorted by expert id (stable), gathered,
