@@ -373,7 +373,7 @@ def save_heatmap(path, loads, title):
     fig, ax = plt.subplots(figsize=(2 + 0.4 * share.shape[1], 1.5 + 0.4 * share.shape[0]))
     fig.colorbar(ax.imshow(share, cmap='viridis', aspect='auto'), ax=ax, label='share of assignments')
     ax.set(xlabel='expert', ylabel='MoE layer', title=title, xticks=range(share.shape[1]), yticks=range(share.shape[0]))
-    fig.savefig(path, dpi=120, bbox_inches='tight')
+    fig.savefig(path, dpi=120, bbox_inches='tight', metadata={'Title': title})
     plt.close(fig)
 
 # -----------------------------------------------------------------------------
@@ -466,7 +466,7 @@ def plot_runs(runs):
             per_task = list(out['routing'].values())
             load = [[sum(t[j]['load'][e] for t in per_task) for e in range(len(per_task[0][j]['load']))]
                     for j in range(len(per_task[0]))]
-            save_heatmap(Path(run, 'expert_load.png'), load, f"expert load: {run}")
+            save_heatmap(Path(run, 'expert_load.png'), load, f"expert load: {run}\non {', '.join(out['routing'])}")
             paths.append(Path(run, 'expert_load.png'))
     return paths
 
@@ -523,7 +523,7 @@ def evaluate_run(run_dir, specs, task_manager, args):
     else:
         print(f"{run_dir}: Drop-Top-1 skipped: with top_k = 1 no expert would be left")
     load = [[sum(r[j]['load'][e] for r in out['routing'].values()) for e in range(E)] for j in range(len(layers))]
-    save_heatmap(Path(run_dir, 'expert_load.png'), load, f"expert load: {run_dir}")
+    save_heatmap(Path(run_dir, 'expert_load.png'), load, f"expert load: {run_dir}\non {', '.join(out['routing'])}")
     return out, sels
 
 
@@ -533,18 +533,43 @@ def write_json(path, obj):
     os.replace(tmp, path)
 
 
+def merge_results(run_dir, out):
+    """eval.json's new contents: this evaluation's results over the earlier ones of the same checkpoint, task by task
+    (and --ppl source by source), each with the command that produced it; a changed checkpoint starts afresh"""
+    path, stat = Path(run_dir, 'eval.json'), os.stat(Path(run_dir, 'ckpt.pt'))
+    out['checkpoint'] = dict(size=stat.st_size, mtime_ns=stat.st_mtime_ns)  # which ckpt.pt the numbers are of
+    out['commands'] = {k: out['command'] for k in [*out['tasks'], *(f"ppl:{src}" for src in out['ppl'])]}
+    old = json.loads(path.read_text()) if path.is_file() else None
+    if old and old.get('checkpoint') != out['checkpoint']:
+        print(f"{path}: {Path(run_dir, 'ckpt.pt')} changed since its earlier results: they are replaced")
+    if not old or old.get('checkpoint') != out['checkpoint']:
+        return out
+    for key in ('tasks', 'ppl', 'drop_top1', 'routing', 'commands', 'over_checkpoints'):
+        merged = {**old.get(key, {}), **out.get(key, {})}
+        if merged:
+            out[key] = merged
+    scores = [main_score(s) for s in out['tasks'].values()]
+    out['average'] = sum(scores) / len(scores) if scores else None
+    return out
+
+
 def fmt(x, scale=100):
     return '—' if x is None else f"{x * scale:.2f}"
 
 
 def run_table(out):
-    lines = [f"## {out['run']}", '', '| task | acc | acc_norm | n | Drop-Top-1 Δ |', '|---|---|---|---|---|']
-    for t, s in out['tasks'].items():
-        d = out.get('drop_top1', {}).get(t, {})
-        lines.append(f"| {t} | {fmt(s.get('acc'))} ± {fmt(s.get('acc_stderr'))} | {fmt(s.get('acc_norm'))} | "
-                     f"{s['n']} | {fmt(main_score(d))} |")
-    lines += [f"| ppl {src} | loss {p['loss']:.4f} | ppl {p['ppl']:.3f} | {p['tokens']} tokens | bpb {p['bpb']:.4f} |"
-              for src, p in out['ppl'].items()]
+    """markdown of one run: zero-shot scores, perplexities, routing statistics, each table with its own columns"""
+    lines = [f"## {out['run']}"]
+    if out['tasks']:
+        lines += ['', '| task | acc | acc_norm | n | Drop-Top-1 Δ |', '|---|---|---|---|---|']
+        for t, s in out['tasks'].items():
+            d = out.get('drop_top1', {}).get(t, {})
+            lines.append(f"| {t} | {fmt(s.get('acc'))} ± {fmt(s.get('acc_stderr'))} | {fmt(s.get('acc_norm'))} | "
+                         f"{s['n']} | {fmt(main_score(d))} |")
+    if out['ppl']:
+        lines += ['', '| perplexity on | loss (nats/token) | ppl | bits per byte | tokens |', '|---|---|---|---|---|']
+        lines += [f"| {src} | {p['loss']:.4f} | {p['ppl']:.3f} | {p['bpb']:.4f} | {p['tokens']} |"
+                  for src, p in out['ppl'].items()]
     if 'routing' in out:
         lines += ['', '| routing on | layer | load CV | load entropy | weight entropy | margin | dropped |',
                   '|---' * 7 + '|']
@@ -565,21 +590,32 @@ def checkpoints_table(oc):
 
 
 def compare_table(runs):
-    """markdown, runs as rows: each task's acc_norm (acc where it has none), their average, and the val loss
-    (of the first --ppl source, else the checkpoint's best_val_loss)"""
+    """markdown, runs as rows, from their eval.json: each task's acc_norm in % (acc where it has none) and their
+    average, the perplexity on each --ppl source, and the checkpoint's best val loss in training; a line above the
+    table says so. Only the columns that some run has."""
     outs = []
     for run in runs:
         path = Path(run) if run.endswith('.json') else Path(run, 'eval.json')
         if not path.is_file():
-            raise ValueError(f"no {path}: run python eval.py {run} --tasks ... first")
+            raise ValueError(f"no {path}: run python eval.py {run} --tasks ... (or --ppl ...) first")
         outs.append(json.loads(path.read_text()))
     tasks = list(dict.fromkeys(t for o in outs for t in o['tasks']))
-    lines = ['| run | ' + ' | '.join(tasks) + ' | average | val loss |', '|---' * (len(tasks) + 3) + '|']
+    sources = list(dict.fromkeys(src for o in outs for src in o.get('ppl', {})))
+    vals = any(o.get('best_val_loss') is not None for o in outs)
+    notes = ([f"tasks: acc_norm in % (acc where a task has none), average over the {len(tasks)} tasks"] if tasks else [])
+    notes += ['ppl: perplexity (per token) on each --ppl source'] if sources else []
+    notes += ["val loss: the checkpoint's best validation loss in training"] if vals else []
+    head = ['run', *tasks, *(['average'] if tasks else []), *(f'ppl {src}' for src in sources), *(['val loss'] if vals else [])]
+    lines = ['; '.join(notes), '', '| ' + ' | '.join(head) + ' |', '|---' * len(head) + '|']
     for o in outs:
         s = [main_score(o['tasks'][t]) if t in o['tasks'] else None for t in tasks]
-        val = next(iter(o['ppl'].values()))['loss'] if o.get('ppl') else o.get('best_val_loss')
-        average = None if None in s else sum(s) / len(s)
-        lines.append(f"| {o['run']} | " + ' | '.join(map(fmt, s)) + f" | {fmt(average)} | {fmt(val, 1)} |")
+        cells = [o['run'], *map(fmt, s)]
+        if tasks:
+            cells.append(fmt(None if None in s else sum(s) / len(s)))
+        cells += [f"{o['ppl'][src]['ppl']:.3f}" if src in o.get('ppl', {}) else '—' for src in sources]
+        if vals:
+            cells.append(fmt(o.get('best_val_loss'), 1))
+        lines.append('| ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
 
 
@@ -638,7 +674,7 @@ def main(argv=None):
         outs, sels = [], []
         for run in args.runs:
             out, sel = evaluate_run(run, specs, task_manager, args)
-            write_json(Path(run, 'eval.json'), out)
+            write_json(Path(run, 'eval.json'), merge_results(run, out))
             print(run_table(out) + '\n')
             outs.append(out)
             sels.append(sel)

@@ -348,13 +348,16 @@ def test_compare_table(tmp_path):
         out = dict(run=f'out/{name}', tasks=tasks, ppl=ppl or {}, best_val_loss=best)
         (tmp_path / name / 'eval.json').write_text(json.dumps(out))
         return str(tmp_path / name)
-    a = write('A', dict(piqa=dict(acc=0.6, acc_norm=0.625), copa=dict(acc=0.7)), ppl={'data/x': dict(loss=3.25)})
+    a = write('A', dict(piqa=dict(acc=0.6, acc_norm=0.625), copa=dict(acc=0.7)), ppl={'data/x': dict(loss=3.25, ppl=25.79)})
     b = write('B', dict(piqa=dict(acc=0.55, acc_norm=0.6)), best=3.5)
     assert ev.compare_table([a, b]) == '\n'.join([
-        '| run | piqa | copa | average | val loss |',
-        '|---|---|---|---|---|',
-        '| out/A | 62.50 | 70.00 | 66.25 | 3.25 |',
-        '| out/B | 60.00 | — | — | 3.50 |'])
+        "tasks: acc_norm in % (acc where a task has none), average over the 2 tasks; ppl: perplexity (per token) on "
+        "each --ppl source; val loss: the checkpoint's best validation loss in training",
+        '',
+        '| run | piqa | copa | average | ppl data/x | val loss |',
+        '|---|---|---|---|---|---|',
+        '| out/A | 62.50 | 70.00 | 66.25 | 25.790 | — |',
+        '| out/B | 60.00 | — | — | — | 3.50 |'])
 
 
 @pytest.mark.parametrize('argv, message', [
