@@ -50,16 +50,19 @@ What the sources do, and where this file follows or leaves them (read for issue 
   topk_max = 2 that is k = 1 until past half of training, and a softmax over one value is the constant 1: the
   router gets no gradient from the loss while k = 1, and configs/hyper.py (LibMoE: no aux loss) gives it none
   either. That is the sources' behaviour and the default here; hyper_k_min = 2 (HyperRouter's own scripts
-  use 8 -> 16 of 16) or hyper_k_schedule = False gives the router a gradient from the first step.
+  use 8 -> 16 of 16) or hyper_k_schedule = False gives the router a gradient from the first step. LibMoE
+  swaps the generated weights into its gate only in training forwards (eval reuses the last ones); here they
+  are generated at every forward, which is the same function of e.
+- router_dim defaults to E/2 as xmoe.py, but at least 2 (xmoe.py's int(E/2) gives a 1-dim space at E = 2).
 - TC-MoE. The official modeling_tcmoe.py computes `* -1.0` for a negative expert and then overwrites that
-  line with the unsigned one (negative slots are added there); LibMoE's moe_tcmoe.py and the paper subtract,
-  as here. The number of null slots is k (LibMoE; the official config's num_null_experts defaults to 2). The
+  line with the unsigned one (negative slots are added there); LibMoE's moe_tcmoe.py subtracts them, as the
+  overwritten line intends and as here. The number of null slots is k (LibMoE; the official config's num_null_experts defaults to 2). The
   balance loss counts non-null assignments only (LibMoE); LibMoE has no factor E and sums f counted over the
   whole batch into every sequence's row; here it is the shared normalisation. Null reward: training only.
   The z-loss is on the gate's raw logits, before the -1 / -10 offsets (LibMoE).
 - MoE++. Gating residual (moe_plus_plus_layer.py Router): logits += gate_map(previous layer's logits), the
   previous logits after their own residual, not detached; the first MoE layer has none. Heterogeneous balance
-  loss (Jin et al. 2024): L = sum_e eta_e f_e P_e, eta = 1 for FFN experts and tau for the zero-computation
+  loss (Jin et al. 2024, from the paper: the released code is inference only): L = sum_e eta_e f_e P_e, eta = 1 for FFN experts and tau for the zero-computation
   experts (tau = 0.75 here, moepp_tau = 1 = homogeneous), times n as every balance loss here. LibMoE's
   moe_plus_plus.py multiplies the term of hard-coded expert 4 by 1.3 (its comment says 0.75) and uses top-1.
   The official MoE++ code differs in ways not taken here: a two-layer gate (Linear, tanh, Linear), 2 constant
