@@ -39,6 +39,9 @@ eval_iters = 20  # validation batches per evaluation (a fixed set, split over th
 always_save_checkpoint = False  # save at every evaluation, not only when val loss improves
 keep_checkpoints = False  # also keep each saved checkpoint as out_dir/iter_N/ckpt.pt (eval.py --checkpoints)
 init_from = 'scratch'  # 'scratch', 'resume' (from out_dir) or a checkpoint folder (e.g. made by upcycle.py)
+wandb_log = False  # also log to Weights & Biases (pip install wandb; imported only when on)
+wandb_project = 'nanomoe'  # the W&B project
+wandb_run_name = 'run'  # the W&B run's name
 # data
 dataset = 'shakespeare_char'  # data/<dataset>/{train,val}.bin and meta.json, made by prepare.py
 gradient_accumulation_steps = 2  # micro-batches per step over all ranks (divided over the ranks)
@@ -358,14 +361,19 @@ def clip_grad_norm(max_norm):
 
 
 def log_stats(layers):
-    """load CV and dropped fraction averaged over the MoE layers, from counts summed over all ranks"""
+    """load CV and dropped fraction averaged over the MoE layers, and each layer's load CV and load per expert,
+    from counts summed over all ranks"""
     for m in layers:
         all_reduce(m.load)
         all_reduce(m.sums)
     stats = [m.stats() for m in layers]
     for m in layers:
         m.reset_stats()
-    return {k: sum(s[k] for s in stats) / len(stats) for k in ('load_cv', 'dropped')} if stats else {}
+    if not stats:
+        return {}
+    return {**{k: sum(s[k] for s in stats) / len(stats) for k in ('load_cv', 'dropped')},
+            'layer_load_cv': [s['load_cv'] for s in stats],  # per MoE layer
+            'layer_load': [s['load'] for s in stats]}  # per MoE layer, per expert: assignments since the last log
 
 # -----------------------------------------------------------------------------
 # training loop
@@ -374,6 +382,12 @@ if master:
     with open(os.path.join(out_dir, 'config.json'), 'w') as f:
         json.dump(config, f, indent=2)
     log_file = open(os.path.join(out_dir, 'log.jsonl'), 'a')
+    if wandb_log:
+        try:
+            import wandb
+        except ImportError:
+            sys.exit("train.py: error: wandb_log=True but wandb is not installed: pip install wandb, or set wandb_log=False")
+        wandb.init(project=wandb_project, name=wandb_run_name, config=config)
 moe_layers = raw_model.moe_layers()
 t0 = time.time()
 while True:
@@ -383,6 +397,8 @@ while True:
             print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
             log_file.write(json.dumps(dict(iter=iter_num, train_loss=losses['train'], val_loss=losses['val'])) + '\n')
             log_file.flush()
+            if wandb_log:
+                wandb.log(dict(train_loss=losses['train'], val_loss=losses['val']), step=iter_num)
         if losses['val'] < best_val_loss or always_save_checkpoint:
             best_val_loss = min(best_val_loss, losses['val'])
             if iter_num > 0:
@@ -433,6 +449,9 @@ while True:
                   + (f", load cv {stats['load_cv']:.3f}, dropped {stats['dropped']:.3f}" if stats else ''))
             log_file.write(json.dumps(row) + '\n')
             log_file.flush()
+            if wandb_log:  # scalars; the per-layer lists as one value per layer
+                wandb.log({k: v for k, v in row.items() if not isinstance(v, list)}
+                          | {f'load_cv/layer{j}': v for j, v in enumerate(row.get('layer_load_cv', []))}, step=iter_num)
 
 if ddp:
     dist.destroy_process_group()
