@@ -451,3 +451,27 @@ def test_z_loss_where_the_source_has_one(router):
     else:  # LibMoE's zloss on the gate's raw logits
         l = x.view(-1, D) @ layer.router.gate.weight.t()
         assert aux['z'].item() == pytest.approx(torch.logsumexp(l, -1).square().mean().item(), rel=1e-5)
+
+
+@pytest.mark.parametrize('router,options', [('cosine', dict(cosine_variant='libmoe')),
+                                            ('perturbed_cosine', dict(cosine_variant='libmoe')),
+                                            ('hyper', dict(hyper_k_min=2))])
+def test_variants_train_in_a_tiny_gpt(router, options):
+    """the variants that the default-option tests in test_moe.py do not train: a tiny GPT overfits one batch"""
+    torch.manual_seed(0)
+    cfg = GPTConfig(arch='llama', block_size=16, vocab_size=64, n_layer=2, n_head=4, n_embd=32, bias=False,
+                    router=router, n_experts=4, top_k=2, expert_hidden=64, router_options=options)
+    model = GPT(cfg).train()
+    idx = torch.randint(0, 64, (4, 17))
+    opt = model.configure_optimizers(0.0, 3e-3, (0.9, 0.95), 'cpu')
+    ce = []
+    for step in range(25):
+        moe.set_progress(model, step / 24)
+        logits, loss = model(idx[:, :-1], idx[:, 1:])
+        ce.append(F.cross_entropy(logits.view(-1, 64), idx[:, 1:].reshape(-1)).item())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for m in model.moe_layers():  # the router's own parameters learn from the loss
+            assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.router.parameters() if p.requires_grad)
+        opt.step()
+    assert ce[-1] < 0.6 * ce[0], (ce[0], ce[-1])  # about 0.51 after 25 steps
