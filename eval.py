@@ -57,7 +57,7 @@ from lm_eval.tasks._yaml_loader import load_yaml
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from model import load_model
+from model import auto_dtype, load_model
 from moe import load_stats, weight_sums
 from prepare import load_meta, load_tokenizer
 
@@ -186,8 +186,9 @@ class MoELM(TemplateLM):
         except KeyError as e:  # a character-level vocabulary that lacks a character of the task
             raise ValueError(f"the tokenizer has no token for {e.args[0]!r}, which the task's text holds") from e
 
-    def logits(self, rows, record=True):
-        """logits (B, S, V) float32 of token lists, right-padded, in one forward; keeps the routings of real tokens"""
+    def logits(self, rows, spans, record=True):
+        """token lists, right-padded, in one forward -> for each row the float32 logits (end - start, V) of its span
+        (start, end) only, on the host (never the whole (B, S, V)); keeps the routings of the real tokens"""
         lengths = torch.tensor([len(r) for r in rows])
         x = torch.zeros(len(rows), int(lengths.max()), dtype=torch.long)
         for i, r in enumerate(rows):
@@ -203,7 +204,7 @@ class MoELM(TemplateLM):
                 ids, w = m.record.pop()
                 kept.append((ids[real], w[real]))
                 m.record = None
-        return logits.float().cpu()  # over the model's whole vocabulary, as the training loss and lm-eval's hf
+        return [logits[b, s:e].float().cpu() for b, (s, e) in enumerate(spans)]  # whole vocabulary, as lm-eval's hf
 
     def _loglikelihood_tokens(self, requests, disable_tqdm=False):
         """[((context, continuation), context ids, continuation ids)] -> [(log p(continuation), is greedy)]"""
@@ -217,10 +218,11 @@ class MoELM(TemplateLM):
         for start in range(0, len(order), self.batch_size):
             batch = order[start:start + self.batch_size]
             rows = [whole[i][-(self.max_length + 1):][:-1] for i in batch]  # left-truncated as lm-eval's hf
-            logits = self.logits(rows)
+            spans = [(len(r) - len(requests[i][2]), len(r)) for r, i in zip(rows, batch)]  # the continuation's positions
+            logits = self.logits(rows, spans)
             for b, i in enumerate(batch):
-                cont, n = torch.tensor(requests[i][2]), len(rows[b])
-                lp = F.log_softmax(logits[b, n - len(cont):n], dim=-1)  # (len(cont), V)
+                cont = torch.tensor(requests[i][2])
+                lp = F.log_softmax(logits[b], dim=-1)  # (len(cont), V)
                 results[i] = (lp.gather(1, cont[:, None]).sum().item(), bool((lp.argmax(-1) == cont).all()))
             bar.update(len(batch))
         bar.close()
@@ -245,7 +247,8 @@ class MoELM(TemplateLM):
             until = [kwargs['until']] if isinstance(kwargs.get('until'), str) else kwargs.get('until') or []
             ids, new = self.encode(context), []
             while len(new) < kwargs.get('max_gen_toks', 256) and not any(u in self.decode(new) for u in until):
-                new.append(int(self.logits([(ids + new)[-self.max_length:]], record=False)[0, -1].argmax()))
+                row = (ids + new)[-self.max_length:]
+                new.append(int(self.logits([row], [(len(row) - 1, len(row))], record=False)[0][-1].argmax()))
                 if new[-1] == self.eot:
                     new.pop()
                     break
@@ -323,9 +326,10 @@ def perplexity(lm, tokens, n_bytes, stride=None):
     nll = 0.0
     for i in tqdm(range(0, len(windows), lm.batch_size), desc=f"perplexity {lm.task or ''}"):
         batch = windows[i:i + lm.batch_size]
-        for row, (b, e, n) in zip(lm.logits([tokens[b:e] for b, e, _ in batch]), batch):
+        spans = [(e - b - n, e - b) for b, e, n in batch]  # the n new targets at the end of each window
+        for row, (b, e, n) in zip(lm.logits([tokens[b:e] for b, e, _ in batch], spans), batch):
             targets = torch.as_tensor(np.asarray(tokens[e - n + 1:e + 1], dtype=np.int64))  # of positions e-n .. e-1
-            nll -= F.log_softmax(row[e - b - n:e - b], dim=-1).gather(1, targets[:, None]).sum().item()
+            nll -= F.log_softmax(row, dim=-1).gather(1, targets[:, None]).sum().item()
     loss = nll / (N - 1)
     bpb = loss / math.log(2) * N / n_bytes
     return dict(loss=loss, ppl=math.exp(loss), bpb=bpb, tokens=N, bytes=n_bytes, stride=stride)
@@ -627,7 +631,8 @@ def parse_args(argv):
     p.add_argument('--limit', type=int, help='score only the first N documents of each task')
     p.add_argument('--batch_size', type=int, default=16)
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16', 'float16'])
+    p.add_argument('--dtype', default='auto', choices=['auto', 'float32', 'bfloat16', 'float16'],
+                   help='autocast dtype; auto = bfloat16 where the hardware runs it fast, else float32')
     p.add_argument('--tokenizer', help='tokenizer spec where the checkpoint names none: gpt2, char, hf:..., gguf:...')
     p.add_argument('--ppl', action='append', help='a prepared data folder (its val.bin) or a text file; repeatable')
     p.add_argument('--stride', type=int, help='perplexity windows start every STRIDE tokens (default block_size)')
@@ -665,6 +670,9 @@ def main(argv=None):
         for src in args.ppl or []:
             if not (Path(src, 'meta.json').is_file() or Path(src).is_file()):
                 raise ValueError(f"--ppl {src}: not a prepared data folder (meta.json, val.bin) nor a text file")
+        if args.dtype == 'auto':
+            args.dtype, why = auto_dtype(args.device.split(':')[0])
+            print(f"dtype auto -> {args.dtype}: {why}")
         specs = task_specs(names, args.data_dir)
         # lm-eval's index of its own tasks takes ~20 s to build; local configs and perplexity need none
         task_manager = TaskManager(include_defaults=args.data_dir is None and bool(names))

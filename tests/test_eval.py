@@ -257,8 +257,8 @@ def test_recorded_routing_equals_the_layer_statistics(tiny_moe_run):
     lm.routing, lm.task = {}, 't'
     for m in model.moe_layers():
         m.reset_stats()
-    lm.logits([list(range(100, 140)), list(range(300, 340))])
-    lm.logits([list(range(500, 510)), list(range(600, 605))])  # padded: 5 of 20 positions left out
+    lm.logits([list(range(100, 140)), list(range(300, 340))], [(39, 40), (39, 40)])
+    lm.logits([list(range(500, 510)), list(range(600, 605))], [(9, 10), (4, 5)])  # padded: 5 of 20 positions left out
     for m, kept in zip(model.moe_layers(), lm.routing['t']):
         ids, w = kept[0]
         assert ids.shape == (80, 2) and kept[1][0].shape == (15, 2)
