@@ -12,6 +12,9 @@ the logits of each, loaded back by from_pretrained, with ours):
 - dense llama -> LlamaForCausalLM
 - llama, router softmax with renorm, every layer MoE, no shared experts, dropless, routed_scale 1, no biases
               -> MixtralForCausalLM (transformers' MixtralTopKRouter: softmax, top-k, renorm)
+- the same with shared experts (shared_scale 1) -> GraniteMoeSharedForCausalLM (softmax over the top-k logits,
+              which equals the renormalised top-k probabilities; an ungated shared SwiGLU MLP; its embedding,
+              residual, attention and logit multipliers set to what Llama does)
 Everything else (every other router and option, gpt2-flavour MoE) is exported with remote code
 (auto_map, trust_remote_code=True): the folder holds modeling_nanomoe.py (a PreTrainedModel subclass and its
 own config class) next to verbatim copies of this repository's model.py and moe.py, imported by it. The copies
@@ -49,13 +52,16 @@ PROBE = "Hello world! It's 2026, naïve café.\nFIRST CITIZEN:\tWe are accounted
 # which architecture: a native transformers class where it is exact, else remote code
 
 def native_arch(c):
-    """'gpt2', 'llama' or 'mixtral' where transformers has exactly this model, else None"""
+    """'gpt2', 'llama', 'mixtral' or 'granitemoeshared' where transformers has exactly this model, else None"""
     if c.router == 'dense':
         return c.arch
-    mixtral = (c.arch == 'llama' and c.router == 'softmax' and c.router_renorm and c.n_shared_experts == 0
-               and c.moe_every == 1 and c.moe_first_dense == 0 and c.capacity_factor == 0 and c.routed_scale == 1
-               and not c.bias)
-    return 'mixtral' if mixtral else None
+    softmax_renorm = (c.arch == 'llama' and c.router == 'softmax' and c.router_renorm and c.moe_every == 1
+                      and c.moe_first_dense == 0 and c.capacity_factor == 0 and c.routed_scale == 1 and not c.bias)
+    if softmax_renorm and c.n_shared_experts == 0:
+        return 'mixtral'
+    if softmax_renorm and c.shared_scale == 1:  # GraniteMoeShared: softmax of the top-k logits = renormalised top-k
+        return 'granitemoeshared'              # probabilities, plus an ungated shared SwiGLU MLP
+    return None
 
 
 def hf_config(c, kind, eot):
@@ -74,6 +80,12 @@ def hf_config(c, kind, eot):
                   bos_token_id=eot, eos_token_id=eot)
     if kind == 'llama':
         return LlamaConfig(**common, intermediate_size=c.mlp_hidden, attention_bias=c.bias, mlp_bias=c.bias)
+    if kind == 'granitemoeshared':  # its multipliers set to what Llama does
+        from transformers import GraniteMoeSharedConfig
+        return GraniteMoeSharedConfig(**common, intermediate_size=c.expert_hidden, num_local_experts=c.n_experts,
+                                      num_experts_per_tok=c.top_k, shared_intermediate_size=c.expert_hidden * c.n_shared_experts,
+                                      router_aux_loss_coef=c.aux_loss_coef, embedding_multiplier=1.0, logits_scaling=1.0,
+                                      residual_multiplier=1.0, attention_multiplier=(c.n_embd // c.n_head) ** -0.5)
     return MixtralConfig(**common, intermediate_size=c.expert_hidden, num_local_experts=c.n_experts,
                          num_experts_per_tok=c.top_k, router_aux_loss_coef=c.aux_loss_coef, sliding_window=None)
 
@@ -88,8 +100,16 @@ def hf_state_dict(model, kind):
            'lm_head.weight': sd['lm_head.weight']}
     names = {'ln_1': 'input_layernorm', 'ln_2': 'post_attention_layernorm', 'attn.q_proj': 'self_attn.q_proj',
              'attn.k_proj': 'self_attn.k_proj', 'attn.v_proj': 'self_attn.v_proj', 'attn.c_proj': 'self_attn.o_proj',
-             'mlp.c_proj': 'mlp.down_proj', 'mlp.router.gate': 'mlp.gate'}  # ours -> theirs, in every layer
+             'mlp.c_proj': 'mlp.down_proj'}  # ours -> theirs, in every layer
+    moe = 'mlp.' if kind == 'mixtral' else 'block_sparse_moe.'
+    moe_names = {'router.gate.weight': f'{moe}gate.weight' if kind == 'mixtral' else f'{moe}router.weight',
+                 'experts.c_fc': f'{moe}experts.gate_up_proj', 'experts.c_proj': f'{moe}experts.down_proj',
+                 'shared.c_fc': 'shared_mlp.input_linear.weight', 'shared.c_proj': 'shared_mlp.output_linear.weight'}
     for k, v in sd.items():
+        m = re.fullmatch(r'transformer\.h\.(\d+)\.mlp\.(router\.gate\.weight|experts\.c_\w+|shared\.c_\w+)', k)
+        if m:  # MoE: experts in the same stacked layout ([gate; up] rows as gate_up_proj); one shared MLP
+            out[f'model.layers.{m[1]}.{moe_names[m[2]]}'] = v[0] if m[2].startswith('shared') else v
+            continue
         m = re.fullmatch(r'transformer\.h\.(\d+)\.(.+)\.(weight|bias)', k)
         if not m:
             continue
@@ -99,11 +119,7 @@ def hf_state_dict(model, kind):
             gate, up = v.chunk(2)
             out[f'{theirs}mlp.gate_proj.{kind_}'], out[f'{theirs}mlp.up_proj.{kind_}'] = gate, up
         else:
-            out[f'{theirs}{names[name]}.{kind_}'] = v
-    for k, v in sd.items():  # Mixtral experts: the same stacked layout, [gate; up] rows as gate_up_proj
-        m = re.fullmatch(r'transformer\.h\.(\d+)\.mlp\.experts\.(c_fc|c_proj)', k)
-        if m:
-            out[f'model.layers.{m[1]}.mlp.experts.{"gate_up_proj" if m[2] == "c_fc" else "down_proj"}'] = v
+            out[f'{theirs}{names.get(name, "unmapped." + name)}.{kind_}'] = v  # unmapped: native_model says so
     return out
 
 

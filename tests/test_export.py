@@ -1,5 +1,6 @@
 """
-export.py against references: transformers' own classes (GPT2LMHeadModel, LlamaForCausalLM, MixtralForCausalLM)
+export.py against references: transformers' own classes (GPT2LMHeadModel, LlamaForCausalLM, MixtralForCausalLM,
+GraniteMoeSharedForCausalLM)
 loaded from the exported folder by AutoModelForCausalLM.from_pretrained, whose logits must equal ours (1e-4);
 the remote-code export of every router in moe.ROUTERS loaded the same way (trust_remote_code=True); the exported
 tokenizers against tiktoken / meta.json's vocabulary; lm-eval's own `hf` model on an exported folder against
@@ -91,8 +92,14 @@ def test_softmax_renorm_llama_moe_is_mixtral(tmp_path):
     assert_same_logits(model, exported(tmp_path, model), 'MixtralForCausalLM')
 
 
-@pytest.mark.parametrize('kw', [dict(router_renorm=False), dict(n_shared_experts=1), dict(moe_every=2),
-                                dict(routed_scale=2.0)])
+def test_softmax_renorm_llama_moe_with_shared_experts_is_granitemoeshared(tmp_path):
+    model = tiny(arch='llama', n_kv_head=2, bias=False, router='softmax', n_experts=4, top_k=2, expert_hidden=48,
+                 n_shared_experts=2)
+    assert_same_logits(model, exported(tmp_path, model), 'GraniteMoeSharedForCausalLM')
+
+
+@pytest.mark.parametrize('kw', [dict(router_renorm=False), dict(n_shared_experts=1, shared_scale=0.5), dict(moe_every=2),
+                                dict(routed_scale=2.0), dict(capacity_factor=1.25)])
 def test_what_mixtral_cannot_compute_goes_to_remote_code(kw):
     c = GPTConfig(arch='llama', bias=False, router='softmax', n_experts=4, n_layer=2, n_head=4, n_embd=32, **kw)
     assert export.native_arch(c) is None
