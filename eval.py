@@ -692,8 +692,8 @@ def main(argv=None):
             print(checkpoints_table(outs[-1]['over_checkpoints']) + '\n')
         if len(outs) > 1:
             print(compare_table(args.runs))
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"eval.py: error: {e}")
+    except (ValueError, OSError) as e:  # bad input, an unloadable checkpoint, a missing file, no network: one line
+        sys.exit(f"eval.py: error: {' '.join(str(e).split())}")
 
 
 if __name__ == '__main__':

@@ -82,8 +82,9 @@ def load_meta(data_dir):
     return meta
 
 
-def check_data(data_dir, meta):
-    """ValueError (one line) unless train.bin and val.bin hold whole tokens, as many as meta.json says."""
+def check_data(data_dir, meta, vocab_size=None):
+    """ValueError (one line) unless train.bin and val.bin hold whole tokens, as many as meta.json says, and (given
+    vocab_size, a model's) every id is below vocab_size: a pass over the data, about 1 s per 5e9 tokens."""
     size = np.dtype(meta["dtype"]).itemsize
     for split in ("train", "val"):
         path = Path(data_dir) / f"{split}.bin"
@@ -96,6 +97,15 @@ def check_data(data_dir, meta):
         if n // size != meta[f"{split}_tokens"]:
             raise ValueError(f"{path} holds {n // size} tokens but meta.json says {meta[f'{split}_tokens']}: the "
                              f"files do not belong together; run prepare.py again for this folder")
+        if vocab_size is None or n == 0:
+            continue
+        data, step = np.memmap(path, dtype=meta["dtype"], mode="r"), 1 << 26
+        top = max(int(data[i:i + step].max()) for i in range(0, len(data), step))
+        if top >= vocab_size:
+            where = next(i + int(np.argmax(data[i:i + step] >= vocab_size)) for i in range(0, len(data), step)
+                         if data[i:i + step].max() >= vocab_size)
+            raise ValueError(f"{path} holds token id {top} (the first out of range at position {where}), beyond the "
+                             f"model's vocabulary of {vocab_size}: prepare the data with the model's tokenizer")
 
 
 def get_tokenizer(spec, meta=None):

@@ -26,8 +26,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import moe
-from configurator import configure
-from model import GPT, GPTConfig, save_checkpoint
+from configurator import parse
+from model import GPT, GPTConfig, load_checkpoint, save_checkpoint
+from prepare import check_data, load_meta
 
 # -----------------------------------------------------------------------------
 # default config values
@@ -92,17 +93,106 @@ device = 'auto'  # 'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...
 dtype = 'bfloat16'  # 'float32', 'bfloat16' or 'float16' (autocast; bf16 works on CPU too)
 compile = False  # torch.compile the model
 seed = 1337
+max_bad_steps = 5  # stop after this many steps in a row with a non-finite loss or gradient norm (each is skipped)
 peak_flops = 312e12  # per-device peak for MFU (A100 bf16); set your hardware's
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
+# Model keys (GPTConfig's fields, the router options) are architecture, fixed by a checkpoint, except these training
+# knobs: init_from and resume take them from the checkpoint unless given, and a given one wins (e.g. DeepSeek-V3's
+# last phase: --init_from=resume --bias_update_rate=0.0)
+train_keys = ('dropout', 'capacity_factor', 'aux_loss_coef', 'z_loss_coef', 'balance_per_sequence',
+              'router_jitter', 'hyper_k_schedule', 'hyper_k_min', 'bias_update_rate', 'null_reward', 'moepp_tau')
+machine_keys = ('init_from', 'out_dir', 'device', 'compile', 'ep_size')  # resume never takes these from the checkpoint
+dtypes = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
+
+
+def fail(message):
+    """an expected error (bad input, a bad file): one line, exit status 1"""
+    sys.exit(f"train.py: error: {message}")
+
+
+def config_problem(c):
+    """the first value outside its range, as one line (configure checks the types)"""
+    at_least_1 = ('batch_size', 'block_size', 'gradient_accumulation_steps', 'eval_interval', 'log_interval',
+                  'eval_iters', 'n_layer', 'n_head', 'n_embd', 'n_experts', 'top_k', 'moe_every', 'ep_size',
+                  'max_bad_steps')
+    at_least_0 = ('max_iters', 'warmup_iters', 'lr_decay_iters', 'min_lr', 'weight_decay', 'grad_clip', 'router_lr_scale',
+                  'n_kv_head', 'mlp_hidden', 'moe_first_dense', 'expert_hidden', 'n_shared_experts', 'capacity_factor',
+                  'aux_loss_coef', 'z_loss_coef')
+    choices = dict(arch=('gpt2', 'llama'), router=('dense', *moe.ROUTERS), dtype=tuple(dtypes))
+    for k in at_least_1:
+        if c[k] < 1:
+            return f"{k}={c[k]} must be at least 1"
+    for k in at_least_0:
+        if c[k] < 0:
+            return f"{k}={c[k]} must not be negative"
+    for k in ('dropout', 'beta1', 'beta2'):
+        if not 0 <= c[k] < 1:
+            return f"{k}={c[k]} must be in [0, 1)"
+    for k in ('learning_rate', 'peak_flops'):
+        if not c[k] > 0:
+            return f"{k}={c[k]} must be positive"
+    for k, allowed in choices.items():
+        if c[k] not in allowed:
+            return f"{k}={c[k]!r} is not one of {', '.join(map(repr, allowed))}"
+    if c['min_lr'] > c['learning_rate']:
+        return f"min_lr={c['min_lr']} is above learning_rate={c['learning_rate']}: set --min_lr (e.g. learning_rate / 10)"
+
+
+def contradictions(old, asked):
+    """the keys of asked (architecture key -> value) whose value differs from the checkpoint's model_args old,
+    with 0s resolved as GPTConfig resolves them (mlp_hidden=0 is 4 * n_embd, ...)"""
+    opts = {k: v for k, v in asked.items() if k in old['router_options']}
+    new = {**old, **{k: v for k, v in asked.items() if k in old}, 'router_options': {**old['router_options'], **opts}}
+    try:
+        new = asdict(GPTConfig(**new))
+    except ValueError:
+        pass  # compared as given
+    new, old = {**new, **new['router_options']}, {**old, **old['router_options']}
+    return [k for k in asked if new.get(k) != old.get(k)]
+
+
 try:
-    config = configure({k: globals()[k] for k in config_keys}, sys.argv[1:])
+    config, given = parse({k: globals()[k] for k in config_keys}, sys.argv[1:])  # given: key -> where it was set
 except ValueError as e:
-    sys.exit(f"train.py: error: {e}")
+    fail(e)
+ckpt = model_args = ckpt_path = None
+if config['init_from'] != 'scratch':  # the model, and on resume the whole run, come from the checkpoint
+    ckpt_dir = config['out_dir'] if config['init_from'] == 'resume' else config['init_from']
+    try:
+        ckpt, ckpt_path, note = load_checkpoint(ckpt_dir, fallback=config['init_from'] == 'resume')
+    except ValueError as e:
+        fail(e)
+    if note and int(os.environ.get('RANK', 0)) == 0:
+        print(note)
+    if config['init_from'] == 'resume':  # the run goes on as it was: every key not given is the checkpoint's
+        config.update({k: v for k, v in (ckpt.get('config') or {}).items()
+                       if k in config and k not in given and k not in machine_keys})
+    old = ckpt['model_args']
+    arch = [f.name for f in fields(GPTConfig)] + list(old['router_options'])
+    asked = {k: config[k] for k in given if k in arch and k not in train_keys and k not in ('block_size', 'ep_size')}
+    bad = contradictions(old, asked)
+    if bad:
+        fail(f"{ckpt_path} holds a model with "
+             + ', '.join(f"{k}={({**old, **old['router_options']}).get(k)!r}" for k in bad) + "; the config asks for "
+             + ', '.join(f"{k}={config[k]!r} ({given[k]})" for k in bad)
+             + ": the architecture comes from the checkpoint, drop these settings (or train from scratch)")
+    model_args = {**old, 'router_options': dict(old['router_options'])}
+    for k in train_keys:  # given, or the checkpoint's
+        where = model_args if k in model_args else model_args['router_options'] if k in old['router_options'] else None
+        if where is not None and k in given:
+            where[k] = config[k]
+    if config['block_size'] > old['block_size'] and 'block_size' in given:
+        fail(f"block_size={config['block_size']} ({given['block_size']}) is longer than the {old['block_size']} "
+             f"positions of the model in {ckpt_path}: use at most {old['block_size']}")
+    config['block_size'] = min(config['block_size'], old['block_size'])  # train on at most the model's length
+    config.update({k: v for k, v in {**model_args, **model_args['router_options']}.items()
+                   if k in config and k not in ('block_size', 'ep_size')})  # config.json records what runs
+problem = config_problem(config)
+if problem:
+    fail(problem)
 globals().update(config)
 lr_decay_iters = lr_decay_iters or max_iters
-if min_lr > learning_rate:
-    sys.exit(f"train.py: error: min_lr={min_lr} is above learning_rate={learning_rate}: set --min_lr (e.g. learning_rate / 10)")
 # -----------------------------------------------------------------------------
 # processes, groups and devices
 
@@ -137,21 +227,27 @@ if ddp:  # EP groups: consecutive ranks; expert data parallel groups: the ranks 
         group = dist.new_group(list(range(j, world_size, ep_size)))
         expert_dp_group = group if rank % ep_size == j else expert_dp_group
 device_type = 'cuda' if 'cuda' in device else 'cpu'
-ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+ptdtype = dtypes[dtype]
 ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 if master:
-    os.makedirs(out_dir, exist_ok=True)
     print(f"tokens per iteration: {tokens_per_iter:,} ({world_size} processes, ep_size {ep_size}, device {device})")
 
 # -----------------------------------------------------------------------------
 # data
 
 data_dir = os.path.join('data', dataset)
-meta_path = os.path.join(data_dir, 'meta.json')
-if not os.path.exists(meta_path):
-    sys.exit(f"train.py: error: no prepared data at {data_dir}: run python prepare.py (see README) or set --dataset")
-meta = json.load(open(meta_path))
+if not os.path.exists(os.path.join(data_dir, 'meta.json')):
+    fail(f"no prepared data at {data_dir}: run python prepare.py (see README) or set --dataset")
+try:
+    meta = load_meta(data_dir)
+    check_data(data_dir, meta, (model_args or meta)['vocab_size'])  # whole tokens, as many as meta says, all < vocab
+except ValueError as e:
+    fail(e)
+for split in ('train', 'val'):
+    if meta[f'{split}_tokens'] <= block_size:
+        fail(f"the {split} split of {data_dir} has {meta[f'{split}_tokens']} tokens, fewer than block_size+1="
+             f"{block_size + 1}: lower block_size or prepare more text")
 
 
 def get_batch(split, batch_ids):
@@ -165,8 +261,6 @@ def get_batch(split, batch_ids):
 def sample_offsets(split, n, generator_seed):
     """n random sequence offsets in a split, from a generator seeded by generator_seed"""
     size = meta[f'{split}_tokens']
-    if size <= block_size:
-        sys.exit(f"train.py: error: the {split} split has {size} tokens, fewer than block_size+1={block_size + 1}")
     g = torch.Generator().manual_seed(generator_seed)
     return torch.randint(size - block_size, (n,), generator=g).tolist()
 
@@ -201,44 +295,33 @@ def local_tensor(name, t):
 
 
 iter_num, best_val_loss = 0, 1e9
-arch_keys = [f.name for f in fields(GPTConfig) if f.name != 'router_options']
-train_keys = ('dropout', 'capacity_factor', 'aux_loss_coef', 'z_loss_coef', 'balance_per_sequence')  # not architecture
-if init_from == 'scratch':
-    model_args = {k: config[k] for k in arch_keys if k in config}
+if ckpt is None:
+    model_args = {k: config[k] for k in (f.name for f in fields(GPTConfig)) if k in config}
     model_args.update(vocab_size=meta['vocab_size'], ep_size=1)
     model_args['router_options'] = {k: config[k] for k in moe.router_options()}  # GPTConfig keeps its router's
     tokenizer = meta.get('tokenizer')
-    ckpt = None
-else:
-    ckpt_dir = out_dir if init_from == 'resume' else init_from
-    ckpt_path = os.path.join(ckpt_dir, 'ckpt.pt')
-    if not os.path.exists(ckpt_path):
-        sys.exit(f"train.py: error: init_from={init_from} but there is no checkpoint at {ckpt_path}")
-    ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
-    model_args = dict(ckpt['model_args'])
-    model_args.update({k: config[k] for k in train_keys})  # the architecture comes from the checkpoint
-    ignored = {k: config[k] for k, v in model_args['router_options'].items() if config.get(k, v) != v}
-    if ignored and master:
-        print(f"warning: the checkpoint's router options win over {ignored} (they are part of the model)")
+else:  # model_args: the checkpoint's, with the training keys resolved above
     tokenizer = ckpt.get('tokenizer') or meta.get('tokenizer')
     if master and meta.get('tokenizer') != tokenizer:
         print(f"warning: dataset {dataset} was tokenized with {meta.get('tokenizer')}, the checkpoint with {tokenizer}")
     if meta['vocab_size'] > model_args['vocab_size']:
-        sys.exit(f"train.py: error: dataset {dataset} has a vocabulary of {meta['vocab_size']} tokens but the "
-                 f"checkpoint's model has {model_args['vocab_size']}: prepare the data with the model's tokenizer")
+        fail(f"dataset {dataset} has a vocabulary of {meta['vocab_size']} tokens but the model in {ckpt_path} has "
+             f"{model_args['vocab_size']}: prepare the data with the model's tokenizer")
     if init_from == 'resume':
+        if 'optimizer' not in ckpt:
+            fail(f"{ckpt_path} holds the weights only (no optimizer state) and cannot be resumed: start a new run "
+                 f"from it with --init_from={os.path.dirname(ckpt_path)} --out_dir=<another folder>")
         iter_num, best_val_loss = ckpt['iter_num'], ckpt['best_val_loss']
-block_size = min(block_size, model_args['block_size'])
 torch.manual_seed(seed)  # the same initial model on every rank and at every ep_size
 try:
     state = ckpt['model'] if ckpt else GPT(GPTConfig(**model_args)).state_dict()  # the whole model
     model = GPT(GPTConfig(**{**model_args, 'ep_size': ep_size}))  # this rank's part of it
 except ValueError as e:
-    sys.exit(f"train.py: error: {e}")
+    fail(e)
 try:
     model.load_state_dict({k: local_tensor(k, v) for k, v in state.items()})
-except RuntimeError as e:
-    sys.exit(f"train.py: error: checkpoint {init_from} does not fit the model: {str(e).splitlines()[0]}")
+except RuntimeError as e:  # read_checkpoint has checked the names and shapes: not expected
+    raise RuntimeError(f"checkpoint {init_from} does not fit the model") from e
 torch.manual_seed(seed + rank)
 model.to(device)
 if ep_size > 1:
@@ -278,6 +361,12 @@ if ddp:
     model = DDP(model, device_ids=[local_rank] if use_cuda else None, broadcast_buffers=False)  # counters are per rank
 
 
+# ckpt.prev.pt is this run's previous checkpoint: a new run drops the folder's old one; a run that fell back to it
+# leaves it, and the unloadable ckpt.pt is replaced
+previous = 'drop' if init_from != 'resume' else 'keep' if ckpt_path == os.path.join(out_dir, 'ckpt.pt') else 'leave'
+last_saved = last_saved_iter = None  # this run's latest checkpoint
+
+
 def checkpoint():
     """out_dir/ckpt.pt with the whole model whatever the ep_size (rank 0 writes it)"""
     state = {n: full_tensor(n, t) for n, t in raw_model.state_dict().items()}
@@ -290,7 +379,13 @@ def checkpoint():
     ckpt = dict(model=state, optimizer=opt, model_args={**asdict(raw_model.config), 'ep_size': 1},
                 iter_num=iter_num, best_val_loss=best_val_loss, config=config, tokenizer=tokenizer, rng=rng,
                 scaler=scaler.state_dict())
-    save_checkpoint(out_dir, ckpt)
+    global previous, last_saved, last_saved_iter
+    try:
+        save_checkpoint(out_dir, ckpt, previous)
+    except OSError as e:
+        fail(f"cannot write a checkpoint in {out_dir} ({e}): free space or fix the folder's permissions; "
+             + (f"{last_saved} (iter {last_saved_iter}) is intact" if last_saved else "no checkpoint was written yet"))
+    previous, last_saved, last_saved_iter = 'keep', os.path.join(out_dir, 'ckpt.pt'), iter_num
     if keep_checkpoints:  # a hard link: no second copy on disk
         kept = os.path.join(out_dir, f'iter_{iter_num}', 'ckpt.pt')
         os.makedirs(os.path.dirname(kept), exist_ok=True)
@@ -343,7 +438,8 @@ def reduce_expert_grads():
 
 
 def clip_grad_norm(max_norm):
-    """clip on the true global norm: dense grads counted once, each expert once over the EP group"""
+    """the true global gradient norm (dense grads counted once, each expert once over the EP group), clipped to
+    max_norm when max_norm > 0"""
     dense, expert = torch.zeros((), device=device), torch.zeros((), device=device)
     for n, p in raw_model.named_parameters():
         if p.grad is not None:
@@ -353,6 +449,8 @@ def clip_grad_norm(max_norm):
             else:
                 dense += sq
     norm = (dense + (all_reduce(expert, ep_group) if ep_size > 1 else 0)).sqrt()
+    if max_norm <= 0:
+        return norm
     scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
     for p in raw_model.parameters():
         if p.grad is not None:
@@ -378,7 +476,8 @@ def log_stats(layers):
 # -----------------------------------------------------------------------------
 # training loop
 
-if master:
+if master:  # the first files written: every check of the input has passed
+    os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, 'config.json'), 'w') as f:
         json.dump(config, f, indent=2)
     log_file = open(os.path.join(out_dir, 'log.jsonl'), 'a')
@@ -389,6 +488,7 @@ if master:
             sys.exit("train.py: error: wandb_log=True but wandb is not installed: pip install wandb, or set wandb_log=False")
         wandb.init(project=wandb_project, name=wandb_run_name, config=config)
 moe_layers = raw_model.moe_layers()
+bad_steps = skipped_steps = 0  # steps with a non-finite loss or gradient norm: in a row, in all
 t0 = time.time()
 while True:
     if iter_num % eval_interval == 0 or iter_num == max_iters:
@@ -399,7 +499,10 @@ while True:
             log_file.flush()
             if wandb_log:
                 wandb.log(dict(train_loss=losses['train'], val_loss=losses['val']), step=iter_num)
-        if losses['val'] < best_val_loss or always_save_checkpoint:
+        if not math.isfinite(losses['val']):  # a broken model never replaces a good checkpoint
+            if master:
+                print(f"warning: step {iter_num}: the val loss is {losses['val']}: no checkpoint")
+        elif losses['val'] < best_val_loss or always_save_checkpoint:
             best_val_loss = min(best_val_loss, losses['val'])
             if iter_num > 0:
                 checkpoint()
@@ -427,13 +530,35 @@ while True:
     if ep_size > 1:
         reduce_expert_grads()
     scaler.unscale_(optimizer)
-    if grad_clip > 0:
-        clip_grad_norm(grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
+    grad_norm = clip_grad_norm(grad_clip)
+    # a non-finite loss or gradient norm on any rank: skip the step (float16's loss scaler skips its overflows itself)
+    bad = ~torch.isfinite(step_loss[0]) | (~torch.isfinite(grad_norm) & (not scaler.is_enabled()))
+    if all_reduce(bad.float()).item():  # one host sync per step
+        bad_steps, skipped_steps = bad_steps + 1, skipped_steps + 1
+        for m in moe_layers:  # no bias update from this step's counts
+            m.step_counts.zero_()
+        scaler.update()  # (float16: lowers the scale)
+    else:
+        bad_steps = 0
+        scaler.step(optimizer)
+        scaler.update()
+        moe.update_router_biases(raw_model)
     optimizer.zero_grad(set_to_none=True)
-    moe.update_router_biases(raw_model)
     iter_num += 1
+    if bad_steps:
+        loss_now, norm_now = step_loss[0].item(), grad_norm.item()
+        if master:
+            print(f"warning: iter {iter_num}: non-finite loss {loss_now} or gradient norm {norm_now}: step skipped "
+                  f"({bad_steps} in a row, {skipped_steps} in this run; max_bad_steps={max_bad_steps})")
+            log_file.write(json.dumps(dict(iter=iter_num, skipped=True, loss=str(loss_now), grad_norm=str(norm_now),
+                                           bad_steps=bad_steps, skipped_steps=skipped_steps)) + '\n')
+            log_file.flush()
+        if bad_steps >= max_bad_steps:
+            if ddp:
+                dist.destroy_process_group()
+            fail(f"{bad_steps} steps in a row (to iter {iter_num}) had a non-finite loss or gradient norm, training "
+                 f"stops: lower learning_rate (lr was {lr:.2e}), raise warmup_iters or set grad_clip; "
+                 + (f"{last_saved} (iter {last_saved_iter}) is intact" if last_saved else "no checkpoint was written"))
 
     if iter_num % log_interval == 0:
         loss_sum, balance, z, n = all_reduce(step_loss).tolist()  # mean over all micro-steps of all ranks

@@ -108,16 +108,22 @@ def test_what_mixtral_cannot_compute_goes_to_remote_code(kw):
 # -----------------------------------------------------------------------------
 # remote code: every router, both flavours
 
-ROUTER_CASES = [(r, i) for i, r in enumerate(moe.ROUTERS)]
+VARIANTS = [('cosine', dict(cosine_variant='libmoe')), ('perturbed_cosine', dict(cosine_variant='libmoe')),
+            ('moepp', dict(moepp_gate_residual=False)), ('deepseek', dict(n_group=2, topk_group=1))]
+ROUTER_CASES = [(r, {}) for r in moe.ROUTERS] + [(r, o) for r, o in VARIANTS  # the variants the routers still have
+                                                 if r in moe.ROUTERS and set(o) <= set(moe.ROUTERS[r].options)]
 
 
-@pytest.mark.parametrize('router,i', ROUTER_CASES, ids=[r for r, _ in ROUTER_CASES])
-def test_remote_code_export_of_every_router(tmp_path, router, i):
+@pytest.mark.parametrize('i', range(len(ROUTER_CASES)), ids=[r + ''.join(f'-{v}' for v in o.values())
+                                                           for r, o in ROUTER_CASES])
+def test_remote_code_export_of_every_router(tmp_path, i):
     """flavours alternate (llama with grouped-query attention and rotary tables, gpt2 with biases); shared experts
     and dense layers between MoE layers on some"""
+    router, options = ROUTER_CASES[i]
     kw = dict(arch='llama', n_kv_head=2, bias=False) if i % 2 == 0 else dict(arch='gpt2', bias=True)
     kw |= dict(n_shared_experts=1) if i % 3 == 1 else dict(moe_every=2) if i % 3 == 2 else {}
-    model = tiny(router=router, n_experts=4, top_k=1 if router == 'switch' else 2, **kw)
+    model = tiny(router=router, n_experts=4, top_k=1 if router == 'switch' else 2, router_options=options, **kw)
+    assert all(getattr(model.config, 'router_options')[k] == v for k, v in options.items())
     folder = exported(tmp_path, model, remote_code=True)  # softmax on llama would be Mixtral
     assert (folder / 'nanomoe_moe.py').read_text() == (REPO / 'moe.py').read_text()  # the code, as it is
     hf = assert_same_logits(model, folder, 'NanoMoEForCausalLM')
