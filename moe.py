@@ -443,11 +443,18 @@ def activation(h, arch):
     return F.silu(gate) * up
 
 
-def use_grouped(impl, x):
+def use_grouped(impl, device, dtype, widths):
     """whether the experts run as grouped matmuls: 'grouped', 'loop', or 'auto' = grouped on every CPU (faster than
-    the loop at every size measured, see the docstring) and on CUDA GPUs of compute capability 8.0 and up"""
+    the loop at every size measured, see the docstring) and on CUDA GPUs of compute capability 8.0 and up, where the
+    rows are 16-byte aligned as F.grouped_mm needs (widths: the matrices' row lengths)"""
+    size = torch.finfo(dtype).bits // 8
+    aligned = all(n * size % 16 == 0 for n in widths)
+    if impl == 'grouped' and not aligned:
+        raise ValueError(f"expert_impl='grouped' needs n_embd and expert_hidden to be multiples of {16 // size} in "
+                         f"{dtype} (F.grouped_mm's 16-byte rows): use expert_impl='auto' or 'loop'")
     if impl == 'auto':
-        return x.device.type == 'cpu' or (x.device.type == 'cuda' and torch.cuda.get_device_capability(x.device) >= (8, 0))
+        fast = device.type == 'cpu' or (device.type == 'cuda' and torch.cuda.get_device_capability(device) >= (8, 0))
+        return fast and aligned
     return impl == 'grouped'
 
 
@@ -464,30 +471,35 @@ class Experts(nn.Module):
         self.b_fc = nn.Parameter(torch.zeros(n, out)) if config.bias else None
         self.b_proj = nn.Parameter(torch.zeros(n, d)) if config.bias else None
 
-    def forward(self, x, counts):
-        """x (N, d) sorted by expert, counts (n,) rows per expert -> (N, d)"""
-        if use_grouped(self.impl, x):
-            return self.grouped(x, counts)
-        return self.loop(x, counts.tolist())
-
-    def grouped(self, x, counts):
+    def forward(self, x, counts, scale=None):
+        """x (N, d) sorted by expert, counts (n,) rows per expert, scale (N,) or None: each row's output weight,
+        applied to the hidden activation (hidden <= d in fine-grained experts: the cheapest place) -> (N, d)"""
         dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        x = x.to(dt)  # grouped_mm is not autocast-aware: cast as F.linear would be
+        scale = torch.ones(x.shape[0], device=x.device) if scale is None else scale
+        if use_grouped(self.impl, x.device, dt, self.c_proj.shape[1:]):  # (d, hidden); c_fc's rows are 1 or 2 x hidden
+            return self.grouped(x.to(dt), counts, scale[:, None].to(dt))
+        return self.loop(x, counts.tolist(), scale[:, None])
+
+    def grouped(self, x, counts, scale):
+        dt = x.dtype  # grouped_mm is not autocast-aware: cast as F.linear would be
         offs = counts.cumsum(0).to(torch.int32)  # (n,) end row of each expert
         h = F.grouped_mm(x, self.c_fc.to(dt).transpose(1, 2), offs=offs)  # (N, out)
         if self.b_fc is not None:
             h = h + self.b_fc.to(dt).repeat_interleave(counts, dim=0, output_size=x.shape[0])  # each row's expert bias
-        y = F.grouped_mm(activation(h, self.arch), self.c_proj.to(dt).transpose(1, 2), offs=offs)  # (N, d)
+        y = F.grouped_mm(activation(h, self.arch) * scale, self.c_proj.to(dt).transpose(1, 2), offs=offs)  # (N, d)
         if self.b_proj is not None:
-            y = y + self.b_proj.to(dt).repeat_interleave(counts, dim=0, output_size=x.shape[0])
+            y = y + scale * self.b_proj.to(dt).repeat_interleave(counts, dim=0, output_size=x.shape[0])
         return y
 
-    def loop(self, x, sizes):
+    def loop(self, x, sizes, scale):
         n = len(sizes)
         b_fc = [None] * n if self.b_fc is None else self.b_fc.unbind(0)
         b_proj = [None] * n if self.b_proj is None else self.b_proj.unbind(0)
-        out = [F.linear(activation(F.linear(xe, w1, b1), self.arch), w2, b2)  # unbind: one gradient copy, not E
-               for xe, w1, b1, w2, b2 in zip(x.split(sizes), self.c_fc.unbind(0), b_fc, self.c_proj.unbind(0), b_proj)]
+        out = []
+        for xe, se, w1, b1, w2, b2 in zip(x.split(sizes), scale.split(sizes), self.c_fc.unbind(0), b_fc,
+                                          self.c_proj.unbind(0), b_proj):  # unbind: one gradient copy, not E
+            ye = F.linear(activation(F.linear(xe, w1, b1), self.arch) * se, w2)
+            out.append(ye if b2 is None else ye + se * b2)
         return torch.cat(out)
 
 
@@ -575,25 +587,25 @@ class MoE(nn.Module):
             pos = torch.arange(n, device=x.device) - (load.cumsum(0) - load).repeat_interleave(load, output_size=n)  # place in its expert
             order, counts = order[pos < cap], load.clamp(max=cap)
         token = order % T  # (N,) the token of each kept assignment
-        ys = self.run_experts(x.index_select(0, token), counts)  # (N, d)
-        slot = token * k + order // T  # (N,) its place in token-major order
-        Y = ys.new_zeros(T * k, x.shape[1]).index_copy_(0, slot, ys).view(T, k, -1)  # (T, k, d); cheap and dropped slots stay 0
-        y = torch.bmm(w.to(Y.dtype).unsqueeze(1), Y).squeeze(1)  # (T, d): sum_j w_tj Y_tj in one pass
+        ys = self.run_experts(x.index_select(0, token), counts, w.t().reshape(-1)[order])  # (N, d) weighted outputs
+        y = ys.new_zeros(T, x.shape[1]).index_add_(0, token, ys)  # (T, d): the sum over each token's kept slots
         return y, load, n - counts.sum()
 
-    def run_experts(self, xs, counts):
-        """xs (N, d) sorted by global expert id, counts (E,) rows per expert: run the experts, wherever they live"""
+    def run_experts(self, xs, counts, scale):
+        """xs (N, d) sorted by global expert id, counts (E,) rows per expert, scale (N,) their combine weights:
+        run the experts, wherever they live -> the weighted outputs (N, d)"""
         if self.ep_size == 1:
-            return self.experts(xs, counts)
+            return self.experts(xs, counts, scale)
         ep, el = self.ep_size, self.n_experts // self.ep_size
         recv = torch.empty_like(counts)
         dist.all_to_all_single(recv, counts, group=self.ep_group)  # recv[r*el + j]: rank r's rows for my expert j
         in_splits = counts.view(ep, el).sum(1).tolist()
         out_splits = recv.view(ep, el).sum(1).tolist()
         xr = AllToAll.apply(xs, out_splits, in_splits, self.ep_group)  # (M, d) rank-major, then expert
+        sr = AllToAll.apply(scale[:, None], out_splits, in_splits, self.ep_group)  # (M, 1) their weights
         local = torch.arange(el, device=xs.device).repeat(ep).repeat_interleave(recv)  # local expert of each row
         regroup = local.argsort(stable=True)  # rank-major -> expert-major
-        ye = self.experts(xr[regroup], recv.view(ep, el).sum(0))
+        ye = self.experts(xr[regroup], recv.view(ep, el).sum(0), sr[regroup, 0])
         yr = torch.empty_like(ye).index_copy_(0, regroup, ye)  # back to rank-major
         return AllToAll.apply(yr, in_splits, out_splits, self.ep_group)
 

@@ -14,6 +14,7 @@ run continues exactly where it stopped (the iteration is the data position).
 import json
 import math
 import os
+import signal
 import sys
 import time
 import warnings
@@ -36,9 +37,12 @@ from prepare import check_data, load_meta
 out_dir = 'out'
 eval_interval = 100  # evaluate (and maybe checkpoint) every this many iterations
 log_interval = 10
+progress_interval = 10.0  # seconds: a slow phase (an evaluation, a long step) prints its progress this often
 eval_iters = 20  # validation batches per evaluation (a fixed set, split over the ranks)
 always_save_checkpoint = False  # save at every evaluation, not only when val loss improves
 keep_checkpoints = False  # also keep each saved checkpoint as out_dir/iter_N/ckpt.pt (eval.py --checkpoints)
+save_optimizer = True  # False: checkpoints hold the weights only (a third of the size with AdamW): enough for
+                       # eval.py, export and sampling, and init_from=<folder>, but not for init_from='resume'
 init_from = 'scratch'  # 'scratch', 'resume' (from out_dir) or a checkpoint folder (e.g. made by upcycle.py)
 wandb_log = False  # also log to Weights & Biases (pip install wandb; imported only when on)
 wandb_project = 'nanomoe'  # the W&B project
@@ -94,7 +98,7 @@ dtype = 'bfloat16'  # 'float32', 'bfloat16' or 'float16' (autocast; bf16 works o
 compile = False  # torch.compile the model
 seed = 1337
 max_bad_steps = 5  # stop after this many steps in a row with a non-finite loss or gradient norm (each is skipped)
-peak_flops = 312e12  # per-device peak for MFU (A100 bf16); set your hardware's
+peak_flops = 0.0  # per-device peak FLOP/s for MFU; 0 = known only for A100/H100/H200 in bf16/fp16 (else no MFU)
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
 # Model keys (GPTConfig's fields, the router options) are architecture, fixed by a checkpoint, except these training
@@ -118,7 +122,7 @@ def config_problem(c):
                   'max_bad_steps')
     at_least_0 = ('max_iters', 'warmup_iters', 'lr_decay_iters', 'min_lr', 'weight_decay', 'grad_clip', 'router_lr_scale',
                   'n_kv_head', 'mlp_hidden', 'moe_first_dense', 'expert_hidden', 'n_shared_experts', 'capacity_factor',
-                  'aux_loss_coef', 'z_loss_coef')
+                  'aux_loss_coef', 'z_loss_coef', 'peak_flops', 'progress_interval')
     choices = dict(arch=('gpt2', 'llama'), router=('dense', *moe.ROUTERS), dtype=tuple(dtypes))
     for k in at_least_1:
         if c[k] < 1:
@@ -129,7 +133,7 @@ def config_problem(c):
     for k in ('dropout', 'beta1', 'beta2'):
         if not 0 <= c[k] < 1:
             return f"{k}={c[k]} must be in [0, 1)"
-    for k in ('learning_rate', 'peak_flops'):
+    for k in ('learning_rate',):
         if not c[k] > 0:
             return f"{k}={c[k]} must be positive"
     for k, allowed in choices.items():
@@ -196,6 +200,17 @@ lr_decay_iters = lr_decay_iters or max_iters
 # -----------------------------------------------------------------------------
 # processes, groups and devices
 
+if device != 'auto':
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        fail(f"device={device!r} is not a device torch knows: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    if kind not in ('cpu', 'cuda'):
+        fail(f"device={device!r}: train.py runs on 'cpu' or 'cuda' ('auto' picks cuda where there is one)")
+    if kind == 'cuda' and not torch.cuda.is_available():
+        fail(f"device={device!r} but this torch ({torch.__version__}) sees no CUDA device: use --device=cpu or auto")
+    if kind == 'cuda' and torch.device(device).index is not None and torch.device(device).index >= torch.cuda.device_count():
+        fail(f"device={device!r} but there are {torch.cuda.device_count()} CUDA devices (cuda:0 ...)")
 ddp = int(os.environ.get('RANK', -1)) != -1
 use_cuda = device.startswith('cuda') or (device == 'auto' and torch.cuda.is_available())
 if ddp:
@@ -208,6 +223,35 @@ else:
     rank, local_rank, world_size = 0, 0, 1
     device = ('cuda' if use_cuda else 'cpu') if device == 'auto' else device
 master = rank == 0
+interrupted = False
+
+
+def on_signal(signum, frame):
+    """Ctrl-C: SIGINT (torchrun passes it on to every rank; SIGTERM from a scheduler too): stop where we are"""
+    global interrupted
+    interrupted = True
+    raise KeyboardInterrupt
+
+
+def on_uncaught(kind, value, tb):
+    """after Ctrl-C, one line saying where the last checkpoint is instead of a traceback from every rank (a rank
+    whose peer stopped first sees a failed collective: the same interruption)"""
+    if not (issubclass(kind, KeyboardInterrupt) or interrupted):
+        return sys.__excepthook__(kind, value, tb)
+    if master:
+        saved, at = globals().get('last_saved'), globals().get('last_saved_iter')
+        if not saved and init_from == 'resume' and 'start_iter' in globals():  # the checkpoint it resumed from
+            saved, at = ckpt_path, start_iter
+        where = (f"the last checkpoint is {saved} (iter {at}): continue with --init_from=resume" if saved else
+                 "no checkpoint was written (the first is saved at the first evaluation after iter 0)")
+        print(f"\ninterrupted at iter {globals().get('iter_num', 0)}: {where}", flush=True)
+    sys.stdout.flush()
+    os._exit(130)  # no teardown: the process group and DDP would wait for ranks that are gone
+
+
+signal.signal(signal.SIGINT, on_signal)
+signal.signal(signal.SIGTERM, on_signal)
+sys.excepthook = on_uncaught
 if dtype == 'float16' and ep_size > 1:
     sys.exit("train.py: error: dtype=float16 with ep_size > 1 is not supported (the loss scaler's overflow check "
              "would differ between ranks): use bfloat16")
@@ -230,6 +274,18 @@ device_type = 'cuda' if 'cuda' in device else 'cpu'
 ptdtype = dtypes[dtype]
 ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
+
+
+def known_peak():
+    """the dense bf16/fp16 tensor-core peak FLOP/s of a known GPU, else 0 (a CPU's depends on too much to guess)"""
+    if device_type != 'cuda' or ptdtype == torch.float32:
+        return 0.0
+    name = torch.cuda.get_device_name(device)
+    peaks = {'H100 PCIe': 756e12, 'H100': 989e12, 'H200': 989e12, 'A100': 312e12}  # vendor data sheets
+    return next((v for k, v in peaks.items() if k in name), 0.0)
+
+
+peak = peak_flops or known_peak()  # 0: MFU is not shown
 if master:
     print(f"tokens per iteration: {tokens_per_iter:,} ({world_size} processes, ep_size {ep_size}, device {device})")
 
@@ -370,7 +426,8 @@ last_saved = last_saved_iter = None  # this run's latest checkpoint
 def checkpoint():
     """out_dir/ckpt.pt with the whole model whatever the ep_size (rank 0 writes it)"""
     state = {n: full_tensor(n, t) for n, t in raw_model.state_dict().items()}
-    opt = {names[p]: {k: full_tensor(names[p], v) for k, v in s.items()} for p, s in optimizer.state.items()}
+    opt = ({names[p]: {k: full_tensor(names[p], v) for k, v in s.items()} for p, s in optimizer.state.items()}
+           if save_optimizer else None)  # save_optimizer=False: the weights only
     rng = [rng_state()] * world_size
     if ddp:
         dist.all_gather_object(rng, rng_state())
@@ -385,6 +442,12 @@ def checkpoint():
     except OSError as e:
         fail(f"cannot write a checkpoint in {out_dir} ({e}): free space or fix the folder's permissions; "
              + (f"{last_saved} (iter {last_saved_iter}) is intact" if last_saved else "no checkpoint was written yet"))
+    if last_saved is None:  # this run's first checkpoint: what its size is made of
+        size = os.path.getsize(os.path.join(out_dir, 'ckpt.pt'))
+        opt_size = sum(t.numel() * t.element_size() for s in (opt or {}).values() for t in s.values() if torch.is_tensor(t))
+        print(f"checkpoint {os.path.join(out_dir, 'ckpt.pt')}: {size / 1e6:,.1f} MB, " + (
+            f"of which {opt_size / 1e6:,.1f} MB optimizer state, needed only to resume (--save_optimizer=False "
+            f"saves the weights only)" if opt else "the weights only (save_optimizer=False): it cannot be resumed"))
     previous, last_saved, last_saved_iter = 'keep', os.path.join(out_dir, 'ckpt.pt'), iter_num
     if keep_checkpoints:  # a hard link: no second copy on disk
         kept = os.path.join(out_dir, f'iter_{iter_num}', 'ckpt.pt')
@@ -392,6 +455,17 @@ def checkpoint():
         if os.path.exists(kept):
             os.remove(kept)
         os.link(os.path.join(out_dir, 'ckpt.pt'), kept)
+
+
+shown = 0.0  # when the last progress line was printed
+
+
+def progress(message, since):
+    """rank 0, during a phase that started at time `since`: a line every progress_interval seconds"""
+    global shown
+    if master and time.time() - max(since, shown) >= progress_interval:
+        print(f"  {message} ({time.time() - since:.0f} s)", flush=True)
+        shown = time.time()
 
 
 def all_reduce(t, group=None):
@@ -403,7 +477,7 @@ def all_reduce(t, group=None):
 @torch.no_grad()
 def estimate_loss():
     """mean loss over a fixed set of eval_iters batches per split, the batches split over all ranks"""
-    out = {}
+    out, started = {}, time.time()
     raw_model.eval()
     for split in ('train', 'val'):
         offsets = sample_offsets(split, eval_iters * batch_size, seed + (1 if split == 'val' else 2))
@@ -415,6 +489,8 @@ def estimate_loss():
                 logits, _ = raw_model(x)
             loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())  # language modelling only
             total += torch.stack([loss, torch.ones((), device=device)]) * (b < eval_iters)
+            progress(f"evaluating at iter {iter_num}: {split} batch {b // world_size + 1}/{-(-eval_iters // world_size)}",
+                     started)
         total = all_reduce(total)
         out[split] = (total[0] / total[1]).item()
     raw_model.train()
@@ -473,6 +549,30 @@ def log_stats(layers):
             'layer_load_cv': [s['load_cv'] for s in stats],  # per MoE layer
             'layer_load': [s['load'] for s in stats]}  # per MoE layer, per expert: assignments since the last log
 
+
+def open_log():
+    """out_dir/log.jsonl: a resumed run keeps the rows up to its checkpoint (the stopped run may have logged beyond
+    it); any other run starts a new file, saying so when it replaces an earlier run's"""
+    path = os.path.join(out_dir, 'log.jsonl')
+    if init_from != 'resume':
+        if os.path.exists(path) or os.path.exists(os.path.join(out_dir, 'ckpt.pt')):
+            print(f"note: {out_dir} holds an earlier run: this one starts a new log.jsonl and replaces its ckpt.pt at "
+                  f"its first checkpoint (--init_from=resume continues the earlier run instead)")
+        return open(path, 'w')
+    again = iter_num % eval_interval == 0 or iter_num == max_iters  # the loop evaluates iter_num once more
+    kept = []
+    for line in open(path) if os.path.exists(path) else []:
+        try:
+            row = json.loads(line)
+        except ValueError:  # a line cut short when the run was killed
+            continue
+        if row['iter'] < iter_num or (row['iter'] == iter_num and not ('val_loss' in row and again)):
+            kept.append(line if line.endswith('\n') else line + '\n')
+    with open(path + '.tmp', 'w') as f:
+        f.writelines(kept)
+    os.replace(path + '.tmp', path)
+    return open(path, 'a')
+
 # -----------------------------------------------------------------------------
 # training loop
 
@@ -480,13 +580,14 @@ if master:  # the first files written: every check of the input has passed
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, 'config.json'), 'w') as f:
         json.dump(config, f, indent=2)
-    log_file = open(os.path.join(out_dir, 'log.jsonl'), 'a')
+    log_file = open_log()
     if wandb_log:
         try:
             import wandb
         except ImportError:
             sys.exit("train.py: error: wandb_log=True but wandb is not installed: pip install wandb, or set wandb_log=False")
         wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+start_iter = iter_num
 moe_layers = raw_model.moe_layers()
 bad_steps = skipped_steps = 0  # steps with a non-finite loss or gradient norm: in a row, in all
 t0 = time.time()
@@ -517,6 +618,7 @@ while True:
         group['lr'] = lr * group['lr_scale']
     moe.set_progress(raw_model, iter_num / max_iters)
     step_loss = torch.zeros(4, device=device)  # loss, balance, z, micro-steps
+    step_started = time.time()
     for micro_step, batch_ids in enumerate(train_offsets(iter_num)):
         x, y = get_batch('train', batch_ids)
         if ddp:
@@ -527,6 +629,7 @@ while True:
         step_loss += torch.stack([loss.detach().float(), torch.as_tensor(aux.get('balance', 0.0), device=device).float(),
                                   torch.as_tensor(aux.get('z', 0.0), device=device).float(), torch.ones((), device=device)])
         scaler.scale(loss / local_accum).backward()
+        progress(f"iter {iter_num}: micro-step {micro_step + 1}/{local_accum} of this rank done", step_started)
     if ep_size > 1:
         reduce_expert_grads()
     scaler.unscale_(optimizer)
@@ -566,11 +669,12 @@ while True:
         dt = time.time() - t0
         t0 = time.time()
         if master:
-            mfu = raw_model.estimate_mfu(batch_size * local_accum * log_interval, block_size, dt, peak_flops)
             row = dict(iter=iter_num, loss=loss_sum / n, aux_loss=balance / n, z_loss=z / n, lr=lr,
-                       tokens_per_s=tokens_per_iter * log_interval / dt, mfu=mfu, **stats)
+                       tokens_per_s=tokens_per_iter * log_interval / dt, **stats)
+            if peak:  # MFU only against a known peak
+                row['mfu'] = raw_model.estimate_mfu(batch_size * local_accum * log_interval, block_size, dt, peak)
             print(f"iter {iter_num}: loss {row['loss']:.4f}, aux {row['aux_loss']:.4f}, z {row['z_loss']:.4f}, "
-                  f"lr {lr:.2e}, {row['tokens_per_s']:,.0f} tok/s, mfu {mfu * 100:.2f}%"
+                  f"lr {lr:.2e}, {row['tokens_per_s']:,.0f} tok/s" + (f", mfu {row['mfu'] * 100:.2f}%" if peak else '')
                   + (f", load cv {stats['load_cv']:.3f}, dropped {stats['dropped']:.3f}" if stats else ''))
             log_file.write(json.dumps(row) + '\n')
             log_file.flush()
