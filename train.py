@@ -97,6 +97,7 @@ device = 'auto'  # 'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...
 dtype = 'bfloat16'  # 'float32', 'bfloat16' or 'float16' (autocast; bf16 works on CPU too)
 compile = False  # torch.compile the model
 seed = 1337
+deterministic = False  # deterministic kernels (GPU runs repeat bit for bit, somewhat slower; README: Determinism)
 max_bad_steps = 5  # stop after this many steps in a row with a non-finite loss or gradient norm (each is skipped)
 peak_flops = 0.0  # per-device peak FLOP/s for MFU; 0 = known only for A100/H100/H200 in bf16/fp16 (else no MFU)
 # -----------------------------------------------------------------------------
@@ -197,6 +198,9 @@ if problem:
     fail(problem)
 globals().update(config)
 lr_decay_iters = lr_decay_iters or max_iters
+if deterministic:  # cuBLAS needs a fixed workspace for it, set before its first use
+    os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
+    torch.use_deterministic_algorithms(True)
 # -----------------------------------------------------------------------------
 # processes, groups and devices
 
