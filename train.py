@@ -440,6 +440,8 @@ def checkpoint():
     ckpt = dict(model=state, optimizer=opt, model_args={**asdict(raw_model.config), 'ep_size': 1},
                 iter_num=iter_num, best_val_loss=best_val_loss, config=config, tokenizer=tokenizer, rng=rng,
                 scaler=scaler.state_dict())
+    if opt is None:
+        del ckpt['optimizer']  # init_from=resume refuses such a checkpoint, saying why
     global previous, last_saved, last_saved_iter
     try:
         save_checkpoint(out_dir, ckpt, previous)
