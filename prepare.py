@@ -315,6 +315,7 @@ def main(argv=None):
     dtype = dtype_for(vocab_size)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    new_root = not out_dir.parent.exists()  # removed again if nothing ends up in it
     tmp.mkdir(parents=True)
     try:
         separator = "\n\n" if eot is None else eot
@@ -332,6 +333,8 @@ def main(argv=None):
             os.replace(tmp / name, out_dir / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if new_root and not any(out_dir.parent.iterdir()):
+            out_dir.parent.rmdir()
     print(f"{out_dir}: vocab {vocab_size:,} ({meta['dtype']}), "
           f"train {counts['train_tokens']:,} tokens, val {counts['val_tokens']:,} tokens")
 
