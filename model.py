@@ -48,7 +48,10 @@ class GPTConfig:
     expert_impl: str = 'auto'  # 'auto', 'grouped' (F.grouped_mm) or 'loop' (one matmul per expert): same math
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 0.001
-    balance_per_sequence: bool = False
+    balance_per_sequence: bool = False  # the same as balance_scope='sequence' (kept for older configs and checkpoints)
+    balance_scope: str = 'batch'  # balance loss's f and P over: 'batch' (micro-batch), 'sequence' (DeepSeek-V3), 'global' (f: the step, every rank; Qwen3)
+    force_balance: bool = False  # benchmarking: every router's choices replaced by balanced round-robin ids (Megatron, torchtitan)
+    shared_gate: bool = False  # Qwen2-MoE: sigmoid(w . x) scales the shared experts' output
     ep_size: int = 1  # expert parallelism: experts sharded over this many ranks
     router_options: dict = field(default_factory=dict)  # the chosen router's own options (moe.Router.options)
 
@@ -60,6 +63,14 @@ class GPTConfig:
         if self.n_embd % self.n_head or self.n_head % (self.n_kv_head or self.n_head):
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}, "
                              f"and n_head by n_kv_head={self.n_kv_head}")
+        if self.balance_scope not in ('batch', 'sequence', 'global'):
+            raise ValueError(f"balance_scope={self.balance_scope!r}: use 'batch', 'sequence' or 'global'")
+        if self.balance_per_sequence and self.balance_scope == 'global':
+            raise ValueError("balance_per_sequence=True contradicts balance_scope='global': set one of them")
+        if self.balance_per_sequence:
+            self.balance_scope = 'sequence'
+        if self.shared_gate and not self.n_shared_experts:
+            raise ValueError("shared_gate=True gates the shared experts: set n_shared_experts >= 1")
         self.n_kv_head = self.n_kv_head or self.n_head
         self.mlp_hidden = self.mlp_hidden or 4 * self.n_embd
         self.expert_hidden = self.expert_hidden or self.mlp_hidden

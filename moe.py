@@ -113,10 +113,18 @@ import torch.distributed as dist
 # -----------------------------------------------------------------------------
 # routers
 
+UNUSED = -1  # the id of an unused slot (weight 0): a token of a variable-count router that takes fewer than K experts
+
+
 @dataclass
 class Routing:
-    ids: torch.Tensor      # (T, k) expert ids; ids >= E are cheap experts (no FFN)
-    weights: torch.Tensor  # (T, k) combine weights (signed for tcmoe)
+    """The contract between a router and the layer. K slots per token: K = top_k for a top-k router, the router's
+    most experts per token for the others (ReMoE, top-p, expert choice: a variable number per token). Slot 0 is the
+    token's first choice, the others follow by weight; a slot a token does not use holds UNUSED (-1) with weight 0,
+    after its used slots. Ids >= E are cheap experts (no FFN). Dispatch, capacity, EP, the aux losses, statistics,
+    Drop-Top-1 and eval.py's analysis read these two tensors only, and never count an UNUSED slot."""
+    ids: torch.Tensor      # (T, K) expert ids; ids >= E are cheap experts (no FFN); UNUSED (-1) = no expert
+    weights: torch.Tensor  # (T, K) combine weights (signed for tcmoe; 0 in UNUSED slots)
     probs: torch.Tensor    # (T, n) probabilities for the balance loss
     logits: torch.Tensor | None  # (T, n) logits for the z-loss; None where the router's source has no z-loss
     loss: torch.Tensor | float = 0.0  # router-specific loss, already weighted (tcmoe's null reward)
@@ -364,6 +372,100 @@ class MoEPPRouter(Router):
         return copy_w * x + const_w * (a[:, :1] * x + a[:, 1:] * self.const)
 
 
+class ReMoERouter(Router):
+    """ReMoE (Wang et al., ICLR 2025): weights = ReLU(Wx), every expert whose weight is positive (no top-k, no renorm),
+    slots ordered by weight; training adds a load-balanced L1 penalty (ReMoE router.py apply_l1_reg, Megatron's
+    switch_load_balancing_loss_func on the ReLU outputs): lambda * E * sum_e (c_e / (T k)) * mean_t ReLU(Wx)_te,
+    c_e = tokens with a positive weight for e. lambda is one value for the whole model, adapted after each optimizer
+    step by update_l1_coefficients: times alpha while the step's sparsity (zero weights / (T E), over the layers,
+    micro-batches and ranks) is below the target 1 - k/E, else divided by alpha (ReMoE training.py)."""
+    options = dict(remoe_l1_init=1e-8,  # lambda_0, the L1 coefficient at the start (ReMoE: 1e-8)
+                   remoe_l1_alpha=1.2)  # lambda's multiplicative step toward sparsity 1 - top_k/E (ReMoE: 1.2)
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.gate = nn.Linear(config.n_embd, config.n_experts, bias=False)
+        self.alpha = config.router_options['remoe_l1_alpha']
+        self.register_buffer('l1_coef', torch.tensor(float(config.router_options['remoe_l1_init'])))  # lambda; in checkpoints
+
+    def forward(self, x, prev=None):
+        logits = self.gate(x)  # (T, E)
+        g = F.relu(logits)
+        w, ids = g.sort(-1, descending=True)  # (T, E) every expert, largest weight first
+        ids = ids.masked_fill(w == 0, UNUSED)
+        loss = 0.0
+        if self.training and torch.is_grad_enabled():
+            f = (g > 0).sum(0) / (g.shape[0] * self.top_k)  # (E,) c_e / (T k)
+            loss = self.l1_coef * self.n_experts * (f * g.mean(0)).sum()
+        return Routing(ids, w, logits.softmax(-1), None, loss)  # ReMoE: no z-loss; probs only if aux_loss_coef > 0
+
+    @torch.no_grad()
+    def update_coefficient(self, sparsity):
+        """after each optimizer step, from that step's sparsity (ReMoE training.py)"""
+        target = 1 - self.top_k / self.n_experts
+        self.l1_coef *= self.alpha if sparsity < target else 1 / self.alpha
+
+
+class TopPRouter(Router):
+    """Dynamic top-p routing (Huang et al. 2024, "Harder Tasks Need More Experts"; Dynamic_MoE modeling_moe.py
+    top_p_sampling_batched_all_sequence): p = softmax(Wx), experts in order of p until their cumulative p exceeds
+    the threshold (the expert that crosses it included), at most topp_max; weights = p (no renorm, as the source).
+    Training adds the paper's dynamic loss, topp_entropy_coef * mean_t (-sum_e p log p)."""
+    options = dict(topp_threshold=0.4,  # cumulative probability at which a token stops taking experts (paper: 0.4)
+                   topp_max=0,  # most experts per token (0 = n_experts)
+                   topp_entropy_coef=1e-4)  # weight of the dynamic (entropy) loss (paper: 1e-4)
+
+    def __init__(self, config):
+        super().__init__(config)
+        o = config.router_options
+        self.gate = nn.Linear(config.n_embd, config.n_experts, bias=False)
+        self.threshold, self.entropy_coef = o['topp_threshold'], o['topp_entropy_coef']
+        self.max = o['topp_max'] or config.n_experts
+        if not 1 <= self.max <= config.n_experts:
+            raise ValueError(f"topp_max={o['topp_max']} must be between 1 and n_experts={config.n_experts} (0 = all)")
+
+    def forward(self, x, prev=None):
+        logits = self.gate(x)  # (T, E)
+        p = logits.softmax(-1)
+        v, ids = p.sort(-1, descending=True)  # (T, E)
+        over = v.cumsum(-1) > self.threshold  # (T, E)
+        crossing = F.one_hot(over.long().argmax(-1), v.shape[1]).bool()  # the expert whose p crosses the threshold
+        keep = (~over | crossing)[:, :self.max]  # (T, K)
+        w, ids = v[:, :self.max] * keep, ids[:, :self.max].masked_fill(~keep, UNUSED)
+        loss = 0.0
+        if self.training:
+            loss = self.entropy_coef * -(p * p.clamp_min(1e-20).log()).sum(-1).mean()
+        return Routing(ids, w, p, None, loss)  # the paper: balance and dynamic losses, no z-loss
+
+
+class ExpertChoiceRouter(Router):
+    """Expert choice (Zhou et al. 2022): p = softmax(Wx) per token; in training each expert takes the C tokens of the
+    batch with the largest p (C = ceil(ec_capacity_factor * T * k / E)), weight p; a token gets 0 to E experts. This
+    looks at every token of the batch, later ones too: not causal. In eval (model.eval(): validation, eval.py,
+    generation) the causal rule: each token takes the top-k of its own p, weights p (token choice, no renorm)."""
+    options = dict(ec_capacity_factor=1.0)  # C = ec_capacity_factor * T * top_k / E tokens per expert (paper's c = cf * k)
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.gate = nn.Linear(config.n_embd, config.n_experts, bias=False)
+        self.capacity_factor = config.router_options['ec_capacity_factor']
+
+    def forward(self, x, prev=None):
+        logits = self.gate(x)  # (T, E)
+        p = logits.softmax(-1)
+        if not self.training:  # the causal rule: no token sees another
+            w, ids = p.topk(self.top_k, dim=-1)
+            return Routing(ids, w, p, None)
+        T = p.shape[0]
+        C = min(T, math.ceil(self.capacity_factor * T * self.top_k / self.n_experts))
+        g, tok = p.topk(C, dim=0)  # (C, E) each expert's C tokens and their gates
+        chosen = torch.zeros_like(p, dtype=torch.bool).scatter_(0, tok, True)  # (T, E)
+        gate = torch.zeros_like(p).scatter(0, tok, g)  # (T, E) p where chosen, else 0
+        w, ids = gate.masked_fill(~chosen, -1.0).sort(-1, descending=True)  # per token, its experts first
+        ids = ids.masked_fill(w < 0, UNUSED)
+        return Routing(ids, w.clamp_min(0), p, None)  # the paper: no balance loss, no z-loss
+
+
 ROUTERS = {
     'softmax': SoftmaxRouter,
     'switch': SwitchRouter,
@@ -374,6 +476,9 @@ ROUTERS = {
     'deepseek': DeepSeekRouter,
     'tcmoe': TCMoERouter,
     'moepp': MoEPPRouter,
+    'remoe': ReMoERouter,
+    'topp': TopPRouter,
+    'expert_choice': ExpertChoiceRouter,
 }
 
 
@@ -385,15 +490,23 @@ def router_options():
 # -----------------------------------------------------------------------------
 # aux losses
 
-def balance_loss(probs, ids, n_seq=1, weight=None):
-    """n * sum_e eta_e f_e P_e per sequence, averaged; probs (T, n), ids (T, k); f_e = share of the assignments to
-    the n experts that went to e (ids >= n, tcmoe's null slots, are not assignments: LibMoE counts non-null only);
-    eta = weight (n,), 1 by default (MoE++: tau for its zero / copy / constant experts)"""
+def assignment_counts(ids, n, n_seq=1):
+    """ids (T, K) -> (n_seq, n) assignments per expert in each of n_seq equal runs of tokens (sequences); UNUSED slots
+    and ids >= n (cheap experts outside the balance loss, tcmoe's null slots) are not assignments"""
+    idx = torch.where(ids < 0, n, ids.clamp(max=n)).view(n_seq, -1)  # (n_seq, T/n_seq * K); n = not counted
+    counts = torch.zeros(n_seq, n + 1, device=ids.device).scatter_add_(1, idx, torch.ones(idx.shape, device=ids.device))
+    return counts[:, :n]
+
+
+def balance_loss(probs, ids, n_seq=1, weight=None, counts=None):
+    """n * sum_e eta_e f_e P_e per sequence, averaged; probs (T, n), ids (T, K); f_e = share of the assignments to
+    the n experts that went to e (ids >= n, tcmoe's null slots, and UNUSED slots are not assignments: LibMoE counts
+    non-null only; a variable-count router's shares are of its assignments, so perfect balance is 1 for it too);
+    eta = weight (n,), 1 by default (MoE++: tau for its zero / copy / constant experts). counts (n,): f from these
+    assignment counts instead of from ids (balance_scope='global': the step's counts over every rank)"""
     T, n = probs.shape
-    k = ids.shape[1]
-    counts = torch.zeros(n_seq, n + 1, device=ids.device)
-    counts.scatter_add_(1, ids.clamp(max=n).view(n_seq, -1), torch.ones(n_seq, T // n_seq * k, device=ids.device))
-    f = counts[:, :n] / counts[:, :n].sum(-1, keepdim=True).clamp_min(1)  # (B, n) share of the assignments
+    c = assignment_counts(ids, n, n_seq) if counts is None else counts[None]  # (B, n)
+    f = c / c.sum(-1, keepdim=True).clamp_min(1)  # (B, n) share of the assignments
     P = probs.view(n_seq, -1, n).mean(1)  # (B, n) mean probability
     return n * (f * P * (1 if weight is None else weight)).sum(-1).mean()
 
@@ -415,10 +528,15 @@ def weight_sums(w):
     return -(q * q.clamp_min(1e-20).log()).sum(), margin.sum(), (w < 0).sum().float()
 
 
+def expert_load(ids, E):
+    """assignments per FFN expert (E,) of ids (T, K): cheap ids (>= E) and UNUSED slots (< 0) are not counted"""
+    return torch.bincount(torch.where(ids < 0, E, ids.clamp(max=E)).flatten(), minlength=E + 1)[:E]
+
+
 def drop_top1(ids, w):
     """eval.py's Drop-Top-1: each token loses its first choice (slot 0); the other slots keep their signs and are
     scaled to the total |w| of the k slots (for weights >= 0: the same total weight). A token whose other slots
-    carry no weight (a null slot) gets no routed output. (T, k) -> (T, k-1)"""
+    carry no weight (a null slot, UNUSED slots of a variable-count router) gets no routed output. (T, K) -> (T, K-1)"""
     rest = w[:, 1:]
     left = rest.abs().sum(-1, keepdim=True)  # (T, 1)
     scale = torch.where(left > 0, w.abs().sum(-1, keepdim=True) / left.clamp_min(1e-20), 0.0)
@@ -480,6 +598,7 @@ class Experts(nn.Module):
             return self.grouped(x.to(dt), counts, scale[:, None].to(dt))
         return self.loop(x, counts.tolist(), scale[:, None])
 
+    @torch.compiler.disable  # eager inside torch.compile: its meta kernel accepts bf16 only (torch 2.13)
     def grouped(self, x, counts, scale):
         dt = x.dtype  # grouped_mm is not autocast-aware: cast as F.linear would be
         offs = counts.cumsum(0).to(torch.int32)  # (n,) end row of each expert
@@ -536,16 +655,20 @@ class MoE(nn.Module):
         self.n_experts, self.capacity_factor = config.n_experts, config.capacity_factor
         self.eval_capacity_factor = config.eval_capacity_factor  # 0 = dropless at eval, as nanoMoE
         self.routed_scale, self.shared_scale = config.routed_scale, config.shared_scale
-        self.per_sequence = config.balance_per_sequence
+        self.top_k, self.balance_scope = config.top_k, config.balance_scope  # 'batch', 'sequence' or 'global'
+        self.balance_group, self.balance_counts = None, None  # global scope: set_balance_group; counts of this step
+        self.force_balance = config.force_balance  # benchmarking: balanced round-robin ids in place of the router's
         self.router = ROUTERS[config.router](config)
         self.ep_size, self.ep_group = config.ep_size, None  # the group is set by set_expert_parallel
         self.experts = Experts(config, config.n_experts // config.ep_size, hidden)
         self.shared = Experts(config, 1, hidden * config.n_shared_experts) if config.n_shared_experts else None
+        self.shared_gate = nn.Linear(config.n_embd, 1, bias=False) if config.shared_gate else None  # Qwen2-MoE
         self.drop_top1 = False  # eval.py's Drop-Top-1 analysis
         self.record = None  # a list to collect (ids, weights) per forward, for eval.py's analysis
         for name in ('load', 'step_counts'):  # load: since the last reset_stats; step_counts: since the last bias update
             self.register_buffer(name, torch.zeros(config.n_experts), persistent=False)
-        # tokens, assignments, dropped, weight entropy, margin, top-k slots, negative weights
+        self.register_buffer('step_tokens', torch.zeros(()), persistent=False)  # tokens since the last step (ReMoE)
+        # tokens, assignments, dropped, weight entropy, margin, used slots, negative weights
         self.register_buffer('sums', torch.zeros(7), persistent=False)
 
     def forward(self, x, prev=None):
@@ -555,7 +678,10 @@ class MoE(nn.Module):
         x = x.reshape(-1, d)  # (T, d)
         with torch.autocast(x.device.type, enabled=False):
             r = self.router(x.float(), prev)
-        ids, w = r.ids, r.weights  # (T, k)
+        ids, w = r.ids, r.weights  # (T, K)
+        if self.force_balance:  # Megatron / torchtitan: balanced round-robin ids, the router's probabilities there
+            ids = torch.arange(x.shape[0] * self.top_k, device=x.device).view(-1, self.top_k) % self.n_experts
+            w = r.probs.gather(1, ids)
         if self.drop_top1:  # eval.py's analysis: the first choice masked, the others keep the total |w|
             if ids.shape[1] < 2:
                 raise ValueError("drop_top1 needs top_k >= 2: with one expert per token nothing would be left")
@@ -565,20 +691,38 @@ class MoE(nn.Module):
         if hasattr(self.router, 'cheap_output'):
             y = y + self.router.cheap_output(x.float(), ids, scaled)
         if self.shared is not None:
-            y = y + self.shared_scale * self.shared(x, load.new_tensor([x.shape[0]]))
-        self.record_stats(ids, w, load, dropped, training_step=self.training and torch.is_grad_enabled())
-        aux = dict(balance=balance_loss(r.probs, ids, B if self.per_sequence else 1, r.balance_weight),
+            s = self.shared(x, load.new_tensor([x.shape[0]]))  # (T, d)
+            if self.shared_gate is not None:  # Qwen2-MoE: sigmoid(w . x) scales the shared experts' output
+                s = torch.sigmoid(self.shared_gate(x)) * s
+            y = y + self.shared_scale * s
+        training_step = self.training and torch.is_grad_enabled()
+        self.record_stats(ids, w, load, dropped, training_step)
+        aux = dict(balance=self.balance(r.probs, ids, B, r.balance_weight, training_step),
                    z=x.new_zeros((), dtype=torch.float32) if r.logits is None else z_loss(r.logits),
                    router=r.loss, state=r.state)
         return y.to(x.dtype).view(B, S, d), aux
 
+    def balance(self, probs, ids, B, weight, training_step):
+        """the balance loss in this layer's scope: 'batch' (f and P over the micro-batch), 'sequence' (DeepSeek-V3,
+        per sequence, averaged), 'global' (Qiu et al. 2025, Megatron global_aux_loss: f from the counts of this step's
+        micro-batches so far summed over the ranks of balance_group, P local; in training steps only, else 'batch')"""
+        if self.balance_scope == 'global' and training_step:
+            c = assignment_counts(ids, probs.shape[1])[0]  # (n,) this micro-batch's assignments
+            if self.balance_group is not None:
+                dist.all_reduce(c, group=self.balance_group)
+            self.balance_counts = c if self.balance_counts is None else self.balance_counts + c
+            return balance_loss(probs, ids, 1, weight, counts=self.balance_counts)
+        return balance_loss(probs, ids, B if self.balance_scope == 'sequence' else 1, weight)
+
     def routed(self, x, ids, w):
-        """sorted dispatch of the T*k assignments to the FFN experts, then the weighted sum over each token's k slots
+        """sorted dispatch of the T*K slots' assignments to the FFN experts, then the weighted sum over each token's slots
         -> (y (T, d), assignments per expert before any drop (E,), dropped count)"""
-        T, k, E = x.shape[0], ids.shape[1], self.n_experts
-        flat = ids.t().reshape(-1)  # (k*T,) slot-major: every first choice comes before any second choice
-        order = flat.argsort(stable=True)  # FFN experts first, cheap ids (>= E) last
-        load = torch.bincount(flat, minlength=E + 1)[:E]  # (E,)
+        T, E = x.shape[0], self.n_experts
+        k = min(ids.shape[1], self.top_k)  # capacity's k: top_k (hyper's current k; the target of variable routers)
+        flat = ids.t().reshape(-1)  # (K*T,) slot-major: every first choice comes before any second choice
+        key = torch.where(flat < 0, E, flat.clamp(max=E))  # UNUSED slots and cheap ids sort last, as E
+        order = key.argsort(stable=True)  # FFN experts first, then what costs no FFN
+        load = torch.bincount(key, minlength=E + 1)[:E]  # (E,)
         n = int(load.sum())  # the layer's one host sync
         order, counts = order[:n], load
         capacity_factor = self.capacity_factor if self.training else self.eval_capacity_factor
@@ -612,20 +756,23 @@ class MoE(nn.Module):
     @torch.no_grad()
     def record_stats(self, ids, w, load, dropped, training_step):
         self.load += load
-        if training_step:  # counts for the deepseek bias update
+        if training_step:  # counts for the deepseek bias update and ReMoE's sparsity
             self.step_counts += load
+            self.step_tokens += ids.shape[0]
         entropy, margin, negative = weight_sums(w)
         self.sums += torch.stack([entropy.new_tensor(ids.shape[0]), load.sum().float(), dropped.float(),
-                                  entropy, margin, entropy.new_tensor(ids.numel()), negative])
+                                  entropy, margin, (ids >= 0).sum().float(), negative])
         if self.record is not None:
             self.record.append((ids.cpu(), w.cpu()))
 
     def stats(self):
         """routing statistics since the last reset: load per expert and its CV, max/mean, entropy of the load,
-        mean entropy of the top-k weights, router margin (|w|_(1) - |w|_(2)), dropped fraction, share of the top-k
-        slots with a negative weight (signed routers)"""
+        experts per token (FFN assignments per token before any drop: k for top-k routers, variable for ReMoE, top-p,
+        expert choice, fewer for cheap experts), mean entropy of the slots' weights, router margin (|w|_(1) - |w|_(2)),
+        dropped fraction, share of the used slots with a negative weight (signed routers)"""
         tokens, assignments, dropped, entropy, margin, slots, negative = self.sums.tolist()
-        return dict(**load_stats(self.load), weight_entropy=entropy / max(tokens, 1), margin=margin / max(tokens, 1),
+        return dict(**load_stats(self.load), experts_per_token=assignments / max(tokens, 1),
+                    weight_entropy=entropy / max(tokens, 1), margin=margin / max(tokens, 1),
                     dropped=dropped / max(assignments, 1), negative=negative / max(slots, 1))
 
     def reset_stats(self):
@@ -651,6 +798,40 @@ def update_router_biases(model, group=None):
     for m, c in zip(layers, counts):
         m.router.update_bias(c)
         m.step_counts.zero_()
+
+
+def set_balance_group(model, group):
+    """the process group whose ranks' assignment counts the 'global' balance scope sums (train.py: every rank, as
+    each holds other tokens; None = this process only)"""
+    for m in model.modules():
+        if isinstance(m, MoE):
+            m.balance_group = group
+
+
+def reset_balance_counts(model):
+    """after each optimizer step: the 'global' balance scope starts counting the next step's micro-batches
+    (Megatron's reset_global_aux_loss_tracker)"""
+    for m in model.modules():
+        if isinstance(m, MoE):
+            m.balance_counts = None
+
+
+def update_l1_coefficients(model, group=None):
+    """ReMoE: after each optimizer step, the step's sparsity 1 - assignments / (tokens E) over every ReMoE layer,
+    micro-batch and rank (one all-reduce), then each ReMoE router's lambda is multiplied or divided by alpha"""
+    layers = [m for m in model.modules() if isinstance(m, MoE) and hasattr(m.router, 'update_coefficient')]
+    if not layers:
+        return
+    c = torch.stack([torch.stack([m.step_counts.sum(), m.step_tokens * m.n_experts]) for m in layers]).sum(0)  # (2,)
+    if dist.is_initialized():
+        dist.all_reduce(c, group=group)
+    if c[1] > 0:
+        sparsity = 1 - (c[0] / c[1]).item()
+        for m in layers:
+            m.router.update_coefficient(sparsity)
+    for m in layers:
+        m.step_counts.zero_()
+        m.step_tokens.zero_()
 
 
 def set_progress(model, frac):

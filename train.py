@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import moe
 from configurator import parse
-from model import GPT, GPTConfig, load_checkpoint, save_checkpoint
+from model import GPT, GPTConfig, auto_dtype, load_checkpoint, save_checkpoint
 from prepare import check_data, load_meta
 
 # -----------------------------------------------------------------------------
@@ -75,9 +75,14 @@ shared_scale = 1.0  # weight of the shared experts' output
 routed_scale = 1.0  # weight of the routed experts' output (DeepSeek-V3: 2.5)
 router_renorm = True  # divide the top-k weights by their sum
 capacity_factor = 0.0  # 0 = dropless; else each expert takes ceil(cf * k * T / E) assignments
+eval_capacity_factor = 0.0  # capacity at evaluation; 0 = dropless (eval-time drops inflate the loss)
+expert_impl = 'auto'  # 'grouped' (one F.grouped_mm over all experts), 'loop' (a matmul per expert), 'auto' per device
 aux_loss_coef = 0.01  # balance loss coefficient
 z_loss_coef = 0.001  # router z-loss coefficient
-balance_per_sequence = False  # balance loss per sequence (DeepSeek-V3) instead of per batch
+balance_per_sequence = False  # balance loss per sequence (DeepSeek-V3) instead of per batch (= balance_scope='sequence')
+balance_scope = 'batch'  # balance loss's f over: 'batch' (micro-batch), 'sequence', 'global' (the step's micro-batches on every rank; Qwen3)
+force_balance = False  # benchmarking only: balanced round-robin routing in place of any router's choices (Megatron, torchtitan)
+shared_gate = False  # Qwen2-MoE: sigmoid(w . x) scales the shared experts' output
 ep_size = 1  # expert parallelism: ranks that share one set of experts
 globals().update(moe.router_options())  # router-specific options, defaults and comments in moe.py's router classes
 # optimizer
@@ -94,7 +99,7 @@ lr_decay_iters = 0  # 0 = max_iters
 min_lr = 1e-4
 # system
 device = 'auto'  # 'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...
-dtype = 'bfloat16'  # 'float32', 'bfloat16' or 'float16' (autocast; bf16 works on CPU too)
+dtype = 'auto'  # 'auto' (bf16 where the hardware runs it fast, else float32), 'float32', 'bfloat16', 'float16'
 compile = False  # torch.compile the model
 seed = 1337
 deterministic = False  # deterministic kernels (GPU runs repeat bit for bit, somewhat slower; README: Determinism)
@@ -105,10 +110,12 @@ config_keys = [k for k, v in globals().items() if not k.startswith('_') and isin
 # Model keys (GPTConfig's fields, the router options) are architecture, fixed by a checkpoint, except these training
 # knobs: init_from and resume take them from the checkpoint unless given, and a given one wins (e.g. DeepSeek-V3's
 # last phase: --init_from=resume --bias_update_rate=0.0)
-train_keys = ('dropout', 'capacity_factor', 'aux_loss_coef', 'z_loss_coef', 'balance_per_sequence',
-              'router_jitter', 'hyper_k_schedule', 'hyper_k_min', 'bias_update_rate', 'null_reward', 'moepp_tau')
-machine_keys = ('init_from', 'out_dir', 'device', 'compile', 'ep_size')  # resume never takes these from the checkpoint
-dtypes = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
+train_keys = ('dropout', 'capacity_factor', 'eval_capacity_factor', 'aux_loss_coef', 'z_loss_coef', 'balance_per_sequence',
+              'router_jitter', 'hyper_k_schedule', 'hyper_k_min', 'bias_update_rate', 'null_reward', 'moepp_tau',
+              'balance_scope', 'force_balance', 'remoe_l1_init', 'remoe_l1_alpha', 'topp_threshold', 'topp_max',
+              'topp_entropy_coef', 'ec_capacity_factor')
+machine_keys = ('init_from', 'out_dir', 'device', 'compile', 'ep_size', 'expert_impl')  # resume never takes these from the checkpoint
+dtypes = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16, 'auto': None}
 
 
 def fail(message):
@@ -124,7 +131,8 @@ def config_problem(c):
     at_least_0 = ('max_iters', 'warmup_iters', 'lr_decay_iters', 'min_lr', 'weight_decay', 'grad_clip', 'router_lr_scale',
                   'n_kv_head', 'mlp_hidden', 'moe_first_dense', 'expert_hidden', 'n_shared_experts', 'capacity_factor',
                   'aux_loss_coef', 'z_loss_coef', 'peak_flops', 'progress_interval')
-    choices = dict(arch=('gpt2', 'llama'), router=('dense', *moe.ROUTERS), dtype=tuple(dtypes))
+    choices = dict(arch=('gpt2', 'llama'), router=('dense', *moe.ROUTERS), dtype=tuple(dtypes),
+                   balance_scope=('batch', 'sequence', 'global'))
     for k in at_least_1:
         if c[k] < 1:
             return f"{k}={c[k]} must be at least 1"
@@ -275,6 +283,11 @@ if ddp:  # EP groups: consecutive ranks; expert data parallel groups: the ranks 
         group = dist.new_group(list(range(j, world_size, ep_size)))
         expert_dp_group = group if rank % ep_size == j else expert_dp_group
 device_type = 'cuda' if 'cuda' in device else 'cpu'
+if dtype == 'auto':
+    dtype, why = auto_dtype(device_type)
+    config['dtype'] = dtype  # config.json records what runs
+    if master:
+        print(f"dtype auto -> {dtype}: {why}")
 ptdtype = dtypes[dtype]
 ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
@@ -386,6 +399,8 @@ torch.manual_seed(seed + rank)
 model.to(device)
 if ep_size > 1:
     moe.set_expert_parallel(model, ep_group)
+if ddp:  # balance_scope='global' sums the assignment counts over every rank (each holds other tokens)
+    moe.set_balance_group(model, dist.group.WORLD)
 names = {p: n for n, p in model.named_parameters()}
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, router_lr_scale)
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
@@ -551,7 +566,7 @@ def log_stats(layers):
         m.reset_stats()
     if not stats:
         return {}
-    return {**{k: sum(s[k] for s in stats) / len(stats) for k in ('load_cv', 'dropped')},
+    return {**{k: sum(s[k] for s in stats) / len(stats) for k in ('load_cv', 'dropped', 'experts_per_token')},
             'layer_load_cv': [s['load_cv'] for s in stats],  # per MoE layer
             'layer_load': [s['load'] for s in stats]}  # per MoE layer, per expert: assignments since the last log
 
@@ -591,7 +606,7 @@ if master:  # the first files written: every check of the input has passed
         try:
             import wandb
         except ImportError:
-            sys.exit("train.py: error: wandb_log=True but wandb is not installed: pip install wandb, or set wandb_log=False")
+            fail("wandb_log=True but wandb is not installed: pip install wandb, or set wandb_log=False")
         wandb.init(project=wandb_project, name=wandb_run_name, config=config)
 start_iter = iter_num
 moe_layers = raw_model.moe_layers()
@@ -644,14 +659,17 @@ while True:
     bad = ~torch.isfinite(step_loss[0]) | (~torch.isfinite(grad_norm) & (not scaler.is_enabled()))
     if all_reduce(bad.float()).item():  # one host sync per step
         bad_steps, skipped_steps = bad_steps + 1, skipped_steps + 1
-        for m in moe_layers:  # no bias update from this step's counts
+        for m in moe_layers:  # no bias or L1 coefficient update from this step's counts
             m.step_counts.zero_()
+            m.step_tokens.zero_()
         scaler.update()  # (float16: lowers the scale)
     else:
         bad_steps = 0
         scaler.step(optimizer)
         scaler.update()
         moe.update_router_biases(raw_model)
+        moe.update_l1_coefficients(raw_model)  # ReMoE's adaptive L1 coefficient
+    moe.reset_balance_counts(raw_model)  # balance_scope='global' counts the next step afresh
     optimizer.zero_grad(set_to_none=True)
     iter_num += 1
     if bad_steps:
@@ -681,7 +699,8 @@ while True:
                 row['mfu'] = raw_model.estimate_mfu(batch_size * local_accum * log_interval, block_size, dt, peak)
             print(f"iter {iter_num}: loss {row['loss']:.4f}, aux {row['aux_loss']:.4f}, z {row['z_loss']:.4f}, "
                   f"lr {lr:.2e}, {row['tokens_per_s']:,.0f} tok/s" + (f", mfu {row['mfu'] * 100:.2f}%" if peak else '')
-                  + (f", load cv {stats['load_cv']:.3f}, dropped {stats['dropped']:.3f}" if stats else ''))
+                  + (f", load cv {stats['load_cv']:.3f}, dropped {stats['dropped']:.3f}, "
+                     f"experts/token {stats['experts_per_token']:.2f}" if stats else ''))
             log_file.write(json.dumps(row) + '\n')
             log_file.flush()
             if wandb_log:  # scalars; the per-layer lists as one value per layer

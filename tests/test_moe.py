@@ -80,7 +80,7 @@ def naive_moe(x, ids, w, P, cfg, seated=None):
         y = torch.zeros(x.shape[1])
         for j in range(ids.shape[1]):
             e = int(ids[t, j])
-            if e >= E or (seated is not None and not seated[t][j]):
+            if e < 0 or e >= E or (seated is not None and not seated[t][j]):  # e < 0: an UNUSED slot
                 continue
             y = y + cfg.routed_scale * w[t, j] * expert_e(P, 'experts.', arch, e, x[t])
         if cfg.n_shared_experts:
@@ -340,6 +340,7 @@ def test_deepseek_layer_equals_hf_deepseek_v3_moe():
 # 3. every router: shapes, renormalisation, gradients, deepseek bias balancing, capacity
 
 RENORMALISED = ('softmax', 'sigmoid', 'cosine', 'perturbed_cosine', 'hyper', 'deepseek')
+VARIABLE = ('remoe', 'topp', 'expert_choice')  # a variable number of experts per token (tests/test_routing_methods.py)
 
 
 @pytest.mark.parametrize('router', ROUTERS)
@@ -353,15 +354,20 @@ def test_router_shapes_renorm_and_gradients(router):
     r = layer.router(x.detach().view(T, d))
     n_probs = {'moepp': E + 3}.get(router, E)
     n_logits = {'tcmoe': 2 * E + k}.get(router, E)
-    assert r.ids.shape == (T, k) and r.weights.shape == (T, k)
+    K = E if router in VARIABLE else k  # variable-count routers: E slots, the unused ones UNUSED (-1) with weight 0
+    assert r.ids.shape == (T, K) and r.weights.shape == (T, K)
+    assert ((r.ids == moe.UNUSED) <= (r.weights == 0)).all()
     assert r.probs.shape == (T, n_probs)
     # the z-loss's logits, where the router's source has a z-loss (moe.py's docstring says which)
-    assert (r.logits is None) == (router in ('switch', 'cosine', 'perturbed_cosine', 'hyper', 'deepseek', 'moepp'))
+    assert (r.logits is None) == (router in ('switch', 'cosine', 'perturbed_cosine', 'hyper', 'deepseek', 'moepp',
+                                             'remoe', 'topp', 'expert_choice'))
     assert r.logits is None or r.logits.shape == (T, n_logits)
-    assert r.ids.dtype == torch.long and r.ids.min() >= 0 and r.ids.max() < n_probs + (router == 'tcmoe')
+    assert r.ids.dtype == torch.long and r.ids.min() >= (-1 if router in VARIABLE else 0)
+    assert r.ids.max() < n_probs + (router == 'tcmoe')
     torch.testing.assert_close(r.probs.sum(-1), torch.ones(T), atol=1e-5, rtol=0)
     if router != 'tcmoe':  # tcmoe may pick +e and -e of one expert
-        assert (r.ids.sort(-1).values.diff(dim=-1) != 0).all(), 'an expert chosen twice by one token'
+        used = torch.where(r.ids < 0, -torch.arange(1, K + 1).repeat(T, 1), r.ids)  # UNUSED slots made distinct
+        assert (used.sort(-1).values.diff(dim=-1) != 0).all(), 'an expert chosen twice by one token'
     if router in RENORMALISED:
         torch.testing.assert_close(r.weights.sum(-1), torch.ones(T), atol=1e-5, rtol=0)
     if router == 'switch':  # weight = the max probability, no renormalisation
