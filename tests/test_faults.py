@@ -390,3 +390,16 @@ def test_same_seed_and_config_give_the_same_losses_on_cpu(trainer):
         return [r['loss'] for r in train], [r['val_loss'] for r in evals]
     a, b = run(), run()
     assert len(a[0]) == 6 and len(set(a[0])) == 6 and a == b
+
+
+def test_eval_rejects_a_damaged_data_folder_before_loading_anything(trainer, tmp_path):
+    folder = tmp_path / 'data'
+    shutil.copytree(trainer.root / 'data' / DATASET, folder)
+    spoil_data(folder, 'odd bytes')  # train.bin: --ppl reads val.bin, but the folder is checked whole
+    tiny_checkpoint(tmp_path / 'run')
+    r = subprocess.run([sys.executable, str(REPO / 'eval.py'), str(tmp_path / 'run'), '--ppl', str(folder)],
+                       capture_output=True, text=True, cwd=tmp_path, env=child_env(), timeout=300)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and len(lines) == 1 and lines[0].startswith('eval.py: error: '), r.stdout + r.stderr
+    assert f"{folder / 'train.bin'} has" in lines[0] and 'not a whole number of uint16 tokens' in lines[0], lines[0]
+    assert not (tmp_path / 'run' / 'eval.json').exists()
