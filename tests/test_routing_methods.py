@@ -1,0 +1,408 @@
+"""
+The routing methods of issue 11 against their sources: ReMoE (ReLU routing, load-balanced L1 with an adaptive
+coefficient), dynamic top-p routing, expert-choice routing, forced balance, the Qwen2-MoE shared-expert gate and the
+global-batch balance loss over micro-batches; and the routing contract for a variable number of experts per token
+(UNUSED slots) in the balance loss, the statistics, capacity and Drop-Top-1. Each reference is written here from the
+source named in its docstring (a transcription or a plain loop), or is a Hugging Face module with copied weights.
+The 2-process global balance check is in tests/ep_worker.py (test_ep.py). fp32, CPU, a few seconds.
+"""
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from conftest import SCHEDULE, TINY, config as config_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import moe  # noqa: E402
+from model import GPTConfig  # noqa: E402
+
+ATOL, RTOL = 1e-5, 1e-5
+
+
+@pytest.fixture(autouse=True, scope='module')
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def config(router='softmax', E=4, k=2, d=16, **kw):
+    return GPTConfig(arch='llama', block_size=16, vocab_size=64, n_layer=2, n_head=4, n_embd=d, bias=False,
+                     router=router, n_experts=E, top_k=k, mlp_hidden=24, expert_hidden=24, **kw)
+
+
+def make_layer(cfg):
+    layer = moe.MoE(cfg, cfg.expert_hidden)
+    with torch.no_grad():
+        for ex in (layer.experts, layer.shared):
+            if ex is not None:
+                ex.c_fc.normal_(0, cfg.n_embd ** -0.5)
+                ex.c_proj.normal_(0, ex.c_proj.shape[-1] ** -0.5)
+    return layer
+
+
+def dense(ids, w, E):
+    """(T, K) slots -> (T, E) weight of each (token, expert), 0 where not chosen; UNUSED slots must weigh 0"""
+    assert (w[ids < 0] == 0).all()
+    out = torch.zeros(ids.shape[0], E)
+    for t in range(ids.shape[0]):
+        for j in range(ids.shape[1]):
+            if ids[t, j] >= 0:
+                assert out[t, ids[t, j]] == 0, 'an expert in two slots of one token'
+                out[t, ids[t, j]] = w[t, j]
+    return out
+
+
+def check_slot_order(ids, w):
+    """the contract: used slots first, by weight, then UNUSED ones"""
+    used = ids >= 0
+    assert (used[:, 1:] <= used[:, :-1]).all(), 'an UNUSED slot before a used one'
+    assert (w[:, 1:] <= w[:, :-1] + 1e-7).all(), 'slots not ordered by weight'
+
+# -----------------------------------------------------------------------------
+# ReMoE
+
+
+def ref_remoe(W, x, k, coef):
+    """ReMoE megatron/core/transformer/moe/router.py ReLURouter.l1_reg_load_balancing / apply_l1_reg with
+    moe_utils.py switch_load_balancing_loss_func, transcribed:
+        probs = relu(logits); routing_map = probs > 0; tokens_per_expert = routing_map.sum(0)
+        aggregated_probs_per_expert = probs.sum(dim=0)
+        aux_loss = sum(aggregated_probs_per_expert * tokens_per_expert) * (E * coeff / (T * T * topk))"""
+    logits = x @ W.t()
+    probs = torch.relu(logits)
+    routing_map = probs > 0
+    T, E = probs.shape
+    l1 = torch.sum(probs.sum(dim=0) * routing_map.sum(dim=0)) * (E * coef / (T * T * k))
+    return probs, routing_map, l1
+
+
+def test_remoe_equals_transcription_of_its_source():
+    torch.manual_seed(0)
+    E, k, T = 8, 2, 24
+    cfg = config('remoe', E=E, k=k, router_options=dict(remoe_l1_init=0.01))
+    router = moe.ROUTERS['remoe'](cfg).train()
+    x = torch.randn(T, 16)
+    r = router(x)
+    W = router.gate.weight.detach().clone().requires_grad_(True)
+    probs, routing_map, l1 = ref_remoe(W, x, k, 0.01)
+    assert r.ids.shape == (T, E)  # K = E slots: any number of experts
+    check_slot_order(r.ids, r.weights.detach())
+    torch.testing.assert_close(dense(r.ids, r.weights.detach(), E), probs.detach())
+    assert torch.equal((r.ids >= 0).sum(1), routing_map.sum(1))
+    counts = routing_map.sum(1)
+    assert counts.min() < counts.max(), 'the case should give tokens different numbers of experts'
+    torch.testing.assert_close(r.loss, l1)
+    # gradient of the gate through the weights and the L1 penalty, against the transcription's
+    R = torch.randn(T, E)
+    (g,) = torch.autograd.grad((dense_diff(r.ids, r.weights, E) * R).sum() + r.loss, router.gate.weight)
+    (g_ref,) = torch.autograd.grad((probs * R).sum() + l1, W)
+    torch.testing.assert_close(g, g_ref, atol=ATOL, rtol=RTOL)
+    router.eval()  # the penalty is a training loss (ReMoE: self.training and torch.is_grad_enabled())
+    assert router(x).loss == 0.0
+
+
+def dense_diff(ids, w, E):
+    """(T, K) slots -> (T, E), differentiable: scatter of the used slots' weights"""
+    return torch.zeros(ids.shape[0], E + 1).scatter(1, torch.where(ids < 0, E, ids), w)[:, :E]
+
+
+@pytest.mark.parametrize('shift, grows', [(5.0, True), (-5.0, False)])
+def test_remoe_l1_coefficient_adapts_as_remoe_training(shift, grows):
+    """ReMoE training.py: sparsity = mean over layers and micro-batches of 1 - nonzero / (T E); coeff *= 1.2 if
+    sparsity < 1 - topk / E else /= 1.2. Two layers, two micro-batches; the shift makes every weight positive
+    (sparsity 0: the coefficient grows) or every weight zero (sparsity 1: it shrinks)"""
+    torch.manual_seed(0)
+    E, k = 4, 2
+    cfg = config('remoe', E=E, k=k, router_options=dict(remoe_l1_init=1e-3, remoe_l1_alpha=1.2))
+    layers = nn.ModuleList([make_layer(cfg), make_layer(cfg)]).train()
+    xs = [torch.randn(2, 5, 16) for _ in range(4)]
+    nonzero = 0
+    for i, x in enumerate(xs):  # layer i % 2, micro-batch i // 2
+        layer = layers[i % 2]
+        with torch.no_grad():
+            layer.router.gate.weight.normal_(0, 0.1)
+        x[..., 0] = shift * torch.sign(layer.router.gate.weight[:, 0].sum()) / layer.router.gate.weight[:, 0].abs().min()
+        layer(x)
+        nonzero += (x.view(-1, 16) @ layer.router.gate.weight.t() > 0).sum().item()
+    layers[0].eval()(torch.randn(1, 3, 16))  # eval forwards are not counted
+    with torch.no_grad():
+        layers[0](torch.randn(1, 3, 16))
+    sparsity = 1 - nonzero / (4 * 10 * E)
+    assert (sparsity < 1 - k / E) == grows
+    moe.update_l1_coefficients(layers)
+    want = 1e-3 * 1.2 if sparsity < 1 - k / E else 1e-3 / 1.2
+    for m in layers:
+        assert m.router.l1_coef.item() == pytest.approx(want, rel=1e-6)
+        assert m.step_counts.sum() == 0 and m.step_tokens == 0  # the next step counts afresh
+
+# -----------------------------------------------------------------------------
+# dynamic top-p
+
+
+def ref_topp(p, threshold, most):
+    """Dynamic_MoE modeling_moe.py top_p_sampling_batched_all_sequence as a loop: experts by decreasing p, each
+    kept while the cumulative p before it is <= threshold (the code keeps cumsum <= p and the first cumsum > p)"""
+    T, E = p.shape
+    out = torch.zeros(T, E)
+    for t in range(T):
+        total = 0.0
+        for e in sorted(range(E), key=lambda e: -p[t, e].item())[:most]:
+            out[t, e] = p[t, e]
+            total += p[t, e].item()
+            if total > threshold:
+                break
+    return out
+
+
+@pytest.mark.parametrize('threshold, most', [(0.4, 0), (0.7, 3)])
+def test_topp_equals_transcription_of_its_source(threshold, most):
+    torch.manual_seed(0)
+    E, T = 8, 32
+    cfg = config('topp', E=E, k=2, router_options=dict(topp_threshold=threshold, topp_max=most,
+                                                       topp_entropy_coef=1e-2))
+    router = moe.ROUTERS['topp'](cfg).train()
+    with torch.no_grad():
+        router.gate.weight.normal_(0, 1.0)  # peaked and flat tokens both
+    x = torch.randn(T, 16)
+    r = router(x)
+    p = torch.softmax(x @ router.gate.weight.t(), -1)
+    want = ref_topp(p.detach(), threshold, most or E)
+    assert r.ids.shape == (T, most or E)
+    check_slot_order(r.ids, r.weights.detach())
+    torch.testing.assert_close(dense(r.ids, r.weights.detach(), E), want)
+    n = (want > 0).sum(1)
+    assert n.min() < n.max(), 'the case should give tokens different numbers of experts'
+    torch.testing.assert_close(r.probs, p)
+    entropy = sum(-sum(v * math.log(v) for v in row) for row in p.tolist()) / T  # the paper's dynamic loss
+    assert r.loss.item() == pytest.approx(1e-2 * entropy, rel=1e-5)
+    assert r.logits is None  # the paper: no z-loss
+    (g,) = torch.autograd.grad(r.loss, router.gate.weight)
+    assert g.abs().sum() > 0
+
+# -----------------------------------------------------------------------------
+# expert choice
+
+
+def test_expert_choice_equals_the_paper_and_eval_is_causal():
+    """Zhou et al. 2022: S = softmax(X W_g) (T, E); G, I = TopK(S^T, C) per expert, C = cf * T * k / E; a token's
+    output sums the experts that chose it, weighted by G. Eval: each token's own top-k (causal)"""
+    torch.manual_seed(0)
+    E, k, T, cf = 4, 2, 20, 1.0
+    cfg = config('expert_choice', E=E, k=k, router_options=dict(ec_capacity_factor=cf))
+    router = moe.ROUTERS['expert_choice'](cfg).train()
+    x = torch.randn(T, 16)
+    r = router(x)
+    S = torch.softmax(x @ router.gate.weight.t(), -1).detach()
+    C = math.ceil(cf * T * k / E)
+    want = torch.zeros(T, E)
+    for e in range(E):  # each expert, its C best tokens
+        for t in sorted(range(T), key=lambda t: -S[t, e].item())[:C]:
+            want[t, e] = S[t, e]
+    check_slot_order(r.ids, r.weights.detach())
+    torch.testing.assert_close(dense(r.ids, r.weights.detach(), E), want)
+    assert ((want > 0).sum(0) == C).all()  # balanced by construction
+    n = (want > 0).sum(1)
+    assert n.min() < n.max()  # a token gets 0 to E experts
+    # eval: the causal rule, top-k of the token's own p
+    r = router.eval()(x)
+    v, i = S.topk(k, -1)
+    assert torch.equal(r.ids, i)
+    torch.testing.assert_close(r.weights, v)
+    # an eval forward of the whole MoE layer: a token's output does not depend on later tokens
+    layer = make_layer(cfg).eval()
+    xb = torch.randn(1, 10, 16)
+    later = xb.clone()
+    later[:, 6:] = torch.randn(1, 4, 16)
+    torch.testing.assert_close(layer(xb)[0][:, :6], layer(later)[0][:, :6])
+
+# -----------------------------------------------------------------------------
+# forced balance
+
+
+@pytest.mark.parametrize('router', list(moe.ROUTERS))
+def test_force_balance_gives_every_expert_the_same_load(router):
+    """torchtitan TokenChoiceTopKRouter._debug_force_load_balance_routing: ids = arange(T k).reshape(T, k) % E,
+    weights = the router's scores gathered there (here its balance-loss probabilities)"""
+    torch.manual_seed(0)
+    E, k = 4, 1 if router == 'switch' else 2
+    layer = make_layer(config(router, E=E, k=k, force_balance=True)).eval()
+    x = torch.randn(2, 6, 16)
+    layer.record = []
+    layer(x)
+    ids, w = layer.record.pop()
+    T = 12
+    want = torch.arange(T * k).reshape(T, k) % E
+    assert torch.equal(ids, want)
+    r = layer.router(x.view(T, 16))
+    torch.testing.assert_close(w, r.probs.gather(1, want))
+    assert layer.load.tolist() == [T * k / E] * E
+    assert layer.stats()['experts_per_token'] == k
+
+
+def test_force_balance_keeps_the_router_trained():
+    torch.manual_seed(0)
+    layer = make_layer(config('softmax', force_balance=True)).train()
+    y, aux = layer(torch.randn(2, 6, 16))
+    y.square().sum().backward()
+    assert layer.router.gate.weight.grad.abs().sum() > 0
+
+# -----------------------------------------------------------------------------
+# Qwen2-MoE gated shared expert
+
+
+def test_shared_gate_equals_hf_qwen2_moe():
+    from transformers import Qwen2MoeConfig
+    from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
+    torch.manual_seed(0)
+    cfg = config('softmax', E=4, k=2, router_renorm=False, n_shared_experts=1, shared_gate=True)
+    layer = make_layer(cfg)
+    hf = Qwen2MoeConfig(hidden_size=16, moe_intermediate_size=24, shared_expert_intermediate_size=24, num_experts=4,
+                        num_experts_per_tok=2, norm_topk_prob=False, hidden_act='silu')
+    hf._experts_implementation = 'eager'
+    block = Qwen2MoeSparseMoeBlock(hf).eval()
+    with torch.no_grad():
+        nn.init.normal_(layer.shared_gate.weight, 0, 0.3)
+        block.gate.weight.copy_(layer.router.gate.weight)
+        block.experts.gate_up_proj.copy_(layer.experts.c_fc)
+        block.experts.down_proj.copy_(layer.experts.c_proj)
+        block.shared_expert.gate_proj.weight.copy_(layer.shared.c_fc[0, :24])
+        block.shared_expert.up_proj.weight.copy_(layer.shared.c_fc[0, 24:])
+        block.shared_expert.down_proj.weight.copy_(layer.shared.c_proj[0])
+        block.shared_expert_gate.weight.copy_(layer.shared_gate.weight)
+    x = torch.randn(2, 8, 16)
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    y1, y2 = layer(x1)[0], block(x2)
+    torch.testing.assert_close(y1, y2, atol=ATOL, rtol=RTOL)
+    R = torch.randn_like(x)
+    g1 = torch.autograd.grad((y1 * R).sum(), [x1, layer.shared_gate.weight, layer.shared.c_proj])
+    g2 = torch.autograd.grad((y2 * R).sum(), [x2, block.shared_expert_gate.weight, block.shared_expert.down_proj.weight])
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a.view_as(b), b, atol=ATOL, rtol=RTOL)
+
+
+def test_shared_gate_needs_shared_experts():
+    with pytest.raises(ValueError, match='n_shared_experts'):
+        config('softmax', shared_gate=True)
+
+# -----------------------------------------------------------------------------
+# global-batch balance over micro-batches (one process; two processes: tests/ep_worker.py)
+
+
+def by_hand_balance(probs, counts):
+    """Switch / Megatron: E * sum_e f_e P_e, f from the given counts, P the mean of these probabilities"""
+    f = counts / counts.sum()
+    return probs.shape[1] * (f * probs.mean(0)).sum()
+
+
+def test_global_balance_accumulates_the_steps_micro_batches():
+    """Megatron router.py _apply_global_aux_loss: at micro-batch m, f from the counts of micro-batches 1..m of the
+    step (global_tokens_per_expert += ..., averaged over ga_steps: the same shares), P from micro-batch m only;
+    reset after the step (finalize_model_grads -> reset_global_aux_loss_tracker)"""
+    torch.manual_seed(0)
+    E = 4
+    layer = make_layer(config('softmax', E=E, balance_scope='global')).train()
+    xs = [torch.randn(2, 6, 16) for _ in range(3)]
+    counts, losses = [], []
+    for x in xs:
+        r = layer.router(x.view(-1, 16))
+        counts.append(torch.stack([(r.ids == e).sum() for e in range(E)]).float())
+        losses.append((layer(x)[1]['balance'], r.probs))
+    torch.testing.assert_close(losses[0][0], by_hand_balance(losses[0][1], counts[0]))
+    torch.testing.assert_close(losses[1][0], by_hand_balance(losses[1][1], counts[0] + counts[1]))
+    assert abs(losses[1][0].item() - by_hand_balance(losses[1][1], counts[1]).item()) > 1e-4  # differs from 'batch'
+    moe.reset_balance_counts(layer)
+    _, aux = layer(xs[2])
+    torch.testing.assert_close(aux['balance'], by_hand_balance(losses[2][1], counts[2]))  # a new step
+    with torch.no_grad():  # not a training step: the micro-batch's own counts, nothing accumulated
+        _, aux = layer(xs[0])
+    torch.testing.assert_close(aux['balance'], by_hand_balance(losses[0][1], counts[0]))
+    # the gradient treats f as a constant, P local
+    moe.reset_balance_counts(layer)
+    layer(xs[0])
+    x = xs[1]
+    _, aux = layer(x)
+    (g,) = torch.autograd.grad(aux['balance'], layer.router.gate.weight)
+    W = layer.router.gate.weight.detach().clone().requires_grad_(True)
+    p = torch.softmax(x.view(-1, 16) @ W.t(), -1)
+    (g_ref,) = torch.autograd.grad(by_hand_balance(p, counts[0] + counts[1]), W)
+    torch.testing.assert_close(g, g_ref, atol=ATOL, rtol=RTOL)
+
+
+def test_balance_scope_errors():
+    with pytest.raises(ValueError, match='balance_scope'):
+        config(balance_scope='step')
+    with pytest.raises(ValueError, match='contradicts'):
+        config(balance_per_sequence=True, balance_scope='global')
+    assert config(balance_per_sequence=True).balance_scope == 'sequence'
+
+# -----------------------------------------------------------------------------
+# the contract: UNUSED slots in the losses, statistics, capacity and Drop-Top-1
+
+
+def test_unused_slots_are_never_counted_by_hand():
+    U = moe.UNUSED
+    E = 4
+    ids = torch.tensor([[0, U, U], [1, 2, U], [3, 0, 1], [U, U, U]])
+    w = torch.tensor([[0.9, 0.0, 0.0], [0.5, 0.3, 0.0], [0.4, 0.3, 0.2], [0.0, 0.0, 0.0]])
+    probs = torch.full((4, E), 0.25)
+    probs[:, 0] = 0.4
+    probs[:, 1:] = 0.2
+    # 6 assignments: expert 0 twice, 1 twice, 2 once, 3 once
+    assert moe.expert_load(ids, E).tolist() == [2, 2, 1, 1]
+    want = E * (2 / 6 * 0.4 + 2 / 6 * 0.2 + 1 / 6 * 0.2 + 1 / 6 * 0.2)
+    assert moe.balance_loss(probs, ids).item() == pytest.approx(want, rel=1e-6)
+    # Drop-Top-1: the first slot goes, the rest scaled to the total; a token with nothing left gets nothing
+    d_ids, d_w = moe.drop_top1(ids, w)
+    assert torch.equal(d_ids, ids[:, 1:])
+    torch.testing.assert_close(d_w, torch.tensor([[0.0, 0.0], [0.8, 0.0], [0.54, 0.36], [0.0, 0.0]]))
+    # the layer's statistics: experts per token and the share of negative weights count used slots only
+    layer = make_layer(config('softmax', E=E))
+    layer.record_stats(ids, w, moe.expert_load(ids, E).float(), torch.tensor(0), training_step=True)
+    s = layer.stats()
+    assert s['experts_per_token'] == pytest.approx(6 / 4)
+    assert s['load'] == [2, 2, 1, 1] and s['negative'] == 0.0
+    assert layer.sums[5].item() == 6  # used slots
+    assert layer.step_tokens.item() == 4
+
+
+def test_variable_router_capacity_uses_top_k():
+    """capacity = ceil(cf * top_k * T / E) whatever the number of slots K; the overflow of each expert dropped"""
+    torch.manual_seed(0)
+    E, k = 4, 1
+    cfg = config('topp', E=E, k=k, capacity_factor=1.0, router_options=dict(topp_threshold=0.9))
+    layer = make_layer(cfg).train()
+    with torch.no_grad():
+        layer.router.gate.weight.normal_(0, 0.3)
+    x = torch.randn(2, 8, 16)
+    layer(x)
+    load = layer.load
+    cap = math.ceil(1.0 * k * 16 / E)
+    assert load.sum() > 16 * k  # more than k experts per token on average: drops
+    dropped = (load - cap).clamp_min(0).sum()
+    assert dropped > 0
+    assert layer.stats()['dropped'] == pytest.approx((dropped / load.sum()).item())
+
+# -----------------------------------------------------------------------------
+# train.py: ReMoE's coefficient after each optimizer step
+
+
+def test_train_updates_remoe_coefficient_each_step(trainer):
+    """the log's experts per token (log_interval=1: one step's training forwards) give each step's sparsity
+    1 - ept / E; lambda must have moved by 1.2 per step as ReMoE training.py; it is in the checkpoint"""
+    run = trainer.run([*TINY, config_file('remoe'), *SCHEDULE, '--max_iters=4', '--eval_interval=4']).check()
+    assert 'experts/token' in run.out
+    E, k = 8, 2
+    lam = 1e-8
+    for row in sorted(run.train, key=lambda r: r['iter']):
+        lam *= 1.2 if 1 - row['experts_per_token'] / E < 1 - k / E else 1 / 1.2
+    ckpt = torch.load(run.out_dir / 'ckpt.pt', map_location='cpu', weights_only=True)
+    coefs = {v.item() for n, v in ckpt['model'].items() if n.endswith('router.l1_coef')}
+    assert len(coefs) == 1 and coefs.pop() == pytest.approx(lam, rel=1e-5)
+    assert len(run.train) == 4
