@@ -58,7 +58,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from model import auto_dtype, load_model
-from moe import load_stats, weight_sums
+from moe import expert_load, load_stats, weight_sums
 from prepare import check_data, load_meta, load_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -338,14 +338,16 @@ def perplexity(lm, tokens, n_bytes, stride=None):
 # routing analysis
 
 def routing_metrics(ids, weights, n_experts):
-    """one layer's routings of N tokens, ids and weights (N, k) -> load per expert, its CV and entropy, and, as
-    moe.py (moe.weight_sums: defined for signed weights, tcmoe's, too), the mean entropy of the top-k weights
-    (q = |w| / sum |w|), the mean router margin |w|_(1) - |w|_(2) (w1 - w2 for weights >= 0; |w|_(1) when k = 1)
-    and the share of the top-k slots with a negative weight (a subtracted expert)"""
-    load = torch.bincount(ids.flatten(), minlength=n_experts + 1)[:n_experts].float()  # ids >= E: cheap experts
+    """one layer's routings of N tokens, ids and weights (N, K; K slots, UNUSED ones -1 with weight 0, as moe.Routing)
+    -> load per expert, its CV and entropy, the mean number of FFN experts per token, and, as moe.py (moe.weight_sums:
+    defined for signed weights, tcmoe's, too), the mean entropy of the slots' weights (q = |w| / sum |w|), the mean
+    router margin |w|_(1) - |w|_(2) (w1 - w2 for weights >= 0; |w|_(1) when K = 1) and the share of the used slots
+    with a negative weight (a subtracted expert)"""
+    load = expert_load(ids, n_experts).float()  # ids >= E (cheap experts) and UNUSED slots are not counted
     entropy, margin, negative = weight_sums(weights)
-    return dict(**load_stats(load), weight_entropy=(entropy / len(ids)).item(), margin=(margin / len(ids)).item(),
-                negative=(negative / weights.numel()).item())
+    return dict(**load_stats(load), experts_per_token=(load.sum() / len(ids)).item(),
+                weight_entropy=(entropy / len(ids)).item(), margin=(margin / len(ids)).item(),
+                negative=(negative / (ids >= 0).sum().clamp_min(1)).item())
 
 
 def change_rate(ids_a, ids_b):
@@ -515,7 +517,7 @@ def evaluate_run(run_dir, specs, task_manager, args):
                       for t, per_layer in lm.routing.items()}
     sels = {t: [torch.cat([i for i, _ in kept]).short() for kept in per_layer] for t, per_layer in lm.routing.items()}
     lm.routing = None
-    if model.config.top_k > 1:
+    if min(s.shape[1] for per_layer in sels.values() for s in per_layer) > 1:  # slots per token (K >= top_k)
         for m in layers:
             m.drop_top1 = True
         out['drop_top1'] = {}
@@ -525,7 +527,7 @@ def evaluate_run(run_dir, specs, task_manager, args):
         for m in layers:
             m.drop_top1 = False
     else:
-        print(f"{run_dir}: Drop-Top-1 skipped: with top_k = 1 no expert would be left")
+        print(f"{run_dir}: Drop-Top-1 skipped: with one slot per token (top_k = 1) no expert would be left")
     load = [[sum(r[j]['load'][e] for r in out['routing'].values()) for e in range(E)] for j in range(len(layers))]
     save_heatmap(Path(run_dir, 'expert_load.png'), load, f"expert load: {run_dir}\non {', '.join(out['routing'])}")
     return out, sels
@@ -575,10 +577,10 @@ def run_table(out):
         lines += [f"| {src} | {p['loss']:.4f} | {p['ppl']:.3f} | {p['bpb']:.4f} | {p['tokens']} |"
                   for src, p in out['ppl'].items()]
     if 'routing' in out:
-        lines += ['', '| routing on | layer | load CV | load entropy | weight entropy | margin | dropped |',
-                  '|---' * 7 + '|']
-        lines += [f"| {t} | {j} | {r['load_cv']:.3f} | {r['load_entropy']:.3f} | {r['weight_entropy']:.3f} | "
-                  f"{r['margin']:.3f} | {fmt(r['dropped'], 1)} |"
+        lines += ['', '| routing on | layer | load CV | load entropy | experts/token | weight entropy | margin | dropped |',
+                  '|---' * 8 + '|']
+        lines += [f"| {t} | {j} | {r['load_cv']:.3f} | {r['load_entropy']:.3f} | {r.get('experts_per_token', 0):.2f} | "
+                  f"{r['weight_entropy']:.3f} | {r['margin']:.3f} | {fmt(r['dropped'], 1)} |"
                   for t, per_layer in out['routing'].items() for j, r in enumerate(per_layer)]
     return '\n'.join(lines)
 
