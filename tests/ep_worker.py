@@ -34,6 +34,9 @@ CASES = {
     'tcmoe': dict(router='tcmoe', top_k=2),
     'moepp': dict(router='moepp', top_k=2),
     'loop_bias': dict(router='softmax', top_k=2, bias=True, expert_impl='loop'),  # the other cases run grouped (auto on CPU)
+    'remoe': dict(router='remoe', top_k=2),  # a variable number of experts per token (UNUSED slots)
+    'topp': dict(router='topp', top_k=2, n_shared_experts=1, shared_gate=True),
+    'expert_choice': dict(router='expert_choice', top_k=2),
 }
 
 
@@ -117,6 +120,47 @@ def compare(case, ep, group, rank):
                 dropped=ref.sums[2].item())
 
 
+def global_balance(router, rank, world):
+    """balance_scope='global' with the counts summed over the world (moe.set_balance_group), two micro-batches of a
+    step, each rank its own tokens, against one process holding every rank's tokens of each micro-batch: the mean over
+    the ranks of the balance loss (what train.py logs) and of the router gradient (what DDP applies) must equal the
+    whole batch's; each rank's input gradient over the world size (the mean's factor) is its rows of the whole batch's"""
+    cfg = GPTConfig(n_embd=D, n_head=4, n_experts=E, bias=False, router=router, top_k=2, balance_scope='global')
+    torch.manual_seed(1234)
+    layer = moe.MoE(cfg, H)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0, 0.2)
+    ref = moe.MoE(cfg, H)
+    ref.load_state_dict(layer.state_dict())
+    moe.set_balance_group(layer, dist.group.WORLD)  # ref: no group, one process holding everything
+    bad, errors = [], {}
+    for m in range(2):  # micro-batches of one step: f from the counts so far, over every rank
+        xs = [tokens('global', 10 * m + r) for r in range(world)]  # every rank's tokens, known on every rank
+        x, xw = xs[rank], torch.cat([t.detach() for t in xs]).requires_grad_()
+        for mod in (layer, ref):
+            mod.zero_grad()
+        loss = layer(x)[1]['balance']
+        loss.backward()
+        loss_ref = ref(xw)[1]['balance']
+        loss_ref.backward()
+        mean_loss = loss.detach().clone()
+        dist.all_reduce(mean_loss)
+        grad = layer.router.gate.weight.grad.clone()
+        dist.all_reduce(grad)
+        pairs = {f'mb{m} loss': (mean_loss / world, loss_ref.detach()),
+                 f'mb{m} grad router': (grad / world, ref.router.gate.weight.grad),
+                 f'mb{m} grad input': (x.grad / world, xw.grad[rank * B:(rank + 1) * B])}
+        for key, (got, want) in pairs.items():
+            errors[key] = (got - want).abs().max().item()
+            if not torch.allclose(got, want, rtol=RTOL, atol=ATOL):
+                bad.append(f'{key}: max abs diff {errors[key]:.3g}')
+        if m == 0 and abs(loss.item() - moe.balance_loss(layer.router(x.view(-1, D)).probs,
+                                                          layer.router(x.view(-1, D)).ids).item()) < 1e-6:
+            bad.append('the global loss equals the local one: the case does not exercise the counts of other ranks')
+    return dict(bad=bad, errors=errors)
+
+
 def main():
     out = Path(sys.argv[1])
     dist.init_process_group('gloo', timeout=timedelta(seconds=60))
@@ -131,6 +175,12 @@ def main():
             except Exception:
                 results[f'{case}/ep{ep}'] = dict(bad=['exception: ' + traceback.format_exc()])
             dist.barrier()
+    for router in ('softmax', 'topp'):
+        try:
+            results[f'global_balance_{router}/dp{world}'] = global_balance(router, rank, world)
+        except Exception:
+            results[f'global_balance_{router}/dp{world}'] = dict(bad=['exception: ' + traceback.format_exc()])
+        dist.barrier()
     (out / f'rank{rank}.json').write_text(json.dumps(results, indent=1))
     dist.destroy_process_group()
 
