@@ -599,6 +599,7 @@ class Experts(nn.Module):
         return self.loop(x, counts.tolist(), scale[:, None])
 
     @torch.compiler.disable  # eager inside torch.compile: its meta kernel accepts bf16 only (torch 2.13)
+    @torch.compiler.disable  # eager inside torch.compile: its meta kernel accepts bf16 only (torch 2.13)
     def grouped(self, x, counts, scale):
         dt = x.dtype  # grouped_mm is not autocast-aware: cast as F.linear would be
         offs = counts.cumsum(0).to(torch.int32)  # (n,) end row of each expert
