@@ -160,6 +160,11 @@ def test_char_tokenizer_reproduces_the_vocabulary(tmp_path, monkeypatch):
     assert ids == [chars.index(c) for c in TEXT]
     assert tok.decode(ids) == TEXT
     assert_same_logits(model, folder, 'GPT2LMHeadModel')
+    monkeypatch.chdir(tmp_path / 'data')  # no data/chars/meta.json from here: no tokenizer, and one line says why
+    summary = export.export(tmp_path / 'run', tmp_path / 'hf_no_vocab')
+    assert "no tokenizer: a character-level run's vocabulary is in its data set's meta.json" in summary
+    assert not (tmp_path / 'hf_no_vocab' / 'tokenizer.json').exists()
+    assert (tmp_path / 'hf_no_vocab' / 'model.safetensors').exists()
 
 
 def test_hf_tokenizer_is_the_source_models(tmp_path):
