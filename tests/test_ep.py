@@ -128,6 +128,30 @@ def test_checkpoint_moves_between_ep_sizes(trainer, before, after):
     assert_same_losses(resumed, full, rel=1e-5, iters=range(6, 11))
 
 # -----------------------------------------------------------------------------
+# global-batch balance through train.py
+
+
+def test_global_balance_two_processes_train_as_one_process_holding_the_batch(trainer):
+    """balance_scope='global' at 2 processes, one micro-batch of 4 sequences each, against one process whose one
+    micro-batch holds the same 8 sequences (train.py's sampler draws the step's global batch from the seed) with the
+    micro-batch scope: f from every rank's counts (set_balance_group), P local, DDP's mean gradient = the whole batch's.
+    The per-rank 'batch' scope at 2 processes differs (the check has something to find)."""
+    base = [*TINY, config('softmax'), *SCHEDULE, '--max_iters=5', '--aux_loss_coef=0.5']
+    ref = trainer.run([*base, '--gradient_accumulation_steps=1', '--batch_size=8']).check()
+    two = trainer.run([*base, '--balance_scope=global'], nproc=2).check()  # TINY: 2 micro-batches of 4 over 2 ranks
+    local = trainer.run(base, nproc=2).check()
+    got, want = two.losses(), ref.losses()
+    assert sorted(got) == sorted(want) == list(range(1, 6))
+    for a, b in zip(sorted(two.train, key=lambda r: r['iter']), sorted(ref.train, key=lambda r: r['iter'])):
+        assert a['loss'] == pytest.approx(b['loss'], rel=1e-5), (a, b)
+        assert a['aux_loss'] == pytest.approx(b['aux_loss'], rel=1e-5), (a, b)
+    assert any(a['aux_loss'] != pytest.approx(b['aux_loss'], rel=1e-4) for a, b in zip(local.train, ref.train))
+    a = torch.load(ref.out_dir / 'ckpt.pt', map_location='cpu', weights_only=True)['model']
+    b = torch.load(two.out_dir / 'ckpt.pt', map_location='cpu', weights_only=True)['model']
+    for k, t in a.items():  # float32 noise, which Adam turns into up to ~1e-3 lr where gradients are near zero
+        assert close(b[k], t, 2e-4), (k, (b[k] - t).abs().max().item())
+
+# -----------------------------------------------------------------------------
 # sizes that do not fit
 
 
