@@ -49,8 +49,8 @@ class GPTConfig:
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 0.001
     balance_per_sequence: bool = False  # the same as balance_scope='sequence' (kept for older configs and checkpoints)
-    balance_scope: str = 'batch'  # balance loss's f and P over: 'batch' (micro-batch), 'sequence' (DeepSeek-V3), 'global' (f: the step, every rank; Qwen3)
-    force_balance: bool = False  # benchmarking: every router's choices replaced by balanced round-robin ids (Megatron, torchtitan)
+    balance_scope: str = 'batch'  # balance loss over 'batch', 'sequence' (DeepSeek-V3) or 'global' (step, all ranks; Qwen3)
+    force_balance: bool = False  # benchmarking: any router's choices replaced by balanced round-robin ids (torchtitan)
     shared_gate: bool = False  # Qwen2-MoE: sigmoid(w . x) scales the shared experts' output
     ep_size: int = 1  # expert parallelism: experts sharded over this many ranks
     router_options: dict = field(default_factory=dict)  # the chosen router's own options (moe.Router.options)

@@ -80,8 +80,8 @@ expert_impl = 'auto'  # 'grouped' (one F.grouped_mm over all experts), 'loop' (a
 aux_loss_coef = 0.01  # balance loss coefficient
 z_loss_coef = 0.001  # router z-loss coefficient
 balance_per_sequence = False  # balance loss per sequence (DeepSeek-V3) instead of per batch (= balance_scope='sequence')
-balance_scope = 'batch'  # balance loss's f over: 'batch' (micro-batch), 'sequence', 'global' (the step's micro-batches on every rank; Qwen3)
-force_balance = False  # benchmarking only: balanced round-robin routing in place of any router's choices (Megatron, torchtitan)
+balance_scope = 'batch'  # balance loss's f over 'batch' (micro-batch), 'sequence', 'global' (the step, every rank; Qwen3)
+force_balance = False  # benchmarking only: balanced round-robin routing in place of the router's (Megatron, torchtitan)
 shared_gate = False  # Qwen2-MoE: sigmoid(w . x) scales the shared experts' output
 ep_size = 1  # expert parallelism: ranks that share one set of experts
 globals().update(moe.router_options())  # router-specific options, defaults and comments in moe.py's router classes
