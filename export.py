@@ -36,7 +36,7 @@ import re
 import shutil
 import sys
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
@@ -51,12 +51,24 @@ PROBE = "Hello world! It's 2026, naïve café.\nFIRST CITIZEN:\tWe are accounted
 # -----------------------------------------------------------------------------
 # which architecture: a native transformers class where it is exact, else remote code
 
+MAPPED = {'arch', 'block_size', 'vocab_size', 'n_layer', 'n_head', 'n_kv_head', 'n_embd', 'mlp_hidden', 'bias',
+          'tie_embeddings', 'rope_theta', 'norm_eps', 'router', 'n_experts', 'top_k', 'moe_every', 'moe_first_dense',
+          'expert_hidden', 'n_shared_experts', 'shared_scale', 'routed_scale', 'router_renorm', 'capacity_factor',
+          'router_options',  # the GPTConfig fields native_arch checks, and the ones that do not change the function:
+          'dropout', 'aux_loss_coef', 'z_loss_coef', 'balance_per_sequence', 'balance_scope', 'expert_impl', 'ep_size'}
+
+
 def native_arch(c):
-    """'gpt2', 'llama', 'mixtral' or 'granitemoeshared' where transformers has exactly this model, else None"""
+    """'gpt2', 'llama', 'mixtral' or 'granitemoeshared' where transformers has exactly this model, else None.
+    Any other GPTConfig field away from its default (an option added later: a gated shared expert, forced
+    balance, ...) means remote code, which is exact whatever the option does."""
+    if any(getattr(c, f.name) != f.default for f in fields(c) if f.name not in MAPPED):
+        return None
     if c.router == 'dense':
         return c.arch
-    softmax_renorm = (c.arch == 'llama' and c.router == 'softmax' and c.router_renorm and c.moe_every == 1
-                      and c.moe_first_dense == 0 and c.capacity_factor == 0 and c.routed_scale == 1 and not c.bias)
+    softmax_renorm = (c.arch == 'llama' and c.router == 'softmax' and not c.router_options and c.router_renorm
+                      and c.moe_every == 1 and c.moe_first_dense == 0 and c.capacity_factor == 0 and c.routed_scale == 1
+                      and not c.bias)
     if softmax_renorm and c.n_shared_experts == 0:
         return 'mixtral'
     if softmax_renorm and c.shared_scale == 1:  # GraniteMoeShared: softmax of the top-k logits = renormalised top-k

@@ -105,6 +105,24 @@ def test_what_mixtral_cannot_compute_goes_to_remote_code(kw):
     assert export.native_arch(c) is None
     assert export.native_arch(GPTConfig(arch='llama', bias=False, router='softmax', n_layer=2, n_head=4, n_embd=32)) == 'mixtral'
 
+def test_any_other_option_goes_to_remote_code():
+    """GPTConfig fields that the native classes do not express (options added later included) leave them"""
+    from dataclasses import fields
+    base = dict(arch='llama', bias=False, router='softmax', n_experts=4, n_layer=2, n_head=4, n_embd=32)
+    assert export.native_arch(GPTConfig(**base)) == 'mixtral'
+    flipped = 0
+    for f in fields(GPTConfig):
+        if f.name in export.MAPPED or not isinstance(f.default, (bool, float)):
+            continue
+        try:
+            c = GPTConfig(**base, **{f.name: (not f.default) if isinstance(f.default, bool) else f.default + 0.5})
+        except ValueError:
+            continue
+        assert export.native_arch(c) is None, f.name
+        flipped += 1
+    print(f"{flipped} other options checked")
+
+
 # -----------------------------------------------------------------------------
 # remote code: every router, both flavours
 
