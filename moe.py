@@ -25,14 +25,42 @@ transcription of the source file written in tests/test_routers.py, not from this
 |                  | w = p / (selected non-null p + all null p); sign +1 / -1 / 0      |        |                                              |
 | moepp            | l = Wx + W_r l_prev (gating residual: the previous MoE layer's l);| none   | MoE++ moe_plus_plus_layer.py (Router);       |
 |                  | softmax over E FFN + zero, copy, constant experts; top-k; renorm  |        | LibMoE moe_plus_plus.py (selection)          |
+| remoe            | w = ReLU(Wx), every expert with w > 0 (no top-k, no renorm);      | none   | ReMoE megatron/core/transformer/moe/         |
+|                  | + lambda E sum_e (c_e / Tk) mean_t w_te; lambda *= or /= 1.2 per  |        | router.py ReLURouter, moe_utils.py,          |
+|                  | step toward sparsity 1 - k/E                                      |        | training/training.py (thu-ml/ReMoE)          |
+| topp             | p = softmax(Wx); experts by decreasing p until the cumulative p   | none   | Dynamic_MoE modeling/modeling_moe.py         |
+|                  | exceeds 0.4 (that expert included), at most topp_max; w = p;      |        | top_p_sampling_batched_all_sequence          |
+|                  | + the paper's dynamic loss 1e-4 * mean_t H(p_t)                   |        | (ZhenweiAn/Dynamic_MoE); the loss: the paper |
+| expert_choice    | p = softmax(Wx); each expert takes its top C = cf T k / E tokens  | none   | Zhou et al. 2022 (the paper's pseudo-code;   |
+|                  | of the batch, w = p (not causal); eval: each token's top-k of p   |        | no official code)                            |
 
 Options of a router are class attributes (`options`) and become config keys: cosine_variant ('xmoe' default,
 'libmoe'), router_dim, router_temperature (xmoe only), cosine_theta; hyper_k_schedule, hyper_k_min;
-moepp_gate_residual, moepp_tau; n_group, topk_group, bias_update_rate; null_reward; router_jitter.
+moepp_gate_residual, moepp_tau; n_group, topk_group, bias_update_rate; null_reward; router_jitter; remoe_l1_init,
+remoe_l1_alpha; topp_threshold, topp_max, topp_entropy_coef; ec_capacity_factor.
+
+The routing contract (Routing): ids and weights (T, K). K = top_k for a top-k router; a router that gives a token a
+variable number of experts (remoe, topp) or that selects per expert (expert_choice) uses K = its most experts per token
+(E, or topp_max) and fills the slots a token does not use with UNUSED (-1) and weight 0, after its used slots, slot 0
+being the first choice. Dispatch sorts UNUSED slots with the cheap ids, after the FFN assignments, and cuts them off
+(they cost one sort key each, no FFN, no bincount entry); the balance loss, the load and experts-per-token statistics,
+EP, capacity and Drop-Top-1 never count them. Capacity uses k = top_k (the target mean for variable routers).
+Cost of the padding: MoE.routed fwd+bwd, T=4096, d=512, h=1024, E=8, fp32, 2 threads of this 2-core AMD EPYC (shared
+with other jobs, noisy): the same 2 FFN assignments per token as K=2, or as K=8 with 6 UNUSED slots: 4.87 s vs 4.89 s
+(first runs 5.2 s vs 3.7 s): the FFN dominates; the extra sort keys do not show.
 
 Any router combines with: shared experts (n_shared_experts, always on, DeepSeekMoE / LibMoE SharedE),
 a free expert hidden size (expert_hidden, fine-grained experts), routed_scale / shared_scale
-(DeepSeek-V3: 2.5 / 1; LibMoE's upcycling mix: 0.5 / 0.5), and a capacity factor.
+(DeepSeek-V3: 2.5 / 1; LibMoE's upcycling mix: 0.5 / 0.5), and a capacity factor; and with:
+| option                  | what                                                             | source file (checked against)           |
+|-------------------------|------------------------------------------------------------------|-----------------------------------------|
+| balance_scope='global'  | balance loss with f_e from the counts of the step's micro-batches| Megatron-LM megatron/core/transformer/  |
+|                         | so far summed over balance_group's ranks, P_e local; reset after | moe/router.py _apply_global_aux_loss,   |
+|                         | each optimizer step (Qiu et al. 2025, arXiv 2501.11873; Qwen3)    | moe_utils.py switch_load_balancing_..   |
+| balance_scope='sequence'| per sequence, averaged (DeepSeek-V3; = balance_per_sequence)      | DeepSeek-V3 paper; Megatron seq_aux_loss|
+| force_balance           | ids = arange(T k).view(T, k) % E, w = probs at those ids          | torchtitan TokenChoiceTopKRouter.       |
+|                         | (benchmarking: speed apart from what the router learned)          | _debug_force_load_balance_routing       |
+| shared_gate             | shared output * sigmoid(w . x) (Qwen2-MoE)                        | HF Qwen2MoeSparseMoeBlock               |
 
 What the sources do, and where this file follows or leaves them (read for issue 10):
 - Cosine. X-MoE's own release (torchscale component/xmoe/routing.py) projects to 16 dims (orthogonal init,
@@ -74,6 +102,31 @@ What the sources do, and where this file follows or leaves them (read for issue 
   signs, scaled to the total |w| of the k slots (for weights >= 0 that is LibMoE's renormalisation to the same
   total); a token left with only a null slot gets no routed output. Margin: |w|_(1) - |w|_(2), the two largest
   magnitudes (w1 - w2 for weights >= 0, LibMoE's router_magine), plus the share of negative weights.
+
+What the sources of issue 11's methods do, and where this file follows them:
+- Global balance. Megatron's _apply_global_aux_loss all-reduces tokens_per_expert over the data-parallel group,
+  adds it to global_tokens_per_expert, counts ga_steps, and uses global_tokens_per_expert / ga_steps with the
+  local probabilities; finalize_model_grads resets both after the step. So micro-batch m sees the counts of
+  micro-batches 1..m, not of later ones (they are not known yet). Here: the same counts, as shares of the
+  assignments (identical for top-k; defined for variable-count routers); only in training steps (grad enabled),
+  else the micro-batch's own. Under DDP every rank's loss uses the same f and its own P, and DDP's mean of the
+  gradients is the gradient of E sum f mean_r P_r: the whole batch's (tests/ep_worker.py checks it).
+- ReMoE. The released router applies the L1 penalty through Megatron's switch_load_balancing_loss_func on the
+  ReLU outputs (the "load-balanced" L1 of the paper), with topk in f's denominator, in training only. The
+  coefficient is one model-wide buffer, lambda_0 = 1e-8, updated once per step with the sparsity averaged over
+  layers, micro-batches and data-parallel ranks: *1.2 below the target 1 - k/E, else /1.2. ReMoE's scripts also
+  set an aux-loss coefficient, but the ReLU router never computes it: configs/remoe.py sets aux_loss_coef = 0.
+  The balance probabilities returned here are softmax(Wx), used only if aux_loss_coef > 0.
+- Top-p. The released code (inference only) keeps the sorted experts with cumsum <= p and the first with cumsum > p,
+  marks the others -1 with weight 0 (this contract's UNUSED) and takes the raw probabilities as weights (no renorm).
+  The maximum per token (topp_max) and the dynamic loss H(p) with coefficient 1e-4 are the paper's; the paper's
+  balance loss (1e-2) is the shared one, f as shares of the variable number of assignments.
+- Expert choice. The paper routes over the whole batch: T = the micro-batch's B * S tokens, C = ceil(cf T k / E)
+  (cf k is the paper's c). Training is therefore not causal. Eval (model.eval(): validation loss, eval.py, sample)
+  uses each token's own top-k of p with weights p: causal, and the same weights' scale as in training.
+- Forced balance. Megatron replaces the logits by random normals (straight-through gradient); torchtitan assigns
+  round robin and gathers the router's scores there. Here torchtitan's rule (exactly balanced, deterministic) for
+  every router, with the balance-loss probabilities as the gathered scores, k = top_k slots.
 
 Choices and the numbers behind them:
 - Aux losses are computed from what the router returns, for any router. Balance (Switch / Megatron
@@ -598,7 +651,6 @@ class Experts(nn.Module):
             return self.grouped(x.to(dt), counts, scale[:, None].to(dt))
         return self.loop(x, counts.tolist(), scale[:, None])
 
-    @torch.compiler.disable  # eager inside torch.compile: its meta kernel accepts bf16 only (torch 2.13)
     @torch.compiler.disable  # eager inside torch.compile: its meta kernel accepts bf16 only (torch 2.13)
     def grouped(self, x, counts, scale):
         dt = x.dtype  # grouped_mm is not autocast-aware: cast as F.linear would be
