@@ -178,6 +178,9 @@ if config['init_from'] != 'scratch':  # the model, and on resume the whole run, 
         fail(e)
     if note and int(os.environ.get('RANK', 0)) == 0:
         print(note)
+    if config['init_from'] == 'resume' and 'optimizer' not in ckpt:  # weights only, or made by upcycle.py
+        fail(f"{ckpt_path} holds the weights only (no optimizer state) and cannot be resumed: start a new run "
+             f"from it with --init_from={os.path.dirname(ckpt_path)} --out_dir=<another folder>")
     if config['init_from'] == 'resume':  # the run goes on as it was: every key not given is the checkpoint's
         config.update({k: v for k, v in (ckpt.get('config') or {}).items()
                        if k in config and k not in given and k not in machine_keys})
@@ -381,9 +384,6 @@ else:  # model_args: the checkpoint's, with the training keys resolved above
         fail(f"dataset {dataset} has a vocabulary of {meta['vocab_size']} tokens but the model in {ckpt_path} has "
              f"{model_args['vocab_size']}: prepare the data with the model's tokenizer")
     if init_from == 'resume':
-        if 'optimizer' not in ckpt:
-            fail(f"{ckpt_path} holds the weights only (no optimizer state) and cannot be resumed: start a new run "
-                 f"from it with --init_from={os.path.dirname(ckpt_path)} --out_dir=<another folder>")
         iter_num, best_val_loss = ckpt['iter_num'], ckpt['best_val_loss']
 torch.manual_seed(seed)  # the same initial model on every rank and at every ep_size
 try:

@@ -398,3 +398,13 @@ def test_eval_rejects_a_damaged_data_folder_before_loading_anything(trainer, tmp
     assert r.returncode != 0 and len(lines) == 1 and lines[0].startswith('eval.py: error: '), r.stdout + r.stderr
     assert f"{folder / 'train.bin'} has" in lines[0] and 'not a whole number of uint16 tokens' in lines[0], lines[0]
     assert not (tmp_path / 'run' / 'eval.json').exists()
+
+
+def test_resuming_a_checkpoint_without_optimizer_state_is_one_line(trainer):
+    """an upcycled (or weights-only) checkpoint: refused before its config could be taken for the run's"""
+    out_dir = trainer.new_out_dir('upcycled')
+    tiny_checkpoint(out_dir, iters=(0,))
+    before = digest(out_dir)
+    r = trainer.run([*TINY, '--init_from=resume'], out_dir=out_dir, cache=False)
+    one_line_error(r, f"{out_dir / 'ckpt.pt'} holds the weights only", f'--init_from={out_dir}')
+    assert digest(out_dir) == before
