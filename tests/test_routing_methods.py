@@ -222,6 +222,48 @@ def test_expert_choice_equals_the_paper_and_eval_is_causal():
     torch.testing.assert_close(layer(xb)[0][:, :6], layer(later)[0][:, :6])
 
 # -----------------------------------------------------------------------------
+# dispatch of a variable number of experts per token, in training (expert choice routes by the batch there)
+
+
+def swiglu(x, c_fc, c_proj):
+    g, u = (x @ c_fc.t()).chunk(2, dim=-1)
+    return (g * torch.sigmoid(g) * u) @ c_proj.t()
+
+
+@pytest.mark.parametrize('impl', ['grouped', 'loop'])
+@pytest.mark.parametrize('router', ['remoe', 'topp', 'expert_choice'])
+def test_training_dispatch_of_variable_routers_matches_naive_loop(router, impl):
+    """y_t = sum over the token's used slots of w * expert_e(x_t), UNUSED slots skipped, against the layer's
+    output and every gradient (x, router, experts), grouped and loop expert paths"""
+    torch.manual_seed(0)
+    layer = make_layer(config(router, E=4, k=2, expert_impl=impl)).train()
+    with torch.no_grad():
+        layer.router.gate.weight.normal_(0, 0.5)
+    x = torch.randn(2, 10, 16, requires_grad=True)
+    R = torch.randn(2, 10, 16)
+    y, _ = layer(x)
+    params = dict(layer.named_parameters())
+    g = torch.autograd.grad((y * R).sum(), [x, *params.values()])
+    P = {n: p.detach().clone().requires_grad_() for n, p in params.items()}
+    xr = x.detach().clone().requires_grad_()
+    xf = xr.view(-1, 16)
+    r = torch.func.functional_call(layer.router, {'gate.weight': P['router.gate.weight']}, (xf,))
+    assert (r.ids < 0).any(), 'the case should have UNUSED slots'
+    rows = []
+    for t in range(xf.shape[0]):
+        yt = torch.zeros(16)
+        for j in range(r.ids.shape[1]):
+            e = int(r.ids[t, j])
+            if e >= 0:
+                yt = yt + r.weights[t, j] * swiglu(xf[t], P['experts.c_fc'][e], P['experts.c_proj'][e])
+        rows.append(yt)
+    y_ref = torch.stack(rows).view_as(y)
+    torch.testing.assert_close(y, y_ref, atol=ATOL, rtol=RTOL)
+    g_ref = torch.autograd.grad((y_ref * R).sum(), [xr, *P.values()])
+    for name, a, b in zip(['x', *params], g, g_ref):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL, msg=lambda m: f'grad of {name}: {m}')
+
+# -----------------------------------------------------------------------------
 # forced balance
 
 
