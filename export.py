@@ -193,6 +193,8 @@ class NanoMoEForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = NanoMoEConfig
     base_model_prefix = 'model'
     _no_split_modules = ['Block']
+    _keep_in_fp32_modules = _keep_in_fp32_modules_strict = ['router']  # router math is float32 (moe.py), also when
+                                                                      # loaded with dtype=bfloat16 / float16
 
     def __init__(self, config):
         super().__init__(config)

@@ -149,6 +149,18 @@ def test_remote_code_export_of_every_router(tmp_path, i):
     assert out[0].tolist() == model.generate(torch.tensor([[1, 2, 3]]), 5, top_k=1)[0].tolist()
 
 
+def test_remote_code_in_bfloat16_keeps_routers_in_float32(tmp_path):
+    """moe.py runs router math in float32: loaded with dtype=bfloat16 the routers stay float32 (else F.linear fails)"""
+    model = tiny(arch='llama', bias=False, router='tcmoe', n_experts=4)
+    folder = exported(tmp_path, model)
+    hf = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.bfloat16).eval()
+    assert {p.dtype for n, p in hf.named_parameters() if '.router.' in n} == {torch.float32}
+    assert hf.model.lm_head.weight.dtype == torch.bfloat16
+    idx = torch.randint(model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert (hf(idx).logits.float() - model(idx)[0]).abs().max() < 0.05  # bf16 rounding (logits ~0.8)
+
+
 def test_remote_code_forced_on_a_dense_model(tmp_path):
     model = tiny(arch='llama', bias=False)
     assert_same_logits(model, exported(tmp_path, model, remote_code=True), 'NanoMoEForCausalLM')
