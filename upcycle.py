@@ -39,7 +39,8 @@ from moe import router_options
 
 MOE_KEYS = ('router', 'n_experts', 'top_k', 'moe_every', 'moe_first_dense', 'expert_hidden', 'n_shared_experts',
             'shared_scale', 'routed_scale', 'router_renorm', 'capacity_factor', 'aux_loss_coef', 'z_loss_coef',
-            'balance_per_sequence')
+            'balance_per_sequence', 'balance_scope', 'shared_gate', 'force_balance', 'eval_capacity_factor',
+            'expert_impl')
 ARCH_KEYS = ('arch', 'n_layer', 'n_head', 'n_kv_head', 'n_embd', 'mlp_hidden', 'dropout', 'bias', 'tie_embeddings',
              'rope_theta')  # set by the source: ignored with a note (config files may compute with them)
 TRAIN_KEYS = ARCH_KEYS + (
@@ -245,7 +246,9 @@ def not_preserved(c, expert_noise=0.0, router_init_std=0.02):
                    f"add up to the MLP only when n_shared_experts + n_experts = {g}, top_k = n_experts = routed_scale, "
                    f"shared_scale = 1 and router_init_std = 0")
     if c.capacity_factor > 0:
-        why.append(f"capacity_factor={c.capacity_factor:g} may drop assignments")
+        why.append(f"capacity_factor={c.capacity_factor:g} may drop assignments in training")
+    if c.eval_capacity_factor > 0:
+        why.append(f"eval_capacity_factor={c.eval_capacity_factor:g} may drop assignments at evaluation")
     if expert_noise > 0:
         why.append(f"expert_noise={expert_noise:g} perturbs the expert copies")
     return why

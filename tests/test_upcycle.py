@@ -108,7 +108,7 @@ def test_split_preserves_only_when_every_slice_is_used_once(source, shared):
 
 NOT_PRESERVING = {'switch': dict(router='switch', top_k=1), 'renorm': dict(router='softmax', router_renorm=False),
                   'routed_scale': dict(router='sigmoid', routed_scale=2.0), 'tcmoe': dict(router='tcmoe'),
-                  'moepp': dict(router='moepp'), 'capacity': dict(router='softmax', capacity_factor=0.5),
+                  'moepp': dict(router='moepp'), 'capacity': dict(router='softmax', capacity_factor=0.5, eval_capacity_factor=0.5),
                   'shared_scale': dict(router='softmax', n_shared_experts=1), 'noise': dict(router='softmax')}
 
 
@@ -120,7 +120,7 @@ def test_not_preserving_settings_are_reported(source, name):
                                   router_init_std=0.5)
     why = ' '.join(upcycle.not_preserved(model.config, expert_noise=noise, router_init_std=0.5))
     assert {'renorm': 'router_renorm', 'routed_scale': 'routed_scale', 'capacity': 'capacity_factor',
-            'shared_scale': 'shared_scale', 'noise': 'expert_noise'}.get(name, name) in why
+            'shared_scale': 'shared_scale', 'noise': 'expert_noise'}.get(name, name) in why  # capacity: both
     assert (logits(model) - ref).abs().max() > 1e-3
 
 
