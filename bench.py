@@ -15,7 +15,9 @@ memory:  peak memory of forward + backward of the MoE layer against a dense MLP 
          (hidden E * expert_hidden), each in a fresh process (CPU: peak resident set above the set-up; CUDA:
          max_memory_allocated).
 step:    a training step (forward, backward, AdamW) of a small GPT, MoE against the dense GPT with the same
-         active parameters, in tokens/s.
+         active parameters, in tokens/s; the MoE routes with force_balance (equal load on every expert, as
+         Megatron's and torchtitan's benchmarks), so the step measures the layer, not what a router learned.
+         (The layer section keeps the router's own choices: Mixtral must route the same tokens.)
 compile: torch.compile(layer) against eager, forward + backward.
 """
 import argparse
@@ -49,7 +51,11 @@ if args.dtype == 'auto':
     args.dtype, why = auto_dtype(args.device.split(':')[0])
     print(f"dtype auto -> {args.dtype}: {why}")
 dtype = getattr(torch, args.dtype)
-settings = [tuple(int(v) for v in s.split(',')) for s in args.settings.split()]
+try:
+    settings = [tuple(int(v) for v in s.split(',')) for s in args.settings.split()]
+    assert settings and all(len(s) == 3 and 1 <= s[1] <= s[0] and s[2] > 0 for s in settings)
+except (ValueError, AssertionError):
+    parser.error(f"--settings={args.settings!r}: give E,k,expert_hidden triples, 1 <= k <= E: '8,2,1024 64,8,128'")
 
 
 def machine():
@@ -196,7 +202,7 @@ def step_bench():
         for name, router in (('dense', 'dense'), ('moe', 'softmax')):
             torch.manual_seed(0)
             c = GPTConfig(arch='llama', block_size=S, vocab_size=8192, n_layer=L, n_head=8, n_embd=args.d, bias=False,
-                          router=router, n_experts=E, top_k=k, expert_hidden=h, mlp_hidden=k * h)
+                          router=router, n_experts=E, top_k=k, expert_hidden=h, mlp_hidden=k * h, force_balance=True)
             models[name] = GPT(c).to(args.device)
             opts[name] = models[name].configure_optimizers(0.1, 1e-4, (0.9, 0.99), args.device.split(':')[0])
         x = torch.randint(0, 8192, (B, S), device=args.device)
