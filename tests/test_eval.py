@@ -301,7 +301,9 @@ def test_cli_analyze_writes_eval_json(tiny_moe_run, tmp_path, capsys):
     data.mkdir()
     ids = np.array(ev.load_run(tiny_moe_run, 'cpu')[2][0]('Hello world. ' * 50), dtype=np.uint16)
     ids.tofile(data / 'val.bin')
-    (data / 'meta.json').write_text(json.dumps(dict(tokenizer='gpt2', dtype='uint16', val_bytes=650, vocab_size=50257)))
+    (data / 'train.bin').write_bytes(b'')  # a complete folder, as prepare.py leaves it
+    (data / 'meta.json').write_text(json.dumps(dict(tokenizer='gpt2', dtype='uint16', val_bytes=650, vocab_size=50257,
+                                                    train_tokens=0, val_tokens=len(ids))))  # as prepare.py writes it
     argv = [str(tiny_moe_run), '--tasks', 'piqa,copa', '--data_dir', str(TASKS), '--limit', '6', '--batch_size', '5',
             '--analyze', '--ppl', str(text), '--ppl', str(data)]
     ev.main(argv)
