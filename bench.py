@@ -12,8 +12,8 @@ layer:   forward + backward of one MoE layer (llama flavour, softmax top-k) on T
          weights, with its eager experts (what a standalone block gets) and its grouped_mm experts.
          Timings are interleaved, the median of --reps is kept.
 memory:  peak memory of forward + backward of the MoE layer against a dense MLP with the same total parameters
-         (hidden E * expert_hidden), each in a fresh process (CPU: peak resident set above the set-up; CUDA:
-         max_memory_allocated).
+         (hidden E * expert_hidden), each in a fresh process (CPU, Linux: peak resident set above the set-up,
+         from /proc; CUDA: max_memory_allocated).
 step:    a training step (forward, backward, AdamW) of a small GPT, MoE against the dense GPT with the same
          active parameters, in tokens/s; the MoE routes with force_balance (equal load on every expert, as
          Megatron's and torchtitan's benchmarks), so the step measures the layer, not what a router learned.
@@ -23,7 +23,6 @@ compile: torch.compile(layer) against eager, forward + backward.
 import argparse
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -132,21 +131,22 @@ def layer_bench():
     T, d = args.tokens, args.d
     print(f"\nlayer: T={T} d={d}, forward+backward, median of {args.reps} interleaved runs; ratios to the dense "
           f"SwiGLU MLP with the same active FLOPs (hidden k * expert_hidden)\n{machine()}")
-    print("| E | k | expert_hidden | dense ms | moe grouped | moe loop | mixtral eager | mixtral grouped_mm | "
-          "mixtral eager / moe |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| E | k | expert_hidden | dense ms | moe (auto) | moe grouped | moe loop | mixtral eager | "
+          "mixtral grouped_mm | mixtral eager / moe (auto) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for E, k, h in settings:
-        grouped, loop = moe_layer(E, k, h, 'grouped'), moe_layer(E, k, h, 'loop')
+        auto, grouped, loop = moe_layer(E, k, h), moe_layer(E, k, h, 'grouped'), moe_layer(E, k, h, 'loop')
         dense = MLP(layer_config(E, k, h)).to(args.device, dtype)
         x = torch.randn(1, T, d, dtype=dtype, device=args.device)
         g = torch.randn(1, T, d, dtype=dtype, device=args.device)
-        fns = dict(dense=lambda x: dense(x)[0], grouped=lambda x: grouped(x)[0], loop=lambda x: loop(x)[0],
+        fns = dict(dense=lambda x: dense(x)[0], auto=lambda x: auto(x)[0], grouped=lambda x: grouped(x)[0],
+                   loop=lambda x: loop(x)[0],
                    mixtral_eager=mixtral_block(grouped, E, k, h, 'eager'),
                    mixtral_grouped=mixtral_block(grouped, E, k, h, 'grouped_mm'))
         t = time_all(fns, x, g, args.reps)
         r = {n: v / t['dense'] for n, v in t.items()}
-        print(f"| {E} | {k} | {h} | {t['dense'] * 1e3:.1f} | {r['grouped']:.2f} | {r['loop']:.2f} | "
-              f"{r['mixtral_eager']:.2f} | {r['mixtral_grouped']:.2f} | {t['mixtral_eager'] / t['grouped']:.2f}x |")
+        print(f"| {E} | {k} | {h} | {t['dense'] * 1e3:.1f} | {r['auto']:.2f} | {r['grouped']:.2f} | {r['loop']:.2f} | "
+              f"{r['mixtral_eager']:.2f} | {r['mixtral_grouped']:.2f} | {t['mixtral_eager'] / t['auto']:.2f}x |")
 
 
 def memory_probe(kind):
@@ -168,9 +168,17 @@ def memory_probe(kind):
         torch.cuda.reset_peak_memory_stats()
         fwd_bwd(fn, x, g)
         return torch.cuda.max_memory_allocated() - base
-    base = int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE')  # resident now
+    with open('/proc/self/clear_refs', 'w') as f:  # Linux: reset the peak resident set (VmHWM) to the current one
+        f.write('5')
+    base = resident('VmRSS')
     fwd_bwd(fn, x, g)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base  # peak resident (KiB on Linux)
+    return resident('VmHWM') - base
+
+
+def resident(field):
+    """bytes of this process's resident set now (VmRSS) or at its peak (VmHWM), from /proc/self/status"""
+    line = next(ln for ln in open('/proc/self/status') if ln.startswith(field + ':'))
+    return int(line.split()[1]) * 1024
 
 
 def memory_bench():

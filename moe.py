@@ -615,17 +615,17 @@ def activation(h, arch):
 
 
 def use_grouped(impl, device, dtype, widths):
-    """whether the experts run as grouped matmuls: 'grouped', 'loop', or 'auto' = grouped on every CPU (faster than
-    the loop at every size measured, see the docstring) and on CUDA GPUs of compute capability 8.0 and up, where the
-    rows are 16-byte aligned as F.grouped_mm needs (widths: the matrices' row lengths)"""
+    """whether the experts run as grouped matmuls: 'grouped', 'loop', or 'auto' = grouped on CUDA GPUs of compute
+    capability 8.0 and up (torchtitan's and Megatron's expert path) where the rows are 16-byte aligned as
+    F.grouped_mm needs (widths: the matrices' row lengths), the loop elsewhere: torch 2.13's CPU grouped_mm is a
+    loop of matmuls itself and measured slower than ours (see the docstring)"""
     size = torch.finfo(dtype).bits // 8
     aligned = all(n * size % 16 == 0 for n in widths)
     if impl == 'grouped' and not aligned:
         raise ValueError(f"expert_impl='grouped' needs n_embd and expert_hidden to be multiples of {16 // size} in "
                          f"{dtype} (F.grouped_mm's 16-byte rows): use expert_impl='auto' or 'loop'")
     if impl == 'auto':
-        fast = device.type == 'cpu' or (device.type == 'cuda' and torch.cuda.get_device_capability(device) >= (8, 0))
-        return fast and aligned
+        return device.type == 'cuda' and torch.cuda.get_device_capability(device) >= (8, 0) and aligned
     return impl == 'grouped'
 
 
@@ -642,14 +642,17 @@ class Experts(nn.Module):
         self.b_fc = nn.Parameter(torch.zeros(n, out)) if config.bias else None
         self.b_proj = nn.Parameter(torch.zeros(n, d)) if config.bias else None
 
-    def forward(self, x, counts, scale=None):
+    def forward(self, x, counts, scale=None, combine=None):
         """x (N, d) sorted by expert, counts (n,) rows per expert, scale (N,) or None: each row's output weight,
-        applied to the hidden activation (hidden <= d in fine-grained experts: the cheapest place) -> (N, d)"""
+        applied to the hidden activation (hidden <= d in fine-grained experts: the cheapest place) -> the rows'
+        outputs (N, d); with combine = (index (N,), T): their sums at each index, (T, d), with no (N, d) copy"""
         dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         scale = torch.ones(x.shape[0], device=x.device) if scale is None else scale
+        index, out = (None, None) if combine is None else (combine[0], x.new_zeros(combine[1], x.shape[1], dtype=dt))
         if use_grouped(self.impl, x.device, dt, self.c_proj.shape[1:]):  # (d, hidden); c_fc's rows are 1 or 2 x hidden
-            return self.grouped(x.to(dt), counts, scale[:, None].to(dt))
-        return self.loop(x, counts.tolist(), scale[:, None])
+            y = self.grouped(x.to(dt), counts, scale[:, None].to(dt))
+            return y if out is None else out.index_add_(0, index, y)
+        return self.loop(x, counts.tolist(), scale[:, None], index, out)
 
     @torch.compiler.disable  # eager inside torch.compile: its meta kernel accepts bf16 only (torch 2.13)
     def grouped(self, x, counts, scale):
@@ -663,16 +666,21 @@ class Experts(nn.Module):
             y = y + scale * self.b_proj.to(dt).repeat_interleave(counts, dim=0, output_size=x.shape[0])
         return y
 
-    def loop(self, x, sizes, scale):
+    def loop(self, x, sizes, scale, index=None, out=None):
         n = len(sizes)
         b_fc = [None] * n if self.b_fc is None else self.b_fc.unbind(0)
         b_proj = [None] * n if self.b_proj is None else self.b_proj.unbind(0)
-        out = []
-        for xe, se, w1, b1, w2, b2 in zip(x.split(sizes), scale.split(sizes), self.c_fc.unbind(0), b_fc,
-                                          self.c_proj.unbind(0), b_proj):  # unbind: one gradient copy, not E
+        index = [None] * n if index is None else index.split(sizes)
+        ys = []
+        for xe, se, ie, w1, b1, w2, b2 in zip(x.split(sizes), scale.split(sizes), index, self.c_fc.unbind(0), b_fc,
+                                              self.c_proj.unbind(0), b_proj):  # unbind: one gradient copy, not E
             ye = F.linear(activation(F.linear(xe, w1, b1), self.arch) * se, w2)
-            out.append(ye if b2 is None else ye + se * b2)
-        return torch.cat(out)
+            ye = ye if b2 is None else ye + se * b2
+            if out is None:
+                ys.append(ye)
+            else:  # straight into the tokens' rows: no torch.cat of the N outputs (a k*T*d copy)
+                out.index_add_(0, ie, ye.to(out.dtype))
+        return torch.cat(ys) if out is None else out
 
 
 class AllToAll(torch.autograd.Function):
@@ -784,15 +792,14 @@ class MoE(nn.Module):
             pos = torch.arange(n, device=x.device) - (load.cumsum(0) - load).repeat_interleave(load, output_size=n)  # place in its expert
             order, counts = order[pos < cap], load.clamp(max=cap)
         token = order % T  # (N,) the token of each kept assignment
-        ys = self.run_experts(x.index_select(0, token), counts, w.t().reshape(-1)[order])  # (N, d) weighted outputs
-        y = ys.new_zeros(T, x.shape[1]).index_add_(0, token, ys)  # (T, d): the sum over each token's kept slots
+        y = self.run_experts(x.index_select(0, token), counts, w.t().reshape(-1)[order], (token, T))  # (T, d)
         return y, load, n - counts.sum()
 
-    def run_experts(self, xs, counts, scale):
-        """xs (N, d) sorted by global expert id, counts (E,) rows per expert, scale (N,) their combine weights:
-        run the experts, wherever they live -> the weighted outputs (N, d)"""
+    def run_experts(self, xs, counts, scale, combine):
+        """xs (N, d) sorted by global expert id, counts (E,) rows per expert, scale (N,) their combine weights,
+        combine = (their tokens (N,), T): run the experts, wherever they live -> (T, d) each token's weighted sum"""
         if self.ep_size == 1:
-            return self.experts(xs, counts, scale)
+            return self.experts(xs, counts, scale, combine)
         ep, el = self.ep_size, self.n_experts // self.ep_size
         recv = torch.empty_like(counts)
         dist.all_to_all_single(recv, counts, group=self.ep_group)  # recv[r*el + j]: rank r's rows for my expert j
@@ -804,7 +811,8 @@ class MoE(nn.Module):
         regroup = local.argsort(stable=True)  # rank-major -> expert-major
         ye = self.experts(xr[regroup], recv.view(ep, el).sum(0), sr[regroup, 0])
         yr = torch.empty_like(ye).index_copy_(0, regroup, ye)  # back to rank-major
-        return AllToAll.apply(yr, in_splits, out_splits, self.ep_group)
+        ys = AllToAll.apply(yr, in_splits, out_splits, self.ep_group)  # (N, d) back where they came from
+        return ys.new_zeros(combine[1], ys.shape[1]).index_add_(0, combine[0], ys)
 
     @torch.no_grad()
     def record_stats(self, ids, w, load, dropped, training_step):

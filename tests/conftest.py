@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / 'shared' / 'data'
@@ -166,3 +167,12 @@ def trainer(tmp_path_factory):
     assert r.returncode == 0, r.stdout + r.stderr
     assert (root / 'data' / DATASET / 'meta.json').exists()
     return Trainer(root)
+
+
+@pytest.fixture(scope='module')
+def one_thread():
+    """tiny tensors: one thread is faster and does not stall when other processes share the 2 cores"""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -33,7 +33,7 @@ CASES = {
     'switch_capacity': dict(router='switch', top_k=1, capacity_factor=1.25),
     'tcmoe': dict(router='tcmoe', top_k=2),
     'moepp': dict(router='moepp', top_k=2),
-    'loop_bias': dict(router='softmax', top_k=2, bias=True, expert_impl='loop'),  # the other cases run grouped (auto on CPU)
+    'grouped_bias': dict(router='softmax', top_k=2, bias=True, expert_impl='grouped'),  # the others: auto = loop on CPU
     'remoe': dict(router='remoe', top_k=2),  # a variable number of experts per token (UNUSED slots)
     'topp': dict(router='topp', top_k=2, n_shared_experts=1, shared_gate=True),
     'expert_choice': dict(router='expert_choice', top_k=2),

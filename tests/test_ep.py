@@ -36,7 +36,7 @@ def test_ep_layer_equals_single_process_layer(tmp_path, nproc):
     results = [json.loads((tmp_path / f'rank{r}.json').read_text()) for r in range(nproc)]
     cases = set(results[0])
     expected = {f'{c}/ep{ep}' for c in ('softmax_bias', 'sigmoid', 'deepseek_shared', 'capacity', 'shared_llama_top1',
-                                        'zero_tokens', 'switch_capacity', 'tcmoe', 'moepp', 'loop_bias', 'remoe',
+                                        'zero_tokens', 'switch_capacity', 'tcmoe', 'moepp', 'grouped_bias', 'remoe',
                                         'topp', 'expert_choice')
                 for ep in ([4, 2] if nproc == 4 else [2])}
     expected |= {f'global_balance_{r}/dp{nproc}' for r in ('softmax', 'topp')}  # balance_scope='global', no EP

@@ -19,13 +19,7 @@ ATOL, RTOL = 1e-5, 1e-5
 ROUTERS = list(moe.ROUTERS)
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """tiny tensors: one thread is faster and does not stall when other processes share the 2 cores"""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')  # conftest.py: tiny tensors run fastest on one thread
 
 
 def config(arch='llama', router='softmax', E=4, k=2, d=16, hidden=24, **kw):

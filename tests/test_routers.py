@@ -21,12 +21,7 @@ from model import GPT, GPTConfig  # noqa: E402
 E, K, D, T = 4, 2, 16, 24
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')  # conftest.py: tiny tensors run fastest on one thread
 
 
 def config(router, E=E, k=K, d=D, **options):

@@ -23,12 +23,7 @@ from model import GPTConfig  # noqa: E402
 ATOL, RTOL = 1e-5, 1e-5
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')  # conftest.py: tiny tensors run fastest on one thread
 
 
 def config(router='softmax', E=4, k=2, d=16, **kw):
