@@ -185,8 +185,8 @@ def memory_bench():
     print(f"\nmemory: peak of one forward+backward above the set-up (parameters, input), each in a fresh process; "
           f"T={args.tokens} d={args.d}\n{machine()}")
     print("| E | k | expert_hidden | dense MLP, same total params (MB) | moe grouped (MB) | moe loop (MB) | "
-          "grouped / dense |")
-    print("|---|---|---|---|---|---|---|")
+          "grouped / dense | loop / dense |")
+    print("|---|---|---|---|---|---|---|---|")
     for E, k, h in settings:
         mb = {}
         for kind in ('dense', 'grouped', 'loop'):
@@ -195,7 +195,7 @@ def memory_bench():
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
             mb[kind] = int(out.split()[-1]) / 2 ** 20
         print(f"| {E} | {k} | {h} | {mb['dense']:.0f} | {mb['grouped']:.0f} | {mb['loop']:.0f} | "
-              f"{mb['grouped'] / mb['dense']:.2f} |")
+              f"{mb['grouped'] / mb['dense']:.2f} | {mb['loop'] / mb['dense']:.2f} |")
 
 
 def step_bench():
