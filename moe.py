@@ -652,7 +652,7 @@ class Experts(nn.Module):
         if use_grouped(self.impl, x.device, dt, self.c_proj.shape[1:]):  # (d, hidden); c_fc's rows are 1 or 2 x hidden
             y = self.grouped(x.to(dt), counts, scale[:, None].to(dt))
             return y if out is None else out.index_add_(0, index, y)
-        return self.loop(x, counts.tolist(), scale[:, None], index, out)
+        return self.loop(x, counts.tolist(), scale[:, None].to(dt), index, out)
 
     @torch.compiler.disable  # eager inside torch.compile: its meta kernel accepts bf16 only (torch 2.13)
     def grouped(self, x, counts, scale):

@@ -619,3 +619,25 @@ def test_config_errors():
         moe.MoE(config(router='deepseek', E=4, k=2, router_options=dict(n_group=3)), 24)
     with pytest.raises(ValueError, match=r'ep_size=3'):
         moe.MoE(config(router='softmax', E=4, k=2, ep_size=3), 24)
+
+
+@pytest.mark.parametrize('impl', ['grouped', 'loop'])
+@pytest.mark.parametrize('arch', ['gpt2', 'llama'])
+def test_bf16_weights_and_autocast_match_fp32(arch, impl):
+    """bf16 expert weights (bench.py's layers) and bf16 autocast (train.py's) give the float32 layer's output
+    to bf16 precision, on both expert paths"""
+    torch.manual_seed(0)
+    cfg = config(arch, 'softmax', E=4, k=2, d=16, hidden=32, n_shared_experts=1, expert_impl=impl)
+    layer = make_layer(cfg)
+    x = torch.randn(2, 12, 16)
+    ref = layer(x)[0]
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        y_autocast = layer(x)[0]
+    half = make_layer(cfg)
+    half.load_state_dict(layer.state_dict())
+    half = half.to(torch.bfloat16)
+    half.router.float()
+    y_half = half(x.bfloat16())[0]
+    assert y_half.dtype == torch.bfloat16
+    for y in (y_autocast, y_half):
+        torch.testing.assert_close(y.float(), ref, atol=3e-2, rtol=3e-2)
