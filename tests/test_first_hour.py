@@ -235,11 +235,11 @@ def test_new_run_in_a_used_out_dir_starts_a_fresh_log(trainer):
     assert resumed.losses()[3] == second.losses()[3] and resumed.losses()[4] != 99.0
 
 
-@pytest.mark.parametrize('nproc', [1, 2])
-def test_ctrl_c_stops_with_one_line_saying_where_the_checkpoint_is(trainer, nproc):
+def test_ctrl_c_stops_with_one_line_saying_where_the_checkpoint_is(trainer):
+    """the README's command, torchrun with two processes: every rank stops, rank 0 says where the checkpoint is"""
     out_dir = trainer.new_out_dir('ctrlc')
     marker = uuid.uuid4().hex
-    cmd = launcher(nproc) + [str(TRAIN), *ARGS, '--max_iters=100000', '--eval_interval=5', f'--out_dir={out_dir}']
+    cmd = launcher(2) + [str(TRAIN), *ARGS, '--max_iters=100000', '--eval_interval=5', f'--out_dir={out_dir}']
     proc = subprocess.Popen(cmd, cwd=trainer.root, env={**child_env(), 'TRAIN_TEST_RUN': marker}, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -260,10 +260,8 @@ def test_ctrl_c_stops_with_one_line_saying_where_the_checkpoint_is(trainer, npro
     assert len(stop) == 1, out[-3000:]
     assert stop[0].endswith(f": the last checkpoint is {out_dir / 'ckpt.pt'} (iter {saved}): continue with --init_from=resume")
     assert 'File "' + str(TRAIN) not in out and 'KeyboardInterrupt' not in out, out[-3000:]  # no rank's traceback
-    if nproc == 1:
-        assert proc.returncode == 130 and 'Traceback' not in out
-    else:  # torchrun itself reports the signal it got (its own traceback, which train.py cannot change)
-        assert out.count('Traceback') <= 1 and len(lines[lines.index(stop[0]):]) < 40, out[-3000:]
+    # torchrun itself reports the signal it got (its own traceback, which train.py cannot change)
+    assert out.count('Traceback') <= 1 and len(lines[lines.index(stop[0]):]) < 40, out[-3000:]
 
 
 def test_slow_phases_show_progress(trainer):
@@ -325,6 +323,4 @@ def test_weights_only_checkpoint(trainer, monkeypatch):
     assert ppl[0] == ppl[1] and math.isfinite(ppl[1]['loss'])
     resumed = trainer.resume(light.out_dir, [*ARGS, '--max_iters=4'])
     assert resumed.rc == 1 and 'holds the weights only (no optimizer state) and cannot be resumed' in resumed.stderr
-    assert 'Traceback' not in resumed.out
-    tuned = trainer.run([*SHORT, f'--init_from={light.out_dir}'], cache=False).check()
-    assert tuned.val_losses()[0] == light.val_losses()[2]  # it starts from the saved weights
+    assert 'Traceback' not in resumed.out  # (init_from=<folder> needs only weights: upcycled checkpoints, test_train)
