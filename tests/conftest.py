@@ -23,6 +23,10 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / 'shared' / 'data'
+TASKS = SHARED_DATA / 'tasks'
+os.environ.setdefault('TIKTOKEN_CACHE_DIR', str(SHARED_DATA / 'gpt2' / 'tiktoken_cache'))  # gpt2 offline, for every test
+os.environ.setdefault('HF_HUB_OFFLINE', '1')
+os.environ.setdefault('HF_DATASETS_OFFLINE', '1')
 SHAKESPEARE = SHARED_DATA / 'tinyshakespeare' / 'input.txt'
 TRAIN = REPO / 'train.py'
 DATASET = 'tiny'

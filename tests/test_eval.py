@@ -20,9 +20,6 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / 'shared' / 'data'
 TASKS = DATA / 'tasks'
-os.environ.setdefault('TIKTOKEN_CACHE_DIR', str(DATA / 'gpt2' / 'tiktoken_cache'))  # gpt2 offline
-os.environ.setdefault('HF_HUB_OFFLINE', '1')
-os.environ.setdefault('HF_DATASETS_OFFLINE', '1')
 sys.path.insert(0, str(REPO))
 import eval as ev  # noqa: E402
 import upcycle  # noqa: E402

@@ -26,9 +26,6 @@ from conftest import REPO, TINY, TRAIN, child_env, config, kill_marked, launcher
 
 DATA = REPO.parent / 'shared' / 'data'
 TASKS = DATA / 'tasks'
-os.environ.setdefault('TIKTOKEN_CACHE_DIR', str(DATA / 'gpt2' / 'tiktoken_cache'))  # gpt2 offline
-os.environ.setdefault('HF_HUB_OFFLINE', '1')
-os.environ.setdefault('HF_DATASETS_OFFLINE', '1')
 sys.path.insert(0, str(REPO))
 import eval as ev  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
