@@ -194,9 +194,9 @@ if config['init_from'] != 'scratch':  # the model, and on resume the whole run, 
              + ', '.join(f"{k}={config[k]!r} ({given[k]})" for k in bad)
              + ": the architecture comes from the checkpoint, drop these settings (or train from scratch)")
     model_args = {**old, 'router_options': dict(old['router_options'])}
-    for k in train_keys:  # given, or the checkpoint's
-        where = model_args if k in model_args else model_args['router_options'] if k in old['router_options'] else None
-        if where is not None and k in given:
+    for k in train_keys:  # given, or the checkpoint's (also where the checkpoint predates the key)
+        if k in given:
+            where = model_args if k in {f.name for f in fields(GPTConfig)} else model_args['router_options']
             where[k] = config[k]
     if config['block_size'] > old['block_size'] and 'block_size' in given:
         fail(f"block_size={config['block_size']} ({given['block_size']}) is longer than the {old['block_size']} "

