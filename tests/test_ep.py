@@ -59,7 +59,7 @@ def test_ep_layer_equals_single_process_layer(tmp_path, nproc):
 # training
 
 
-@pytest.mark.parametrize('name', ['softmax', 'sigmoid', 'deepseek'])
+@pytest.mark.parametrize('name', ['softmax', 'deepseek'])  # sigmoid under EP: the layer test (ep_worker.py)
 def test_ep2_training_equals_one_process(trainer, name):
     ref = trainer.run(config_args(name)).check()
     ep = trainer.run([*config_args(name), '--ep_size=2'], nproc=2).check()
