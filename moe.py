@@ -633,6 +633,11 @@ def activation(h, arch):
     return F.silu(gate) * up
 
 
+def weigh(t, scale):
+    """t times each row's combine weight scale (N, 1); None = unweighted (shared experts: no multiply by ones)"""
+    return t if scale is None else t * scale
+
+
 def use_grouped(impl, device, dtype, widths):
     """whether the experts run as grouped matmuls: 'grouped', 'loop', or 'auto' = grouped on CUDA GPUs of compute
     capability 8.0 and up (torchtitan's and Megatron's expert path) where the rows are 16-byte aligned as
@@ -666,12 +671,12 @@ class Experts(nn.Module):
         applied to the hidden activation (hidden <= d in fine-grained experts: the cheapest place) -> the rows'
         outputs (N, d); with combine = (index (N,), T): their sums at each index, (T, d), with no (N, d) copy"""
         dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        scale = torch.ones(x.shape[0], device=x.device) if scale is None else scale
+        scale = None if scale is None else scale[:, None].to(dt)  # (N, 1); None: unweighted (shared experts)
         index, out = (None, None) if combine is None else (combine[0], x.new_zeros(combine[1], x.shape[1], dtype=dt))
         if use_grouped(self.impl, x.device, dt, self.c_proj.shape[1:]):  # (d, hidden); c_fc's rows are 1 or 2 x hidden
-            y = self.grouped(x.to(dt), counts, scale[:, None].to(dt))
+            y = self.grouped(x.to(dt), counts, scale)
             return y if out is None else out.index_add_(0, index, y)
-        return self.loop(x, counts.tolist(), scale[:, None].to(dt), index, out)
+        return self.loop(x, counts.tolist(), scale, index, out)
 
     @torch.compiler.disable  # eager inside torch.compile: its meta kernel accepts bf16 only (torch 2.13)
     def grouped(self, x, counts, scale):
@@ -680,9 +685,10 @@ class Experts(nn.Module):
         h = F.grouped_mm(x, self.c_fc.to(dt).transpose(1, 2), offs=offs)  # (N, out)
         if self.b_fc is not None:
             h = h + self.b_fc.to(dt).repeat_interleave(counts, dim=0, output_size=x.shape[0])  # each row's expert bias
-        y = F.grouped_mm(activation(h, self.arch) * scale, self.c_proj.to(dt).transpose(1, 2), offs=offs)  # (N, d)
+        a = weigh(activation(h, self.arch), scale)  # (N, hidden)
+        y = F.grouped_mm(a, self.c_proj.to(dt).transpose(1, 2), offs=offs)  # (N, d)
         if self.b_proj is not None:
-            y = y + scale * self.b_proj.to(dt).repeat_interleave(counts, dim=0, output_size=x.shape[0])
+            y = y + weigh(self.b_proj.to(dt).repeat_interleave(counts, dim=0, output_size=x.shape[0]), scale)
         return y
 
     def loop(self, x, sizes, scale, index=None, out=None):
@@ -690,11 +696,12 @@ class Experts(nn.Module):
         b_fc = [None] * n if self.b_fc is None else self.b_fc.unbind(0)
         b_proj = [None] * n if self.b_proj is None else self.b_proj.unbind(0)
         index = [None] * n if index is None else index.split(sizes)
+        scale = [None] * n if scale is None else scale.split(sizes)
         ys = []
-        for xe, se, ie, w1, b1, w2, b2 in zip(x.split(sizes), scale.split(sizes), index, self.c_fc.unbind(0), b_fc,
+        for xe, se, ie, w1, b1, w2, b2 in zip(x.split(sizes), scale, index, self.c_fc.unbind(0), b_fc,
                                               self.c_proj.unbind(0), b_proj):  # unbind: one gradient copy, not E
-            ye = F.linear(activation(F.linear(xe, w1, b1), self.arch) * se, w2)
-            ye = ye if b2 is None else ye + se * b2
+            ye = F.linear(weigh(activation(F.linear(xe, w1, b1), self.arch), se), w2)
+            ye = ye if b2 is None else ye + weigh(b2, se)
             if out is None:
                 ys.append(ye)
             else:  # straight into the tokens' rows: no torch.cat of the N outputs (a k*T*d copy)
@@ -719,6 +726,10 @@ class AllToAll(torch.autograd.Function):
 
 # -----------------------------------------------------------------------------
 # the layer
+
+SUMS = ('tokens', 'assignments', 'dropped', 'entropy', 'margin', 'slots', 'negative')  # a layer's statistics counters
+# (summed over forwards, all-reduced as one tensor by train.py): used slots are ids >= 0; entropy, margin: weight_sums
+
 
 class MoE(nn.Module):
     """router -> sort-based dispatch -> experts -> weighted combine (+ cheap experts, + shared experts)"""
@@ -748,8 +759,7 @@ class MoE(nn.Module):
         for name in ('load', 'step_counts'):  # load: since the last reset_stats; step_counts: since the last bias update
             self.register_buffer(name, torch.zeros(config.n_experts), persistent=False)
         self.register_buffer('step_tokens', torch.zeros(()), persistent=False)  # tokens since the last step (ReMoE)
-        # tokens, assignments, dropped, weight entropy, margin, used slots, negative weights
-        self.register_buffer('sums', torch.zeros(7), persistent=False)
+        self.register_buffer('sums', torch.zeros(len(SUMS)), persistent=False)  # running sums of SUMS, in that order
 
     def forward(self, x, prev=None):
         """x (B, S, d), prev: the previous MoE layer's aux['state'] (None in the first) -> y, aux: the unweighted
@@ -840,8 +850,9 @@ class MoE(nn.Module):
             self.step_counts += load
             self.step_tokens += ids.shape[0]
         entropy, margin, negative = weight_sums(w)
-        self.sums += torch.stack([entropy.new_tensor(ids.shape[0]), load.sum().float(), dropped.float(),
-                                  entropy, margin, (ids >= 0).sum().float(), negative])
+        now = dict(tokens=entropy.new_tensor(ids.shape[0]), assignments=load.sum().float(), dropped=dropped.float(),
+                   entropy=entropy, margin=margin, slots=(ids >= 0).sum().float(), negative=negative)
+        self.sums += torch.stack([now[k] for k in SUMS])
         if self.record is not None:
             self.record.append((ids.cpu(), w.cpu()))
 
@@ -850,10 +861,10 @@ class MoE(nn.Module):
         experts per token (FFN assignments per token before any drop: k for top-k routers, variable for ReMoE, top-p,
         expert choice, fewer for cheap experts), mean entropy of the slots' weights, router margin (|w|_(1) - |w|_(2)),
         dropped fraction, share of the used slots with a negative weight (signed routers)"""
-        tokens, assignments, dropped, entropy, margin, slots, negative = self.sums.tolist()
-        return dict(**load_stats(self.load), experts_per_token=assignments / max(tokens, 1),
-                    weight_entropy=entropy / max(tokens, 1), margin=margin / max(tokens, 1),
-                    dropped=dropped / max(assignments, 1), negative=negative / max(slots, 1))
+        s = dict(zip(SUMS, self.sums.tolist()))
+        return dict(**load_stats(self.load), experts_per_token=s['assignments'] / max(s['tokens'], 1),
+                    weight_entropy=s['entropy'] / max(s['tokens'], 1), margin=s['margin'] / max(s['tokens'], 1),
+                    dropped=s['dropped'] / max(s['assignments'], 1), negative=s['negative'] / max(s['slots'], 1))
 
     def reset_stats(self):
         self.load.zero_()
