@@ -449,7 +449,7 @@ class ReMoERouter(Router):
     slots ordered by weight; training adds a load-balanced L1 penalty (ReMoE router.py apply_l1_reg, Megatron's
     switch_load_balancing_loss_func on the ReLU outputs): lambda * E * sum_e (c_e / (T k)) * mean_t ReLU(Wx)_te,
     c_e = tokens with a positive weight for e. lambda is one value for the whole model, adapted after each optimizer
-    step by update_l1_coefficients: times alpha while the step's sparsity (zero weights / (T E), over the layers,
+    step by end_step: times alpha while the step's sparsity (zero weights / (T E), over the layers,
     micro-batches and ranks) is below the target 1 - k/E, else divided by alpha (ReMoE training.py)."""
     options = dict(remoe_l1_init=1e-8,  # lambda_0, the L1 coefficient at the start (ReMoE: 1e-8)
                    remoe_l1_alpha=1.2)  # lambda's multiplicative step toward sparsity 1 - top_k/E (ReMoE: 1.2)
@@ -878,17 +878,30 @@ def set_expert_parallel(model, group):
             m.ep_group = group
 
 
-def update_router_biases(model, group=None):
-    """aux-loss-free balancing: one all-reduce of every biased router's step counts, then b += u sign(mean - c)"""
-    layers = [m for m in model.modules() if isinstance(m, MoE) and hasattr(m.router, 'update_bias')]
-    if not layers:
-        return
-    counts = torch.stack([m.step_counts for m in layers])  # (L, E)
-    if dist.is_initialized():
-        dist.all_reduce(counts, group=group)
-    for m, c in zip(layers, counts):
-        m.router.update_bias(c)
+def end_step(model, group=None, update=True):
+    """after each optimizer step (update=False: a skipped one): the routers that learn from the step's counts get
+    them, summed over every rank in one all-reduce: DeepSeek-V3's bias per layer (b += u sign(mean - c)), ReMoE's
+    L1 coefficient from the sparsity 1 - assignments / (tokens E) over all its layers; then every layer counts the
+    next step afresh (the 'global' balance scope too: Megatron's reset_global_aux_loss_tracker)"""
+    layers = [m for m in model.modules() if isinstance(m, MoE)]
+    learners = [m for m in layers if hasattr(m.router, 'update_bias') or hasattr(m.router, 'update_coefficient')]
+    if update and learners:
+        c = torch.stack([torch.cat([m.step_counts, m.step_tokens[None]]) for m in learners])  # (L, E+1)
+        if dist.is_initialized():
+            dist.all_reduce(c, group=group)
+        remoe = [(m, row) for m, row in zip(learners, c) if hasattr(m.router, 'update_coefficient')]
+        for m, row in zip(learners, c):
+            if hasattr(m.router, 'update_bias'):
+                m.router.update_bias(row[:-1])
+        slots = sum(row[-1] * m.n_experts for m, row in remoe)
+        if remoe and slots > 0:
+            sparsity = 1 - (sum(row[:-1].sum() for _, row in remoe) / slots).item()
+            for m, _ in remoe:
+                m.router.update_coefficient(sparsity)
+    for m in layers:
         m.step_counts.zero_()
+        m.step_tokens.zero_()
+        m.balance_counts = None
 
 
 def set_balance_group(model, group):
@@ -897,32 +910,6 @@ def set_balance_group(model, group):
     for m in model.modules():
         if isinstance(m, MoE):
             m.balance_group = group
-
-
-def reset_balance_counts(model):
-    """after each optimizer step: the 'global' balance scope starts counting the next step's micro-batches
-    (Megatron's reset_global_aux_loss_tracker)"""
-    for m in model.modules():
-        if isinstance(m, MoE):
-            m.balance_counts = None
-
-
-def update_l1_coefficients(model, group=None):
-    """ReMoE: after each optimizer step, the step's sparsity 1 - assignments / (tokens E) over every ReMoE layer,
-    micro-batch and rank (one all-reduce), then each ReMoE router's lambda is multiplied or divided by alpha"""
-    layers = [m for m in model.modules() if isinstance(m, MoE) and hasattr(m.router, 'update_coefficient')]
-    if not layers:
-        return
-    c = torch.stack([torch.stack([m.step_counts.sum(), m.step_tokens * m.n_experts]) for m in layers]).sum(0)  # (2,)
-    if dist.is_initialized():
-        dist.all_reduce(c, group=group)
-    if c[1] > 0:
-        sparsity = 1 - (c[0] / c[1]).item()
-        for m in layers:
-            m.router.update_coefficient(sparsity)
-    for m in layers:
-        m.step_counts.zero_()
-        m.step_tokens.zero_()
 
 
 def set_progress(model, frac):

@@ -659,17 +659,12 @@ while True:
     bad = ~torch.isfinite(step_loss[0]) | (~torch.isfinite(grad_norm) & (not scaler.is_enabled()))
     if all_reduce(bad.float()).item():  # one host sync per step
         bad_steps, skipped_steps = bad_steps + 1, skipped_steps + 1
-        for m in moe_layers:  # no bias or L1 coefficient update from this step's counts
-            m.step_counts.zero_()
-            m.step_tokens.zero_()
         scaler.update()  # (float16: lowers the scale)
     else:
         bad_steps = 0
         scaler.step(optimizer)
         scaler.update()
-        moe.update_router_biases(raw_model)
-        moe.update_l1_coefficients(raw_model)  # ReMoE's adaptive L1 coefficient
-    moe.reset_balance_counts(raw_model)  # balance_scope='global' counts the next step afresh
+    moe.end_step(raw_model, update=not bad_steps)  # DeepSeek-V3's bias, ReMoE's L1 coefficient; counts reset
     optimizer.zero_grad(set_to_none=True)
     iter_num += 1
     if bad_steps:

@@ -439,7 +439,7 @@ def test_deepseek_bias_balances_load():
         layer(x)  # training mode, grad enabled: step_counts accumulate
         assert layer.step_counts.sum() == x.shape[0] * x.shape[1] * 2, \
             'step_counts did not accumulate in a training forward with grad enabled (so the bias never moves)'
-        moe.update_router_biases(layer)
+        moe.end_step(layer)
         assert (layer.step_counts == 0).all()
     cv1, load1 = load_cv()
     b = layer.router.expert_bias
@@ -598,7 +598,7 @@ def test_tiny_gpt_overfits_one_batch(arch, router):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        moe.update_router_biases(model)
+        moe.end_step(model)
     assert set(model.aux) == {'balance', 'z', 'router'}
     assert ce[-1] < 0.3 * ce[0], (ce[0], ce[-1])  # about 0.1 after 60 steps for every router and flavour
 

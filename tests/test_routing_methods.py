@@ -130,7 +130,7 @@ def test_remoe_l1_coefficient_adapts_as_remoe_training(shift, grows):
         layers[0](torch.randn(1, 3, 16))
     sparsity = 1 - nonzero / (4 * 10 * E)
     assert (sparsity < 1 - k / E) == grows
-    moe.update_l1_coefficients(layers)
+    moe.end_step(layers)
     want = 1e-3 * 1.2 if sparsity < 1 - k / E else 1e-3 / 1.2
     for m in layers:
         assert m.router.l1_coef.item() == pytest.approx(want, rel=1e-6)
@@ -353,14 +353,14 @@ def test_global_balance_accumulates_the_steps_micro_batches():
     torch.testing.assert_close(losses[0][0], by_hand_balance(losses[0][1], counts[0]))
     torch.testing.assert_close(losses[1][0], by_hand_balance(losses[1][1], counts[0] + counts[1]))
     assert abs(losses[1][0].item() - by_hand_balance(losses[1][1], counts[1]).item()) > 1e-4  # differs from 'batch'
-    moe.reset_balance_counts(layer)
+    moe.end_step(layer)
     _, aux = layer(xs[2])
     torch.testing.assert_close(aux['balance'], by_hand_balance(losses[2][1], counts[2]))  # a new step
     with torch.no_grad():  # not a training step: the micro-batch's own counts, nothing accumulated
         _, aux = layer(xs[0])
     torch.testing.assert_close(aux['balance'], by_hand_balance(losses[0][1], counts[0]))
     # the gradient treats f as a constant, P local
-    moe.reset_balance_counts(layer)
+    moe.end_step(layer)
     layer(xs[0])
     x = xs[1]
     _, aux = layer(x)
