@@ -106,22 +106,24 @@ SCALES = {
         tasks=['arc_easy', 'copa'], limit=40, upcycle_eval=dict(batch_size=32),
         upcycle_configs=[n for n in CONFIGS if n not in VARIANTS],  # each router once: ~100 s per run here
         expected=dict(scratch=60, upcycle=100)),  # seconds per run, for the first time-left estimate
-    'gpu': dict(  # one H100-class GPU in bf16: 150 runs, each about a minute (README: not run here)
+    'gpu': dict(  # one H100-class GPU in bf16, every configuration with 3 seeds: 106 runs (README: an estimate)
         device='cuda', dtype='bfloat16', seeds=[1337, 1338, 1339], seeded=list(CONFIGS),
         corpus=[GUTENBERG], scratch_dataset='gutenberg_gpt2', upcycle_dataset='gutenberg_smollm2',
         scratch=dict(n_layer=6, n_head=8, n_embd=512, block_size=512, batch_size=32, gradient_accumulation_steps=2,
-                     max_iters=600, learning_rate=1.5e-3, min_lr=1.5e-4, warmup_iters=60, eval_interval=200,
-                     eval_iters=20, log_interval=20, n_experts=8),  # 600 x 32,768 tokens = 19.7M
+                     max_iters=500, learning_rate=1.5e-3, min_lr=1.5e-4, warmup_iters=50, eval_interval=500,
+                     eval_iters=20, log_interval=20, n_experts=8,  # 500 x 32,768 tokens = 16.4M
+                     save_optimizer=False),  # only the final weights (57 runs): an interrupted run starts again
         scratch_eval=dict(batch_size=32),  # the whole held-out books and wikitext-2
         upcycle=dict(n_experts=4, top_k=2),
-        finetune=dict(block_size=1024, batch_size=16, gradient_accumulation_steps=2, max_iters=150,
-                      learning_rate=3e-5, min_lr=3e-6, warmup_iters=15, eval_interval=150, eval_iters=20,
-                      log_interval=10),  # 150 x 32,768 tokens = 4.9M
+        finetune=dict(block_size=1024, batch_size=16, gradient_accumulation_steps=2, max_iters=100,
+                      learning_rate=3e-5, min_lr=3e-6, warmup_iters=10, eval_interval=100, eval_iters=20,
+                      log_interval=10),  # 100 x 32,768 tokens = 3.3M
         tasks=['piqa', 'arc_easy', 'arc_challenge', 'hellaswag', 'winogrande', 'lambada_openai', 'boolq',
-               'openbookqa', 'copa'], limit=500, upcycle_eval=dict(batch_size=64), upcycle_configs=list(CONFIGS),
-        expected=dict(scratch=60, upcycle=90)),
+               'openbookqa', 'copa'], limit=300, upcycle_eval=dict(batch_size=64),
+        upcycle_configs=[n for n in CONFIGS if n not in VARIANTS],
+        expected=dict(scratch=60, upcycle=120)),
     'tiny': dict(  # the test suite's scale (tests/test_study.py): seconds per run, numbers without meaning
-        device='cpu', dtype='float32', seeds=[1, 2], seeded=['dense'],
+        device='cpu', dtype='float32', seeds=[1, 2], seeded=['softmax'],
         corpus=[GUTENBERG / 'pg1656.txt', GUTENBERG / 'pg1974.txt', GUTENBERG / 'pg6763.txt'],
         scratch_dataset='study_tiny_gpt2', upcycle_dataset='study_tiny_source',
         scratch=dict(n_layer=1, n_head=2, n_embd=16, block_size=32, batch_size=4, gradient_accumulation_steps=1,
@@ -170,7 +172,8 @@ def scratch_run(s, name, seed, root):
     data = Path('data') / s['scratch_dataset']
     evaluate = ['eval.py', str(out), '--ppl', str(data), '--ppl', str(WIKITEXT), '--analyze', f"--dtype={s['dtype']}",
                 f"--device={s['device']}", *flags(s['scratch_eval'])]
-    return dict(track='scratch', config=name, seed=seed, dir=str(out), steps=dict(train=train, eval=evaluate))
+    return dict(track='scratch', config=name, seed=seed, dir=str(out), steps=dict(train=train, eval=evaluate),
+                resumable=settings.get('save_optimizer', True))
 
 
 def upcycle_run(s, name, seed, root):
@@ -260,7 +263,8 @@ def run_steps(run, log_name='study.log'):
             continue
         print(f"    {step} ...", flush=True)
         # train.py from scratch continues its own checkpoint; an upcycled fine-tune keeps no optimizer: restarts
-        resume = step == 'train' and run['track'] == 'scratch' and (folder / 'ckpt.pt').is_file()
+        resume = (step == 'train' and run['track'] == 'scratch' and run.get('resumable', True)
+                  and (folder / 'ckpt.pt').is_file())
         seconds, text = execute(f"{run['track']}/{run['name']} {step}", argv, folder / log_name, resume)
         done[step] = dict(command=text, seconds=seconds, resumed=resume)
         folder.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,216 @@
+"""study.py: the protocol (every configuration at the dense model's active width, the same data, seeds), the
+tables against the runs' own eval.json files, an interruption (Ctrl-C, and a run stopped after its first
+checkpoint) resumed to the numbers of the uninterrupted study, finished runs skipped, bad input in one line.
+The runs use study.py's `tiny` scale (seconds per run) and a tiny Llama with GPT-2's tokenizer as the upcycle source."""
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, SHARED_DATA
+import study
+from configurator import parse
+from model import GPT, GPTConfig
+
+ENV = {**os.environ, 'OMP_NUM_THREADS': '1'}  # one thread: the runs repeat bit for bit
+
+
+def run_study(args, **kw):
+    return subprocess.run([sys.executable, str(REPO / 'study.py'), *args], cwd=REPO, env=ENV, capture_output=True,
+                          text=True, timeout=600, **kw)
+
+
+@pytest.fixture(scope='module')
+def source(tmp_path_factory):
+    """a tiny Hugging Face Llama (2 layers, d=16) with GPT-2's tokenizer: the dense model of the upcycle track"""
+    from transformers import GPT2TokenizerFast, LlamaConfig, LlamaForCausalLM
+    path = tmp_path_factory.mktemp('source')
+    tok = GPT2TokenizerFast.from_pretrained(str(SHARED_DATA / 'gpt2' / 'hf'))
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=True,
+                      bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope='module')
+def tiny(source, tmp_path_factory):
+    """the tiny study of softmax (2 seeds) and dense (1 seed; upcycle: also as it is), interrupted by Ctrl-C during
+    its first training and run again to the end: (its arguments, out root, results folder, the Ctrl-C'd output)"""
+    root = tmp_path_factory.mktemp('study')
+    args = ['--scale', 'tiny', '--only', 'softmax,dense', f'--source={source}', f'--out={root}/out',
+            f'--results={root}/results']
+    p = subprocess.Popen([sys.executable, str(REPO / 'study.py'), *args], cwd=REPO, env=ENV, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines = []
+    for line in p.stdout:
+        lines.append(line)
+        if 'train ...' in line:  # the first training has started: Ctrl-C (SIGINT to the whole process group)
+            os.killpg(p.pid, signal.SIGINT)
+            break
+    interrupted = ''.join(lines) + p.stdout.read()
+    p.wait(timeout=60)
+    assert p.returncode == 1, interrupted
+    done = run_study(args)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return args, root / 'out' / 'tiny', root / 'results' / 'tiny', interrupted
+
+
+def test_ctrl_c_is_one_line_and_the_rerun_finishes(tiny):
+    args, out, results, interrupted = tiny
+    assert 'study.py: interrupted; run the same command again to resume' in interrupted
+    assert 'Traceback' not in interrupted
+    study_json = json.loads((results / 'study.json').read_text())
+    names = [(r['track'], r['config'], r['seed']) for r in study_json['runs']]
+    assert names == [('scratch', 'dense', 1), ('scratch', 'softmax', 1), ('scratch', 'softmax', 2),
+                     ('upcycle', 'dense_as_is', None), ('upcycle', 'dense', 1), ('upcycle', 'softmax', 1),
+                     ('upcycle', 'softmax', 2)]
+    assert study_json['machine']['torch'] == torch.__version__ and study_json['command'].startswith('python study.py')
+
+
+def test_every_run_has_the_same_protocol(tiny):
+    """the same data, size, budget and seed in every scratch command, save the router's own settings"""
+    _, out, results, _ = tiny
+    runs = json.loads((results / 'study.json').read_text())['runs']
+    scratch = [r for r in runs if r['track'] == 'scratch']
+    s = study.SCALES['tiny']
+    for r in scratch:
+        cmd = r['commands']['train'].split()
+        assert cmd[:2] == ['python', 'train.py']
+        for k, v in {**s['scratch'], 'dataset': s['scratch_dataset'], 'seed': r['seed'], 'dtype': 'float32'}.items():
+            assert f'--{k}={v}' in cmd, (k, r['config'])
+        assert r['commands']['eval'].startswith('python eval.py')
+        rows = [json.loads(line) for line in Path(r['dir'], 'log.jsonl').read_text().splitlines()]
+        assert max(row['iter'] for row in rows) == s['scratch']['max_iters']
+
+
+def test_tables_are_the_runs_own_numbers_with_mean_and_std(tiny):
+    """the markdown cells are mean ± sample std (numpy, ddof=1) over seeds of the numbers in each run's eval.json"""
+    _, out, results, _ = tiny
+    table = (results / 'scratch.md').read_text()
+    row = next(l for l in table.splitlines() if l.startswith('| softmax |'))
+    cells = [c.strip() for c in row.strip('|').split('|')]
+    evals = [json.loads((out / 'scratch' / f'softmax_s{seed}' / 'eval.json').read_text()) for seed in (1, 2)]
+    src = f"data/{study.SCALES['tiny']['scratch_dataset']}"
+    for col, key in ((2, 'loss'), (3, 'bpb')):
+        xs = np.array([e['ppl'][src][key] for e in evals])
+        assert cells[col] == f"{xs.mean():.3f} ± {xs.std(ddof=1):.3f}"
+    wiki = np.array([e['ppl'][str(study.WIKITEXT)]['loss'] for e in evals])
+    assert cells[4] == f"{wiki.mean():.3f} ± {wiki.std(ddof=1):.3f}"
+    cv = [np.mean([layer['load_cv'] for layer in e['routing'][f'ppl:{src}']]) for e in evals]
+    assert cells[9] == f"{np.mean(cv):.2f} ± {np.std(cv, ddof=1):.2f}"
+    assert cells[1] == '2'
+    up = (results / 'upcycle.md').read_text()
+    row = next(l for l in up.splitlines() if l.startswith('| softmax |'))
+    cells = [c.strip() for c in row.strip('|').split('|')]
+    scores = [json.loads((out / 'upcycle' / f'softmax_s{seed}' / 'eval.json').read_text())['tasks']['copa']['acc']
+              for seed in (1, 2)]
+    sd = np.std(np.array(scores) * 100, ddof=1)
+    assert cells[2] == f"{np.mean(scores) * 100:.1f} ± {sd:.1f}"
+    assert next(l for l in up.splitlines() if l.startswith('| dense_as_is |'))
+    for png in ('curves.png', 'load_scratch.png', 'load_upcycle.png'):
+        assert (results / png).stat().st_size > 1000
+    # upcycled weights are deleted once evaluated (every number is in study.json); the dense import stays
+    assert not list((out / 'upcycle' / 'softmax_s1').rglob('ckpt*.pt'))
+    assert (out / 'upcycle' / 'source' / 'ckpt.pt').is_file()
+
+
+def test_a_run_stopped_after_its_first_checkpoint_resumes_to_the_same_numbers(tiny):
+    """a run killed after its iteration-3 checkpoint (its folder as a kill leaves it: ckpt.pt of iter 3, no marker)
+    resumes from that checkpoint and ends with the uninterrupted run's numbers; the other runs are skipped"""
+    args, out, results, _ = tiny
+    run = out / 'scratch' / 'softmax_s2'
+    before = json.loads((run / 'study.json').read_text())
+    saved = run.parent / 'softmax_s2_finished'
+    shutil.copytree(run, saved)
+    try:
+        os.replace(run / 'ckpt.prev.pt', run / 'ckpt.pt')  # the checkpoint of iteration 3
+        for name in ('study.json', 'study_steps.json', 'eval.json'):
+            (run / name).unlink()
+        again = run_study(args)
+        assert again.returncode == 0, again.stdout + again.stderr
+        after = json.loads((run / 'study.json').read_text())
+        steps = json.loads((run / 'study_steps.json').read_text())
+        assert steps['train']['resumed'] and steps['train']['command'].endswith('--init_from=resume')
+        for key in ('heldout', 'wikitext'):
+            assert after[key]['loss'] == pytest.approx(before[key]['loss'], abs=1e-6)
+        assert [i for i, _ in after['curve']] == [1, 2, 3, 4, 5, 6]  # the log kept iterations 1-3, then 4-6
+        assert [x for _, x in after['curve']] == pytest.approx([x for _, x in before['curve']], abs=1e-6)
+        assert again.stdout.count('finished earlier, skipped') == 6
+    finally:
+        shutil.rmtree(run)
+        os.replace(saved, run)
+
+
+def test_a_finished_study_is_skipped_whole(tiny):
+    args, out, results, _ = tiny
+    before = json.loads((results / 'study.json').read_text())['runs']
+    again = run_study(args)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.count('finished earlier, skipped') == 7
+    after = json.loads((results / 'study.json').read_text())['runs']
+    assert [r['heldout']['loss'] for r in after if r['track'] == 'scratch'] == \
+           [r['heldout']['loss'] for r in before if r['track'] == 'scratch']
+
+
+def train_defaults():
+    """train.py's defaults, from its own source: the block between its 'default config values' and the
+    config_keys line, executed as train.py executes it"""
+    import moe
+    text = (REPO / 'train.py').read_text()
+    block = text.split('# default config values', 1)[1].split('config_keys = ', 1)[0]
+    scope = {'moe': moe}
+    exec(block, scope)
+    return {k: v for k, v in scope.items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
+
+
+@pytest.mark.parametrize('scale', ['cpu', 'gpu'])
+def test_every_configuration_has_the_dense_active_width_and_parses(scale, tmp_path):
+    """each scratch command of the scale, parsed as train.py parses it, builds a model whose active parameters
+    equal the dense model's up to the router's own (< 2%; HyperRouter's frozen hypernetwork left out); every eval
+    command parses; nothing runs (--dry_run)"""
+    import eval as ev
+    defaults = train_defaults()
+    prep, runs = study.plan(scale, ['scratch', 'upcycle'], [], Path('out/study') / scale, 'model.gguf')
+    assert [r['config'] for r in runs if r['track'] == 'scratch'] == \
+           [n for n in study.CONFIGS for _ in (study.SCALES[scale]['seeds'] if n in study.SCALES[scale]['seeded'] else [0])]
+    active = {}
+    for r in runs:
+        if r['track'] == 'upcycle':  # from the imported model (dense, as it is: eval only) or its upcycled copy
+            assert r['config'] == 'dense_as_is' or any(a.startswith('--init_from=') for a in r['steps']['train'])
+            continue
+        argv = r['steps']['train'][1:]
+        config, _ = parse(defaults, [str(REPO / a) if a.startswith('configs/') else a for a in argv])
+        args = {f.name: config[f.name] for f in fields(GPTConfig) if f.name in config}
+        args['router_options'] = {k: config[k] for k in __import__('moe').router_options()}
+        with torch.device('meta'):
+            model = GPT(GPTConfig(**{**args, 'vocab_size': 50257}))
+        frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)  # hyper's hypernetwork
+        active[r['config']] = model.num_params()[1] - frozen
+        ev.parse_args(r['steps']['eval'][1:])
+    dense = active.pop('dense')
+    for name, n in active.items():
+        assert 1.0 <= n / dense < 1.02, (name, n, dense)
+    dry = run_study(['--scale', scale, '--dry_run', f'--out={tmp_path}/out', f'--results={tmp_path}/res'])
+    assert dry.returncode == 0 and dry.stdout.count('python train.py') == sum('train' in r['steps'] for r in runs)
+    assert not (tmp_path / 'out').exists() and not (tmp_path / 'res').exists()
+
+
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
+    for args, says in ((['--only', 'softmax,nonsense'], 'unknown configuration nonsense'),
+                       (['--source', str(tmp_path / 'missing.gguf')], 'does not exist')):
+        r = run_study(['--scale', 'tiny', *args, f'--out={tmp_path}/out', f'--results={tmp_path}/res'])
+        assert r.returncode == 1 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert not (tmp_path / 'out').exists() and not (tmp_path / 'res').exists()
