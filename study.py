@@ -6,6 +6,7 @@ algorithms, in miniature on a CPU and at a real scale on one GPU).
     python study.py --scale gpu                 # sized for under 3 hours on one H100-class GPU
     python study.py --scale cpu --track scratch --only dense,softmax,deepseek   # a part (table names)
     python study.py --scale gpu --dry_run       # print every run's commands, run nothing
+    python study.py --scale cpu --report        # the tables of the runs finished so far (a study stopped part way)
 
 Two tracks, the same configurations (CONFIGS) in each:
 - scratch: a GPT-2-BPE model trained from scratch on the Gutenberg books of ../shared/data (prepare.py holds out
@@ -100,7 +101,9 @@ SCALES = {
                      max_iters=40, learning_rate=3e-3, min_lr=3e-4, warmup_iters=4, eval_interval=20, eval_iters=2,
                      log_interval=2, n_experts=8),  # 40 x 2,048 tokens
         scratch_eval=dict(ppl_windows=64, batch_size=16),  # 64 x 256 tokens of each source
-        upcycle=dict(n_experts=4, top_k=2),
+        # one micro-batch per step on one process: the global balance scope is the batch scope, softmax's run again
+        scratch_configs=[n for n in CONFIGS if n != 'softmax_global'],
+        upcycle=dict(n_experts=4),  # top_k: the config's (train.py's default 2)
         finetune=dict(block_size=128, batch_size=4, gradient_accumulation_steps=1, max_iters=4, learning_rate=3e-5,
                       min_lr=3e-6, warmup_iters=1, eval_interval=4, eval_iters=1, log_interval=1),  # 4 x 512 tokens
         tasks=['arc_easy', 'copa'], limit=40, upcycle_eval=dict(batch_size=32),
@@ -113,8 +116,8 @@ SCALES = {
                      max_iters=500, learning_rate=1.5e-3, min_lr=1.5e-4, warmup_iters=50, eval_interval=500,
                      eval_iters=20, log_interval=20, n_experts=8,  # 500 x 32,768 tokens = 16.4M
                      save_optimizer=False),  # only the final weights (57 runs): an interrupted run starts again
-        scratch_eval=dict(batch_size=32),  # the whole held-out books and wikitext-2
-        upcycle=dict(n_experts=4, top_k=2),
+        scratch_eval=dict(batch_size=32), scratch_configs=list(CONFIGS),  # the whole held-out books and wikitext-2
+        upcycle=dict(n_experts=4),  # top_k: the config's (train.py's default 2)
         finetune=dict(block_size=1024, batch_size=16, gradient_accumulation_steps=2, max_iters=100,
                       learning_rate=3e-5, min_lr=3e-6, warmup_iters=10, eval_interval=100, eval_iters=20,
                       log_interval=10),  # 100 x 32,768 tokens = 3.3M
@@ -129,8 +132,8 @@ SCALES = {
         scratch=dict(n_layer=1, n_head=2, n_embd=16, block_size=32, batch_size=4, gradient_accumulation_steps=1,
                      max_iters=6, learning_rate=1e-2, min_lr=1e-3, warmup_iters=1, eval_interval=3, eval_iters=1,
                      log_interval=1, n_experts=4),
-        scratch_eval=dict(ppl_windows=4, batch_size=4),
-        upcycle=dict(n_experts=4, top_k=2),
+        scratch_eval=dict(ppl_windows=4, batch_size=4), scratch_configs=list(CONFIGS),
+        upcycle=dict(n_experts=4),  # top_k: the config's (train.py's default 2)
         finetune=dict(block_size=32, batch_size=2, gradient_accumulation_steps=1, max_iters=2, learning_rate=1e-3,
                       min_lr=1e-4, warmup_iters=1, eval_interval=2, eval_iters=1, log_interval=1),
         tasks=['copa'], limit=4, upcycle_eval=dict(batch_size=4), upcycle_configs=list(CONFIGS),
@@ -212,7 +215,7 @@ def plan(scale, tracks, only, root, source):
     if 'scratch' in tracks:
         prep['data_scratch'] = ['prepare.py', '--input', *corpus, '--tokenizer', 'gpt2', '--name', s['scratch_dataset']]
     runs = []
-    for name in names:
+    for name in (n for n in names if n in s['scratch_configs']):
         for seed in (s['seeds'] if name in s['seeded'] else s['seeds'][:1]):
             runs += [scratch_run(s, name, seed, root)] if 'scratch' in tracks else []
     if 'upcycle' in tracks:
@@ -405,9 +408,10 @@ def pyplot():
 def plot_curves(results, path):
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 5.5))
-    for name, rs in grouped(results, 'scratch').items():
+    for i, (name, rs) in enumerate(grouped(results, 'scratch').items()):
         it, loss = zip(*rs[0]['curve'])
-        ax.plot(it, loss, label=name, lw=2.2 if name == 'dense' else 1.1, color='black' if name == 'dense' else None)
+        ax.plot(it, loss, label=name, lw=2.2 if name == 'dense' else 1.1,
+                color='black' if name == 'dense' else plt.cm.tab20(i % 20))
     ax.set(xlabel='iteration', ylabel='train loss (first seed)', title='scratch track: training loss')
     ax.legend(fontsize=7, ncol=2)
     fig.savefig(path, dpi=110, bbox_inches='tight')
@@ -425,19 +429,23 @@ def plot_loads(results, track, path):
     plt = pyplot()
     cols = min(5, len(loads))
     rows = -(-len(loads) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.4 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.2 * rows + 0.6), squeeze=False, constrained_layout=True)
     for ax in axes.flat:
         ax.axis('off')
-    for ax, (name, load) in zip(axes.flat, loads.items()):
-        share = load / np.maximum(load.sum(1, keepdims=True), 1)
+    shares = {name: load / np.maximum(load.sum(1, keepdims=True), 1) for name, load in loads.items()}  # (layers, E)
+    top = max(share.max() for share in shares.values())  # one colour scale for every panel
+    for ax, (name, share) in zip(axes.flat, shares.items()):
         ax.axis('on')
-        ax.imshow(share, cmap='viridis', aspect='auto', vmin=0, vmax=max(2.0 / share.shape[1], share.max()))
+        image = ax.imshow(share, cmap='viridis', aspect='auto', vmin=0, vmax=top)
         ax.set_title(name, fontsize=8)
+        ax.set_xticks(range(share.shape[1]))
+        ax.set_yticks(range(0, share.shape[0], max(1, share.shape[0] // 6)))
         ax.set_xlabel('expert', fontsize=7)
         ax.set_ylabel('layer', fontsize=7)
         ax.tick_params(labelsize=6)
-    where = 'held-out books' if track == 'scratch' else "the fine-tune's last steps"
-    fig.suptitle(f"{track}: share of each layer's assignments per expert, on {where}", fontsize=9)
+    fig.colorbar(image, ax=axes, shrink=0.6, label='share of the layer\'s assignments')
+    where = 'the held-out books' if track == 'scratch' else "the fine-tune's last step"
+    fig.suptitle(f"{track} track: each MoE layer's load per expert (first seed), on {where}", fontsize=9)
     fig.savefig(path, dpi=110, bbox_inches='tight')
     plt.close(fig)
     return True
@@ -475,11 +483,14 @@ def report(scale, results, prep_steps, command, results_dir, elapsed):
     s = SCALES[scale]
     study = dict(scale=scale, command=command, machine=m, settings={k: v for k, v in s.items() if k != 'corpus'},
                  corpus=[str(p) for p in s['corpus']], preparation=prep_steps, wall_seconds=elapsed,
+                 preparation_seconds=sum(v['seconds'] for v in prep_steps.values()),
                  runs_wall_seconds=sum(r['wall_seconds'] for r in results), runs=results)
     text = json.dumps(study, indent=1, default=str)
     (results_dir / 'study.json').write_text(text)
     written = [results_dir / 'study.json']
-    header = f"`{command}` on {describe(m)}, dtype {s['dtype']}."
+    made = f"python study.py --scale {scale}"
+    header = (f"Runs of `{made}`" + (f" (tables written by `{command}`)" if command != made else '')
+              + f" on {describe(m)}, dtype {s['dtype']}; every run's commands and wall times are in study.json.")
     if grouped(results, 'scratch'):
         noise = noise_line(results, 'scratch', lambda r: r['heldout']['loss'])
         md = [f"# Scratch track ({scale} scale)", '', header, '',
@@ -517,6 +528,8 @@ def parse_args(argv):
     p.add_argument('--keep_checkpoints', action='store_true',
                    help="keep the upcycle track's checkpoints (1.5 GB each for SmolLM2) after their evaluation")
     p.add_argument('--dry_run', action='store_true', help='print the commands of every run, run nothing')
+    p.add_argument('--report', action='store_true', help="write results/<scale> from the runs finished so far, "
+                   "run nothing (a study stopped part way)")
     return p.parse_args(argv)
 
 
@@ -547,6 +560,13 @@ def main(argv=None):
             print(f"# {label}\n{command_text(argv)}")
         for r in runs:
             print(f"# {r['track']}/{r['name']}\n" + '\n'.join(command_text(a) for a in r['steps'].values()))
+        return
+    if args.report:
+        done = [json.loads(Path(r['dir'], 'study.json').read_text()) for r in runs if Path(r['dir'], 'study.json').is_file()]
+        steps = Path(root, 'study_steps.json')
+        written = report(args.scale, done, json.loads(steps.read_text()) if steps.is_file() else {}, command,
+                         results_dir, None)
+        print(f"study {args.scale}: {len(done)} of {len(runs)} runs finished; wrote " + ', '.join(map(str, written)))
         return
     os.environ.setdefault('TIKTOKEN_CACHE_DIR', str(SHARED / 'gpt2' / 'tiktoken_cache'))  # gpt2 offline
     os.environ.setdefault('HF_HUB_OFFLINE', '1')  # everything is local: no hub lookups

@@ -184,8 +184,9 @@ def test_every_configuration_has_the_dense_active_width_and_parses(scale, tmp_pa
     import eval as ev
     defaults = train_defaults()
     prep, runs = study.plan(scale, ['scratch', 'upcycle'], [], Path('out/study') / scale, 'model.gguf')
+    s = study.SCALES[scale]
     assert [r['config'] for r in runs if r['track'] == 'scratch'] == \
-           [n for n in study.CONFIGS for _ in (study.SCALES[scale]['seeds'] if n in study.SCALES[scale]['seeded'] else [0])]
+           [n for n in s['scratch_configs'] for _ in (s['seeds'] if n in s['seeded'] else [0])]
     active = {}
     for r in runs:
         if r['track'] == 'upcycle':  # from the imported model (dense, as it is: eval only) or its upcycled copy
