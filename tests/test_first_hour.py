@@ -112,7 +112,7 @@ def test_pytest_works_from_the_repository_root():
     script = Path(sys.executable).parent / 'pytest'
     cmd = [str(script)] if script.exists() else [sys.executable, '-P', '-m', 'pytest']  # -P: as the script
     env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
-    r = subprocess.run([*cmd, '--collect-only', '-q', 'tests/test_moe.py'], cwd=REPO, env=env, capture_output=True, text=True,
+    r = subprocess.run([*cmd, '--collect-only', '-q', '-n', '0', 'tests/test_moe.py'], cwd=REPO, env=env, capture_output=True, text=True,
                        timeout=300)
     summary = r.stdout.strip().splitlines()[-1]
     assert r.returncode == 0 and re.fullmatch(r'\d+ tests collected in .*', summary), r.stdout[-3000:] + r.stderr[-3000:]

@@ -165,6 +165,16 @@ def test_a_finished_study_is_skipped_whole(tiny):
            [r['heldout']['loss'] for r in before if r['track'] == 'scratch']
 
 
+def test_a_part_writes_its_tables_next_to_its_runs(tiny):
+    """without --results, a study that is not every run of its scale (here 7 of tiny's) reports into its out folder,
+    so the complete study's results/<scale> is never replaced by a part of it"""
+    args, out, results, _ = tiny
+    part = run_study(['--report' if a.startswith('--results=') else a for a in args])
+    assert part.returncode == 0, part.stderr
+    assert f'wrote {out / "study.json"}' in part.stdout and not (REPO / 'results' / 'tiny').exists()
+    assert json.loads((out / 'study.json').read_text())['runs'] == json.loads((results / 'study.json').read_text())['runs']
+
+
 def train_defaults():
     """train.py's defaults, from its own source: the block between its 'default config values' and the
     config_keys line, executed as train.py executes it"""
@@ -211,7 +221,8 @@ def test_every_configuration_has_the_dense_active_width_and_parses(scale, tmp_pa
 
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
     for args, says in ((['--only', 'softmax,nonsense'], 'unknown configuration nonsense'),
-                       (['--source', str(tmp_path / 'missing.gguf')], 'does not exist')):
+                       (['--source', str(tmp_path / 'missing.gguf')], 'does not exist'),
+                       (['--report'], 'no finished runs in')):
         r = run_study(['--scale', 'tiny', *args, f'--out={tmp_path}/out', f'--results={tmp_path}/res'])
         assert r.returncode == 1 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert not (tmp_path / 'out').exists() and not (tmp_path / 'res').exists()
