@@ -276,6 +276,21 @@ def run_steps(run, log_name='study.log'):
         done_path.write_text(json.dumps(done, indent=2))
     return done
 
+
+def stale(run):
+    """the steps of a run that ran other commands than the plan's (the protocol changed since): [] where none"""
+    path = Path(run['dir'], 'study_steps.json')
+    done = json.loads(path.read_text()) if path.is_file() else {}
+    planned = {step: command_text(argv) for step, argv in run['steps'].items()}
+    return [step for step, v in done.items() if v['command'].removesuffix(' --init_from=resume') != planned.get(step)]
+
+
+def forget(run):
+    """a stale run runs again from its first command: its markers go, its checkpoint is not resumed"""
+    for name in ('study.json', 'study_steps.json'):
+        Path(run['dir'], name).unlink(missing_ok=True)
+    run['resumable'] = False
+
 # -----------------------------------------------------------------------------
 # the numbers of a finished run
 
@@ -571,7 +586,8 @@ def main(argv=None):
             print(f"# {r['track']}/{r['name']}\n" + '\n'.join(command_text(a) for a in r['steps'].values()))
         return
     if args.report:
-        done = [json.loads(Path(r['dir'], 'study.json').read_text()) for r in runs if Path(r['dir'], 'study.json').is_file()]
+        done = [json.loads(Path(r['dir'], 'study.json').read_text()) for r in runs
+                if Path(r['dir'], 'study.json').is_file() and not stale(r)]
         if not done:
             fail(f"no finished runs in {root}: run python study.py --scale {args.scale} first (or pass --out=<the "
                  f"folder it wrote to>)")
@@ -588,9 +604,17 @@ def main(argv=None):
     results, spent = [], {t: [] for t in tracks}
     expected = SCALES[args.scale]['expected']
     try:
-        prep_done = run_steps(dict(track='prep', name='preparation', dir=str(root), steps=prep), 'prepare.log')
+        preparation = dict(track='prep', name='preparation', dir=str(root), steps=prep)
+        if stale(preparation):
+            forget(preparation)
+        prep_done = run_steps(preparation, 'prepare.log')
         for i, run in enumerate(runs):
             finished = Path(run['dir'], 'study.json')
+            changed = stale(run)
+            if changed:
+                print(f"[{i + 1}/{len(runs)}] {run['track']}/{run['name']}: its {', '.join(changed)} command changed "
+                      f"since it ran: it runs again", flush=True)
+                forget(run)
             if finished.is_file():  # a finished run: its numbers as they were
                 results.append(json.loads(finished.read_text()))
                 print(f"[{i + 1}/{len(runs)}] {run['track']}/{run['name']}: finished earlier, skipped", flush=True)

@@ -27,6 +27,8 @@ TASKS = SHARED_DATA / 'tasks'
 os.environ.setdefault('TIKTOKEN_CACHE_DIR', str(SHARED_DATA / 'gpt2' / 'tiktoken_cache'))  # gpt2 offline, for every test
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('HF_DATASETS_OFFLINE', '1')
+# the cores a test may use: all of them, or its share when pytest-xdist runs one worker per core (pytest.ini)
+THREADS = max(1, (os.cpu_count() or 1) // int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1')))
 SHAKESPEARE = SHARED_DATA / 'tinyshakespeare' / 'input.txt'
 TRAIN = REPO / 'train.py'
 DATASET = 'tiny'
@@ -159,6 +161,12 @@ def write_corpus(path):
     words = ['the', 'king', 'queen', 'lord', 'good', 'night', 'speak', 'love', 'death', 'and', 'of', 'to', 'my']
     lines = [' '.join(rng.choice(words) for _ in range(rng.randint(3, 9))).capitalize() + '.' for _ in range(2000)]
     path.write_text('\n'.join(lines), encoding='utf-8')
+
+
+def pytest_collection_modifyitems(items):
+    """the longest files first: under pytest-xdist (pytest.ini) a long file that starts last finishes alone"""
+    longest = ['test_study.py', 'test_ep.py']
+    items.sort(key=lambda item: longest.index(item.path.name) if item.path.name in longest else len(longest))
 
 
 @pytest.fixture(scope='session')

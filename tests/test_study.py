@@ -154,15 +154,28 @@ def test_a_run_stopped_after_its_first_checkpoint_resumes_to_the_same_numbers(ti
         os.replace(saved, run)
 
 
-def test_a_finished_study_is_skipped_whole(tiny):
+def test_a_finished_study_is_skipped_whole_but_a_changed_command_runs_again(tiny):
+    """run again, a finished study runs nothing; a run whose recorded command differs from the plan's (here the
+    dense model's evaluation, as if the protocol had changed since) runs again, to the same numbers"""
     args, out, results, _ = tiny
     before = json.loads((results / 'study.json').read_text())['runs']
     again = run_study(args)
     assert again.returncode == 0, again.stderr
-    assert again.stdout.count('finished earlier, skipped') == 7
+    assert again.stdout.count('finished earlier, skipped') == 7 and 'train ...' not in again.stdout
     after = json.loads((results / 'study.json').read_text())['runs']
     assert [r['heldout']['loss'] for r in after if r['track'] == 'scratch'] == \
            [r['heldout']['loss'] for r in before if r['track'] == 'scratch']
+    steps_path = out / 'upcycle' / 'source' / 'study_steps.json'
+    steps = json.loads(steps_path.read_text())
+    steps['eval']['command'] = steps['eval']['command'].replace('--limit ', '--limit 1')
+    steps_path.write_text(json.dumps(steps))
+    changed = run_study(args)
+    assert changed.returncode == 0, changed.stderr
+    assert 'upcycle/dense_as_is: its eval command changed since it ran: it runs again' in changed.stdout
+    assert changed.stdout.count('finished earlier, skipped') == 6 and changed.stdout.count('eval ...') == 1
+    rerun = json.loads((results / 'study.json').read_text())['runs']
+    assert [r['average'] for r in rerun if r['track'] == 'upcycle'] == [r['average'] for r in before if r['track'] == 'upcycle']
+    assert (out / 'upcycle' / 'source' / 'ckpt.pt').is_file()  # the dense import is kept
 
 
 def test_a_part_writes_its_tables_next_to_its_runs(tiny):
