@@ -239,3 +239,22 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
         r = run_study(['--scale', 'tiny', *args, f'--out={tmp_path}/out', f'--results={tmp_path}/res'])
         assert r.returncode == 1 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert not (tmp_path / 'out').exists() and not (tmp_path / 'res').exists()
+
+
+def test_the_committed_results_are_this_protocols_and_the_readmes():
+    """results/cpu is what `python study.py --scale cpu` plans today, command for command (a protocol edited without
+    running the study again fails here), and the README's Results section shows the tables of results/cpu"""
+    recorded = json.loads((REPO / 'results' / 'cpu' / 'study.json').read_text())
+    source = re.search(r'--init_from=(\S+)', recorded['preparation']['import']['command']).group(1)
+    prep, runs = study.plan('cpu', ['scratch', 'upcycle'], [], Path('out/study/cpu'), source)
+    assert {k: study.command_text(v) for k, v in prep.items()} == \
+           {k: v['command'] for k, v in recorded['preparation'].items()}
+    assert [(r['track'], r['config'], r['seed']) for r in runs] == \
+           [(r['track'], r['config'], r['seed']) for r in recorded['runs']]
+    for planned, ran in zip(runs, recorded['runs']):
+        commands = {k: v.removesuffix(' --init_from=resume') for k, v in ran['commands'].items()}
+        assert commands == {k: study.command_text(v) for k, v in planned['steps'].items()}, planned['dir']
+    readme = (REPO / 'README.md').read_text()
+    for table in ('scratch.md', 'upcycle.md'):
+        rows = [l for l in (REPO / 'results' / 'cpu' / table).read_text().splitlines() if l.startswith('| ')]
+        assert len(rows) > 10 and all(row in readme for row in rows), table
