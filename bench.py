@@ -32,7 +32,8 @@ import torch
 import torch.distributed as dist
 
 import moe
-from model import GPT, GPTConfig, MLP, auto_dtype
+from cli import auto_dtype
+from model import GPT, GPTConfig, MLP
 
 parser = argparse.ArgumentParser()
 parser.add_argument('--tokens', type=int, default=4096)

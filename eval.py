@@ -57,7 +57,8 @@ from lm_eval.tasks._yaml_loader import load_yaml
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from model import auto_dtype, load_model
+from checkpoint import load_model
+from cli import auto_dtype
 from moe import expert_load, load_stats, weight_sums
 from prepare import check_data, load_meta, load_tokenizer
 

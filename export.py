@@ -41,9 +41,9 @@ from pathlib import Path
 
 import torch
 
-from model import load_model
+from checkpoint import load_model
 from prepare import load_tokenizer
-from sample import tokenizer_spec
+from checkpoint import tokenizer_spec
 
 REPO = Path(__file__).resolve().parent
 PROBE = "Hello world! It's 2026, naïve café.\nFIRST CITIZEN:\tWe are accounted poor citizens."
@@ -55,7 +55,7 @@ MAPPED = {'arch', 'block_size', 'vocab_size', 'n_layer', 'n_head', 'n_kv_head', 
           'tie_embeddings', 'rope_theta', 'norm_eps', 'router', 'n_experts', 'top_k', 'moe_every', 'moe_first_dense',
           'expert_hidden', 'n_shared_experts', 'shared_scale', 'routed_scale', 'router_renorm', 'capacity_factor',
           'router_options',  # the GPTConfig fields native_arch checks, and the ones that do not change the function:
-          'dropout', 'aux_loss_coef', 'z_loss_coef', 'balance_per_sequence', 'balance_scope', 'expert_impl', 'ep_size'}
+          'dropout', 'aux_loss_coef', 'z_loss_coef', 'balance_scope', 'expert_impl', 'ep_size'}
 
 
 def native_arch(c):

@@ -6,54 +6,80 @@ A GPT language model with optional Mixture-of-Experts layers, in two block flavo
 Which layers are MoE is a config rule (moe_every, moe_first_dense); the MoE layer itself lives in moe.py.
 """
 import math
-import os
-import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moe import MoE, ROUTERS, Experts, activation
+from moe import MoE, ROUTERS, Experts, activation, router_knobs
+
+
+def setting(default, kind, knob=False):
+    """a field of GPTConfig. kind: 'arch' (the dense architecture: a dense source fixes it when upcycling),
+    'moe' (the MoE layers), 'system' (how the model runs, not what it computes: never taken from a checkpoint).
+    knob: a training knob, which a run started from a checkpoint may change; every other field of a checkpoint's
+    model is fixed by it (train.py refuses a contradiction)"""
+    if isinstance(default, dict):
+        return field(default_factory=dict, metadata=dict(kind=kind, knob=knob))
+    return field(default=default, metadata=dict(kind=kind, knob=knob))
 
 
 @dataclass
 class GPTConfig:
-    arch: str = 'gpt2'  # 'gpt2' or 'llama'
-    block_size: int = 1024
-    vocab_size: int = 50304
-    n_layer: int = 12
-    n_head: int = 12
-    n_kv_head: int = 0  # llama grouped-query attention: key/value heads (0 = n_head)
-    n_embd: int = 768
-    mlp_hidden: int = 0  # dense MLP hidden size (0 = 4 * n_embd)
-    dropout: float = 0.0
-    bias: bool = True  # biases in Linears and LayerNorms
-    tie_embeddings: bool = True
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    # MoE
-    router: str = 'dense'  # 'dense' (no MoE) or a name in moe.ROUTERS
-    n_experts: int = 8
-    top_k: int = 2
-    moe_every: int = 1  # layer i (counted after the dense prefix) is MoE when (i + 1) % moe_every == 0
-    moe_first_dense: int = 0  # the first N layers stay dense
-    expert_hidden: int = 0  # expert hidden size (0 = mlp_hidden)
-    n_shared_experts: int = 0  # always-on experts of size expert_hidden, added to the routed output
-    shared_scale: float = 1.0
-    routed_scale: float = 1.0
-    router_renorm: bool = True
-    capacity_factor: float = 0.0  # 0 = dropless
-    eval_capacity_factor: float = 0.0  # capacity at eval (0 = dropless: eval-time drops inflate the loss)
-    expert_impl: str = 'auto'  # 'auto', 'grouped' (F.grouped_mm) or 'loop' (one matmul per expert): same math
-    aux_loss_coef: float = 0.01
-    z_loss_coef: float = 0.001
-    balance_per_sequence: bool = False  # the same as balance_scope='sequence' (kept for older configs and checkpoints)
-    balance_scope: str = 'batch'  # balance loss over 'batch', 'sequence' (DeepSeek-V3) or 'global' (step, all ranks; Qwen3)
-    force_balance: bool = False  # benchmarking: any router's choices replaced by balanced round-robin ids (torchtitan)
-    shared_gate: bool = False  # Qwen2-MoE: sigmoid(w . x) scales the shared experts' output
-    ep_size: int = 1  # expert parallelism: experts sharded over this many ranks
-    router_options: dict = field(default_factory=dict)  # the chosen router's own options (moe.Router.options)
+    """every model setting, declared once; train.py, upcycle.py, export.py and study.py derive their lists from
+    these fields and their marks (settings()), and from each router's options and knobs (moe.py)"""
+    arch: str = setting('gpt2', 'arch')  # 'gpt2' or 'llama'
+    block_size: int = setting(1024, 'arch')
+    vocab_size: int = setting(50304, 'arch')
+    n_layer: int = setting(12, 'arch')
+    n_head: int = setting(12, 'arch')
+    # llama grouped-query attention: key/value heads (0 = n_head)
+    n_kv_head: int = setting(0, 'arch')
+    n_embd: int = setting(768, 'arch')
+    # dense MLP hidden size (0 = 4 * n_embd)
+    mlp_hidden: int = setting(0, 'arch')
+    dropout: float = setting(0.0, 'arch', knob=True)
+    # biases in Linears and LayerNorms
+    bias: bool = setting(True, 'arch')
+    tie_embeddings: bool = setting(True, 'arch')
+    rope_theta: float = setting(10000.0, 'arch')
+    norm_eps: float = setting(1e-5, 'arch')
+    # 'dense' (no MoE) or a name in moe.ROUTERS
+    router: str = setting('dense', 'moe')
+    n_experts: int = setting(8, 'moe')
+    top_k: int = setting(2, 'moe')
+    # layer i (counted after the dense prefix) is MoE when (i + 1) % moe_every == 0
+    moe_every: int = setting(1, 'moe')
+    # the first N layers stay dense
+    moe_first_dense: int = setting(0, 'moe')
+    # expert hidden size (0 = mlp_hidden); smaller for fine-grained experts
+    expert_hidden: int = setting(0, 'moe')
+    # always-on experts of size expert_hidden, added to the routed output (DeepSeekMoE)
+    n_shared_experts: int = setting(0, 'moe')
+    shared_scale: float = setting(1.0, 'moe')
+    # weight of the routed experts' output (DeepSeek-V3: 2.5)
+    routed_scale: float = setting(1.0, 'moe')
+    # divide the top-k weights by their sum
+    router_renorm: bool = setting(True, 'moe')
+    # 0 = dropless; else each expert takes ceil(cf * k * T / E) assignments in training
+    capacity_factor: float = setting(0.0, 'moe', knob=True)
+    # capacity at evaluation (0 = dropless: eval-time drops inflate the loss)
+    eval_capacity_factor: float = setting(0.0, 'moe', knob=True)
+    aux_loss_coef: float = setting(0.01, 'moe', knob=True)
+    z_loss_coef: float = setting(0.001, 'moe', knob=True)
+    # the balance loss over 'batch', 'sequence' (DeepSeek-V3) or 'global' (the step, every rank; Qwen3)
+    balance_scope: str = setting('batch', 'moe', knob=True)
+    # benchmarking: any router's choices replaced by balanced round-robin ids (torchtitan)
+    force_balance: bool = setting(False, 'moe', knob=True)
+    # Qwen2-MoE: sigmoid(w . x) scales the shared experts' output
+    shared_gate: bool = setting(False, 'moe')
+    # 'auto', 'grouped' (F.grouped_mm) or 'loop' (one matmul per expert): the same math
+    expert_impl: str = setting('auto', 'system')
+    # expert parallelism: experts sharded over this many ranks
+    ep_size: int = setting(1, 'system')
+    # the chosen router's own settings (moe.Router.options and .knobs)
+    router_options: dict = setting({}, 'moe')
 
     def __post_init__(self):
         if self.arch not in ('gpt2', 'llama'):
@@ -65,21 +91,28 @@ class GPTConfig:
                              f"and n_head by n_kv_head={self.n_kv_head}")
         if self.balance_scope not in ('batch', 'sequence', 'global'):
             raise ValueError(f"balance_scope={self.balance_scope!r}: use 'batch', 'sequence' or 'global'")
-        if self.balance_per_sequence and self.balance_scope == 'global':
-            raise ValueError("balance_per_sequence=True contradicts balance_scope='global': set one of them")
-        if self.balance_per_sequence:
-            self.balance_scope = 'sequence'
         if self.shared_gate and not self.n_shared_experts:
             raise ValueError("shared_gate=True gates the shared experts: set n_shared_experts >= 1")
         self.n_kv_head = self.n_kv_head or self.n_head
         self.mlp_hidden = self.mlp_hidden or 4 * self.n_embd
         self.expert_hidden = self.expert_hidden or self.mlp_hidden
-        defaults = ROUTERS[self.router].options if self.router in ROUTERS else {}
+        defaults = ROUTERS[self.router].settings() if self.router in ROUTERS else {}
         self.router_options = {k: self.router_options.get(k, v) for k, v in defaults.items()}
 
     def is_moe(self, i):
         j = i - self.moe_first_dense
         return self.router != 'dense' and j >= 0 and (j + 1) % self.moe_every == 0
+
+
+def settings(kind=None, knob=None):
+    """the names of GPTConfig's fields of a kind ('arch', 'moe', 'system'), or that are (not) training knobs"""
+    return [f.name for f in fields(GPTConfig)
+            if kind in (None, f.metadata['kind']) and knob in (None, f.metadata['knob'])]
+
+
+def knobs():
+    """every training knob: the GPTConfig fields so marked and every router's knobs"""
+    return settings(knob=True) + list(router_knobs())
 
 
 class RMSNorm(nn.Module):
@@ -311,119 +344,3 @@ class GPT(nn.Module):
                 logits[logits < v[:, [-1]]] = -float('inf')
             idx = torch.cat((idx, torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)), dim=1)
         return idx
-
-
-CKPT, PREVIOUS = 'ckpt.pt', 'ckpt.prev.pt'  # a checkpoint folder's checkpoint and the one saved before it
-
-
-def auto_dtype(device_type):
-    """the autocast dtype for dtype='auto' -> (name, why): bfloat16 where the hardware runs bf16 matmuls fast (CUDA
-    GPUs with bf16; CPUs with AMX or AVX-512 BF16), else float32: on an AVX2-only CPU a bf16 matmul is ~100x slower"""
-    if device_type == 'cuda':
-        name = torch.cuda.get_device_name()
-        if torch.cuda.is_bf16_supported():
-            return 'bfloat16', f'{name} runs bf16'
-        return 'float32', f'{name} has no bf16'
-    flags = set()
-    if os.path.exists('/proc/cpuinfo'):
-        flags = {f for line in open('/proc/cpuinfo') if line.startswith('flags') for f in line.split(':')[1].split()}
-    fast = [f for f in ('amx_bf16', 'avx512_bf16') if f in flags]
-    if fast:
-        return 'bfloat16', f'the CPU has {fast[0]} (fast bf16 matmuls)'
-    return 'float32', 'the CPU has neither AMX nor AVX-512 BF16 (bf16 matmuls would be far slower than fp32)'
-
-
-def save_checkpoint(out_dir, ckpt, previous='keep'):
-    """out_dir/ckpt.pt, written atomically and durably: a temporary file, fsync, then a rename (a crash never leaves
-    half a file). previous: 'keep' = the checkpoint it replaces becomes out_dir/ckpt.prev.pt (a hard link: no copy,
-    no moment without a ckpt.pt); 'leave' = ckpt.prev.pt stays as it is (a run that fell back to it); 'drop' = an old
-    ckpt.prev.pt is removed (it belongs to another run). OSError (disk full, ...) leaves the old files as they were."""
-    path, tmp = os.path.join(out_dir, CKPT), os.path.join(out_dir, CKPT + '.tmp')
-    try:
-        with open(tmp, 'wb') as f:
-            torch.save(ckpt, f)
-            f.flush()
-            os.fsync(f.fileno())
-        if previous == 'keep' and os.path.exists(path):
-            prev_tmp = os.path.join(out_dir, PREVIOUS + '.tmp')
-            if os.path.exists(prev_tmp):
-                os.remove(prev_tmp)
-            try:
-                os.link(path, prev_tmp)
-            except OSError:  # a file system without hard links
-                shutil.copyfile(path, prev_tmp)
-            os.replace(prev_tmp, os.path.join(out_dir, PREVIOUS))
-        elif previous == 'drop' and os.path.exists(os.path.join(out_dir, PREVIOUS)):
-            os.remove(os.path.join(out_dir, PREVIOUS))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    fd = os.open(out_dir, os.O_RDONLY)  # the renames themselves survive a power cut
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def read_checkpoint(path, device='cpu'):
-    """a checkpoint file, checked whole: readable, train.py's layout, weights that fit its own model_args and are
-    finite; else ValueError saying what is wrong with it (one line)"""
-    if not os.path.isfile(path):
-        raise ValueError(f"no checkpoint at {path}")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # a truncated zip, a bad pickle, random bytes: all the same to the reader
-        raise ValueError(f"{path} cannot be read, it is truncated or corrupted ({type(e).__name__}: "
-                         f"{(str(e).splitlines() or [''])[0][:160]})")
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get('model'), dict) or not isinstance(ckpt.get('model_args'), dict):
-        raise ValueError(f"{path} is not a checkpoint of train.py or upcycle.py (no model and model_args)")
-    try:
-        with torch.device('meta'):  # the model's shapes without memory or time
-            expected = GPT(GPTConfig(**ckpt['model_args'])).state_dict()
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{path} holds a model this version of model.py cannot build ({str(e).splitlines()[0]})")
-    got = ckpt['model']
-    wrong = sorted(expected.keys() ^ got.keys()) + sorted(k for k in expected.keys() & got.keys()
-                                                           if expected[k].shape != got[k].shape)
-    if wrong:
-        raise ValueError(f"{path} holds weights of another architecture than its model_args say "
-                         f"({len(wrong)} names or shapes differ, e.g. {wrong[0]})")
-    bad = next((k for k, v in got.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
-    if bad:
-        raise ValueError(f"{path} holds non-finite weights ({bad} has NaN or inf)")
-    return ckpt
-
-
-def load_checkpoint(ckpt_dir, device='cpu', fallback=False):
-    """(checkpoint, path, note) of ckpt_dir/ckpt.pt, checked by read_checkpoint. When it cannot be used: with
-    fallback, the previous checkpoint ckpt_dir/ckpt.prev.pt, and note (a warning line) says so; else ValueError,
-    one line naming the file and the fix."""
-    path, prev = os.path.join(ckpt_dir, CKPT), os.path.join(ckpt_dir, PREVIOUS)
-    try:
-        return read_checkpoint(path, device), path, None
-    except ValueError as e:
-        problem = e
-    if not os.path.exists(prev):
-        fix = ("train one with train.py or make one with upcycle.py" if not os.path.exists(path) else
-               "train again, or use another checkpoint folder")
-        raise ValueError(f"{problem}: {fix}")
-    if not fallback:
-        raise ValueError(f"{problem}: the previous checkpoint is {prev}; to use it, copy it over "
-                         f"{CKPT} (train.py init_from=resume falls back to it by itself)")
-    try:
-        ckpt = read_checkpoint(prev, device)
-    except ValueError as e:
-        raise ValueError(f"{problem}, and the previous checkpoint too: {e}: train again")
-    return ckpt, prev, (f"warning: {problem}; falling back to the previous checkpoint {prev} "
-                        f"(iteration {ckpt.get('iter_num', '?')})")
-
-
-def load_model(out_dir, device='cpu'):
-    """the model of a checkpoint folder (out_dir/ckpt.pt written by train.py or upcycle.py) -> (model, checkpoint);
-    ValueError (one line: the file and the fix) when it cannot be loaded"""
-    ckpt = load_checkpoint(out_dir, device)[0]
-    model = GPT(GPTConfig(**ckpt['model_args']))
-    model.load_state_dict(ckpt['model'])
-    return model.to(device), ckpt

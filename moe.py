@@ -212,7 +212,12 @@ class Router(nn.Module):
     """Base class. A router maps x (T, d) float32, and prev (the previous MoE layer's Routing.state, None in the
     first MoE layer), to a Routing. `options` lists its own config keys and their defaults; train.py and GPTConfig
     pick them up from here, so a new router touches only this file."""
-    options = {}
+    options = {}  # its architecture settings and their defaults (fixed by a checkpoint)
+    knobs = {}  # its training knobs and their defaults (a run from a checkpoint may change them)
+
+    @classmethod
+    def settings(cls):
+        return {**cls.options, **cls.knobs}
 
     def __init__(self, config):
         super().__init__()
@@ -238,7 +243,7 @@ class SoftmaxRouter(Router):
 
 
 class SwitchRouter(Router):
-    options = dict(router_jitter=0.01)  # multiplicative input jitter of the switch router during training
+    knobs = dict(router_jitter=0.01)  # multiplicative input jitter of the switch router during training
 
     def __init__(self, config):
         super().__init__(config)
@@ -325,8 +330,8 @@ class PerturbedCosineRouter(CosineRouter):
 
 
 class HyperRouter(Router):
-    options = dict(hyper_k_schedule=True,  # k grows from hyper_k_min to top_k over training, as HyperRouter / LibMoE
-                   hyper_k_min=1)  # the schedule's first k (1 as LibMoE; >= 2 gives the router a gradient from the start)
+    knobs = dict(hyper_k_schedule=True,  # k grows from hyper_k_min to top_k over training, as HyperRouter / LibMoE
+                 hyper_k_min=1)  # the schedule's first k (1 as LibMoE; >= 2 gives the router a gradient from the start)
 
     def __init__(self, config):
         super().__init__(config)
@@ -354,7 +359,8 @@ class HyperRouter(Router):
 
 
 class DeepSeekRouter(Router):
-    options = dict(n_group=1, topk_group=1, bias_update_rate=1e-3)  # group-limited top-k; bias step u
+    options = dict(n_group=1, topk_group=1)  # group-limited top-k
+    knobs = dict(bias_update_rate=1e-3)  # the bias step u
 
     def __init__(self, config):
         super().__init__(config)
@@ -388,7 +394,7 @@ class DeepSeekRouter(Router):
 
 
 class TCMoERouter(Router):
-    options = dict(null_reward=1e-5)  # reward for routing to a null slot (skipping compute)
+    knobs = dict(null_reward=1e-5)  # reward for routing to a null slot (skipping compute)
 
     def __init__(self, config):
         super().__init__(config)
@@ -412,8 +418,8 @@ class TCMoERouter(Router):
 
 
 class MoEPPRouter(Router):
-    options = dict(moepp_gate_residual=True,  # MoE++ gating residual: logits + W_r (previous MoE layer's logits)
-                   moepp_tau=0.75)  # balance-loss factor of the zero / copy / constant experts (1 = homogeneous)
+    options = dict(moepp_gate_residual=True)  # MoE++ gating residual: logits + W_r (previous MoE layer's logits)
+    knobs = dict(moepp_tau=0.75)  # balance-loss factor of the zero / copy / constant experts (1 = homogeneous)
 
     def __init__(self, config):
         super().__init__(config)
@@ -451,8 +457,8 @@ class ReMoERouter(Router):
     c_e = tokens with a positive weight for e. lambda is one value for the whole model, adapted after each optimizer
     step by end_step: times alpha while the step's sparsity (zero weights / (T E), over the layers,
     micro-batches and ranks) is below the target 1 - k/E, else divided by alpha (ReMoE training.py)."""
-    options = dict(remoe_l1_init=1e-8,  # lambda_0, the L1 coefficient at the start (ReMoE: 1e-8)
-                   remoe_l1_alpha=1.2)  # lambda's multiplicative step toward sparsity 1 - top_k/E (ReMoE: 1.2)
+    knobs = dict(remoe_l1_init=1e-8,  # lambda_0, the L1 coefficient at the start (ReMoE: 1e-8)
+                 remoe_l1_alpha=1.2)  # lambda's multiplicative step toward sparsity 1 - top_k/E (ReMoE: 1.2)
 
     def __init__(self, config):
         super().__init__(config)
@@ -483,9 +489,9 @@ class TopPRouter(Router):
     top_p_sampling_batched_all_sequence): p = softmax(Wx), experts in order of p until their cumulative p exceeds
     the threshold (the expert that crosses it included), at most topp_max; weights = p (no renorm, as the source).
     Training adds the paper's dynamic loss, topp_entropy_coef * mean_t (-sum_e p log p)."""
-    options = dict(topp_threshold=0.4,  # cumulative probability at which a token stops taking experts (paper: 0.4)
-                   topp_max=0,  # most experts per token (0 = n_experts)
-                   topp_entropy_coef=1e-4)  # weight of the dynamic (entropy) loss (paper: 1e-4)
+    knobs = dict(topp_threshold=0.4,  # cumulative probability at which a token stops taking experts (paper: 0.4)
+                 topp_max=0,  # most experts per token (0 = n_experts)
+                 topp_entropy_coef=1e-4)  # weight of the dynamic (entropy) loss (paper: 1e-4)
 
     def __init__(self, config):
         super().__init__(config)
@@ -515,7 +521,7 @@ class ExpertChoiceRouter(Router):
     batch with the largest p (C = ceil(ec_capacity_factor * T * k / E)), weight p; a token gets 0 to E experts. This
     looks at every token of the batch, later ones too: not causal. In eval (model.eval(): validation, eval.py,
     generation) the causal rule: each token takes the top-k of its own p, weights p (token choice, no renorm)."""
-    options = dict(ec_capacity_factor=1.0)  # C = ec_capacity_factor * T * top_k / E tokens per expert (paper's c = cf * k)
+    knobs = dict(ec_capacity_factor=1.0)  # C = ec_capacity_factor * T * top_k / E tokens per expert (paper's c = cf * k)
 
     def __init__(self, config):
         super().__init__(config)
@@ -554,10 +560,15 @@ ROUTERS = {
 }
 
 
-def router_options():
-    """every registered router's own config keys with their defaults (read when asked: routers registered
-    later, e.g. at the end of this file, count too)"""
-    return {k: v for cls in ROUTERS.values() for k, v in cls.options.items()}
+def router_settings():
+    """every registered router's own settings (options and knobs) with their defaults (read when asked: routers
+    registered later count too)"""
+    return {k: v for cls in ROUTERS.values() for k, v in cls.settings().items()}
+
+
+def router_knobs():
+    """every registered router's training knobs with their defaults"""
+    return {k: v for cls in ROUTERS.values() for k, v in cls.knobs.items()}
 
 # -----------------------------------------------------------------------------
 # aux losses

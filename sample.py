@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from configurator import configure
-from model import load_model
+from checkpoint import load_model
 from prepare import load_tokenizer
 
 # -----------------------------------------------------------------------------

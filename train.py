@@ -28,7 +28,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import moe
 from configurator import parse
-from model import GPT, GPTConfig, auto_dtype, load_checkpoint, save_checkpoint
+from checkpoint import load_checkpoint, save_checkpoint
+from cli import auto_dtype
+from model import GPT, GPTConfig
 from prepare import check_data, load_meta
 
 # -----------------------------------------------------------------------------
@@ -79,12 +81,11 @@ eval_capacity_factor = 0.0  # capacity at evaluation; 0 = dropless (eval-time dr
 expert_impl = 'auto'  # 'grouped' (one F.grouped_mm over all experts), 'loop' (a matmul per expert), 'auto' per device
 aux_loss_coef = 0.01  # balance loss coefficient
 z_loss_coef = 0.001  # router z-loss coefficient
-balance_per_sequence = False  # balance loss per sequence (DeepSeek-V3) instead of per batch (= balance_scope='sequence')
 balance_scope = 'batch'  # balance loss's f over 'batch' (micro-batch), 'sequence', 'global' (the step, every rank; Qwen3)
 force_balance = False  # benchmarking only: balanced round-robin routing in place of the router's (Megatron, torchtitan)
 shared_gate = False  # Qwen2-MoE: sigmoid(w . x) scales the shared experts' output
 ep_size = 1  # expert parallelism: ranks that share one set of experts
-globals().update(moe.router_options())  # router-specific options, defaults and comments in moe.py's router classes
+globals().update(moe.router_settings())  # router-specific options, defaults and comments in moe.py's router classes
 # optimizer
 learning_rate = 1e-3
 max_iters = 1000
@@ -110,7 +111,7 @@ config_keys = [k for k, v in globals().items() if not k.startswith('_') and isin
 # Model keys (GPTConfig's fields, the router options) are architecture, fixed by a checkpoint, except these training
 # knobs: init_from and resume take them from the checkpoint unless given, and a given one wins (e.g. DeepSeek-V3's
 # last phase: --init_from=resume --bias_update_rate=0.0)
-train_keys = ('dropout', 'capacity_factor', 'eval_capacity_factor', 'aux_loss_coef', 'z_loss_coef', 'balance_per_sequence',
+train_keys = ('dropout', 'capacity_factor', 'eval_capacity_factor', 'aux_loss_coef', 'z_loss_coef',
               'router_jitter', 'hyper_k_schedule', 'hyper_k_min', 'bias_update_rate', 'null_reward', 'moepp_tau',
               'balance_scope', 'force_balance', 'remoe_l1_init', 'remoe_l1_alpha', 'topp_threshold', 'topp_max',
               'topp_entropy_coef', 'ec_capacity_factor')
@@ -374,7 +375,7 @@ iter_num, best_val_loss = 0, 1e9
 if ckpt is None:
     model_args = {k: config[k] for k in (f.name for f in fields(GPTConfig)) if k in config}
     model_args.update(vocab_size=meta['vocab_size'], ep_size=1)
-    model_args['router_options'] = {k: config[k] for k in moe.router_options()}  # GPTConfig keeps its router's
+    model_args['router_options'] = {k: config[k] for k in moe.router_settings()}  # GPTConfig keeps its router's
     tokenizer = meta.get('tokenizer')
 else:  # model_args: the checkpoint's, with the training keys resolved above
     tokenizer = ckpt.get('tokenizer') or meta.get('tokenizer')

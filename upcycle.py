@@ -34,12 +34,13 @@ import torch
 import torch.nn as nn
 
 from configurator import configure
-from model import GPT, GPTConfig, load_checkpoint, save_checkpoint
-from moe import router_options
+from checkpoint import load_checkpoint, save_checkpoint
+from model import GPT, GPTConfig
+from moe import router_settings as router_options
 
 MOE_KEYS = ('router', 'n_experts', 'top_k', 'moe_every', 'moe_first_dense', 'expert_hidden', 'n_shared_experts',
             'shared_scale', 'routed_scale', 'router_renorm', 'capacity_factor', 'aux_loss_coef', 'z_loss_coef',
-            'balance_per_sequence', 'balance_scope', 'shared_gate', 'force_balance', 'eval_capacity_factor',
+            'balance_scope', 'shared_gate', 'force_balance', 'eval_capacity_factor',
             'expert_impl')
 ARCH_KEYS = ('arch', 'n_layer', 'n_head', 'n_kv_head', 'n_embd', 'mlp_hidden', 'dropout', 'bias', 'tie_embeddings',
              'rope_theta')  # set by the source: ignored with a note (config files may compute with them)

@@ -4,6 +4,6 @@ router = 'deepseek'
 n_shared_experts = 1
 top_k = 2
 aux_loss_coef = 1e-4
-balance_per_sequence = True
+balance_scope = 'sequence'  # DeepSeek-V3's sequence-wise balance loss
 bias_update_rate = 1e-3
 out_dir = 'out/deepseek'

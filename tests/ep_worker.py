@@ -26,7 +26,7 @@ CASES = {
     'softmax_bias': dict(router='softmax', top_k=2, bias=True),
     'sigmoid': dict(router='sigmoid', top_k=2),
     'deepseek_shared': dict(router='deepseek', top_k=2, n_shared_experts=1, routed_scale=2.5,
-                            balance_per_sequence=True),
+                            balance_scope='sequence'),
     'capacity': dict(router='softmax', top_k=2, capacity_factor=1.0),
     'shared_llama_top1': dict(router='softmax', top_k=1, n_shared_experts=1, arch='llama'),
     'zero_tokens': dict(router='softmax', top_k=2),  # skewed tokens: see tokens()

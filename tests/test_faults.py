@@ -19,8 +19,9 @@ import torch
 from conftest import DATASET, REPO, SCHEDULE, TINY, TRAIN, child_env, config
 
 sys.path.insert(0, str(REPO))
-import model as model_py  # noqa: E402
-from model import GPT, GPTConfig, load_model, save_checkpoint  # noqa: E402
+import checkpoint as checkpoint_py  # noqa: E402
+from checkpoint import load_model, save_checkpoint  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
 
 
 def config_args(name):
@@ -215,8 +216,8 @@ def test_save_checkpoint_fsyncs_before_the_rename_and_keeps_the_previous(tmp_pat
         events.append(('replace', str(a), str(b)))
         real_replace(a, b)
 
-    monkeypatch.setattr(model_py.os, 'fsync', fsync)
-    monkeypatch.setattr(model_py.os, 'replace', replace)
+    monkeypatch.setattr(checkpoint_py.os, 'fsync', fsync)
+    monkeypatch.setattr(checkpoint_py.os, 'replace', replace)
     tiny_checkpoint(tmp_path, iters=(1, 2))
     tmp, final = str(tmp_path / 'ckpt.pt.tmp'), str(tmp_path / 'ckpt.pt')
     for n in (0, 1):  # each save: the data fsynced, then renamed, then the folder fsynced

@@ -553,8 +553,8 @@ def test_balance_loss_per_sequence_by_hand():
     got = moe.balance_loss(probs, ids, B)
     assert got.item() == pytest.approx(expected, rel=1e-5)
     assert abs(moe.balance_loss(probs, ids, 1).item() - expected) > 1e-3  # the variant differs here
-    # and the layer uses it with balance_per_sequence, one sequence per batch row
-    cfg = config('llama', 'softmax', E=E, k=k, balance_per_sequence=True)
+    # and the layer uses it with balance_scope='sequence', one sequence per batch row
+    cfg = config('llama', 'softmax', E=E, k=k, balance_scope='sequence')
     layer = make_layer(cfg)
     x = torch.randn(B, S, cfg.n_embd)
     _, aux = layer(x)

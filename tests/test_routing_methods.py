@@ -17,6 +17,7 @@ import torch.nn as nn
 from conftest import SCHEDULE, TINY, config as config_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import checkpoint  # noqa: E402
 import moe  # noqa: E402
 from model import GPTConfig  # noqa: E402
 
@@ -374,9 +375,9 @@ def test_global_balance_accumulates_the_steps_micro_batches():
 def test_balance_scope_errors():
     with pytest.raises(ValueError, match='balance_scope'):
         config(balance_scope='step')
-    with pytest.raises(ValueError, match='contradicts'):
-        config(balance_per_sequence=True, balance_scope='global')
-    assert config(balance_per_sequence=True).balance_scope == 'sequence'
+    # an older checkpoint's balance_per_sequence=True reads as balance_scope='sequence'
+    assert checkpoint.upgrade(dict(balance_per_sequence=True, n_layer=2)) == dict(balance_scope='sequence', n_layer=2)
+    assert checkpoint.upgrade(dict(balance_per_sequence=False, n_layer=2)) == dict(n_layer=2)
 
 # -----------------------------------------------------------------------------
 # the contract: UNUSED slots in the losses, statistics, capacity and Drop-Top-1

@@ -21,7 +21,8 @@ from conftest import REPO, TINY, config
 sys.path.insert(0, str(REPO))
 import moe  # noqa: E402
 import sample  # noqa: E402
-from model import GPT, GPTConfig, LayerKV, load_model  # noqa: E402
+from checkpoint import load_model  # noqa: E402
+from model import GPT, GPTConfig, LayerKV  # noqa: E402
 
 torch.set_num_threads(1)  # tiny models: one thread is fastest, and the machine is shared
 RUN = [*TINY, '--max_iters=4', '--eval_interval=2', '--always_save_checkpoint=True']

@@ -218,7 +218,7 @@ def test_every_configuration_has_the_dense_active_width_and_parses(scale, tmp_pa
         argv = r['steps']['train'][1:]
         config, _ = parse(defaults, [str(REPO / a) if a.startswith('configs/') else a for a in argv])
         args = {f.name: config[f.name] for f in fields(GPTConfig) if f.name in config}
-        args['router_options'] = {k: config[k] for k in __import__('moe').router_options()}
+        args['router_options'] = {k: config[k] for k in __import__('moe').router_settings()}
         with torch.device('meta'):
             model = GPT(GPTConfig(**{**args, 'vocab_size': 50257}))
         frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)  # hyper's hypernetwork

@@ -17,7 +17,7 @@ from configurator import configure  # noqa: E402
 
 DEFAULTS = dict(out_dir='out', batch_size=16, n_layer=4, n_embd=128, n_head=4, n_kv_head=0, mlp_hidden=0,
                 arch='gpt2', router='dense', top_k=2, n_shared_experts=0, aux_loss_coef=0.01,
-                learning_rate=1e-3, compile=False, balance_per_sequence=False, bias_update_rate=1e-3)
+                learning_rate=1e-3, compile=False, balance_scope='batch', bias_update_rate=1e-3)
 
 
 def write(path, text):
@@ -52,8 +52,8 @@ def test_config_files_compose_left_to_right_then_overrides(tmp_path):
 def test_llama_preset_computes_from_earlier_values():
     c = configure(DEFAULTS, ['--n_embd=48', '--n_head=6', config('llama'), config('deepseek')])
     assert (c['arch'], c['n_kv_head'], c['mlp_hidden']) == ('llama', 3, 8 * ((8 * 48 // 3 + 7) // 8))
-    assert (c['router'], c['n_shared_experts'], c['balance_per_sequence'], c['aux_loss_coef']) == \
-           ('deepseek', 1, True, 1e-4)
+    assert (c['router'], c['n_shared_experts'], c['balance_scope'], c['aux_loss_coef']) == \
+           ('deepseek', 1, 'sequence', 1e-4)
 
 
 def test_override_types():

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the repository root: upcycle.py, model.py, moe.py
 import upcycle  # noqa: E402
 from configurator import configure  # noqa: E402
-from model import load_model  # noqa: E402
+from checkpoint import load_model  # noqa: E402
 
 torch.set_num_threads(min(2, THREADS))  # SmolLM2-sized work: two threads where the worker has them
 V, S = 97, 40  # vocabulary, test sequence length

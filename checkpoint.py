@@ -1,0 +1,219 @@
+"""
+What a run folder holds and how it is written: the checkpoint, its tokenizer, files written atomically.
+
+- A run folder is out/NAME/ with ckpt.pt (train.py or upcycle.py), config.json, log.jsonl and eval.json.
+  ckpt.pt holds the whole model whatever the expert parallelism it was trained with (model_args has ep_size 1).
+- Every file is written atomically: a temporary file, fsync, then a rename, so a crash or a full disk never
+  leaves half a file and the earlier version stays whole (tests/test_faults.py kills and fills the disk).
+- The checkpoint saved before the current one stays as ckpt.prev.pt (a hard link, no copy): train.py
+  init_from=resume falls back to it when ckpt.pt cannot be used, and says so.
+- A checkpoint is checked whole when it is read (readable, its weights fit its own model_args, finite), so a bad
+  file is one line naming it and the fix, never a traceback from load_state_dict.
+- A run's tokenizer: the one its checkpoint names, else its data set's (data/DATASET/meta.json); a
+  character-level run needs that meta.json for its vocabulary.
+"""
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from model import GPT, GPTConfig
+from prepare import load_tokenizer
+
+CKPT, PREVIOUS = 'ckpt.pt', 'ckpt.prev.pt'  # a run folder's checkpoint and the one saved before it
+
+# -----------------------------------------------------------------------------
+# atomic writes
+
+
+def fsync_dir(path):
+    """the renames in a folder survive a power cut"""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_file(path, mode='w', before_rename=None):
+    """a file object whose contents replace path only when the block ends without an error;
+    before_rename: called once the new contents are on disk, just before they take path's place"""
+    path = os.fspath(path)
+    tmp = path + '.tmp'
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        if before_rename is not None:
+            before_rename()
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    fsync_dir(os.path.dirname(path) or '.')
+
+
+def write_json(path, obj):
+    with atomic_file(path) as f:
+        json.dump(obj, f, indent=2)
+
+
+@contextmanager
+def atomic_dir(path):
+    """a fresh folder (a Path) that becomes path when the block ends without an error; path must not exist"""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f'.{path.name}.', dir=path.parent))
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_dir(path.parent)
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+
+def upgrade(model_args):
+    """model_args of an older checkpoint in today's names: balance_per_sequence=True is balance_scope='sequence'"""
+    args = dict(model_args)
+    if args.pop('balance_per_sequence', False):
+        args['balance_scope'] = 'sequence'
+    return args
+
+
+def save_checkpoint(out_dir, ckpt, previous='keep'):
+    """out_dir/ckpt.pt, written atomically. previous: 'keep' = the checkpoint it replaces becomes ckpt.prev.pt;
+    'leave' = ckpt.prev.pt stays as it is (a run that fell back to it); 'drop' = an old ckpt.prev.pt is removed
+    (it belongs to another run). OSError (disk full, ...) leaves the old files as they were."""
+    path, prev = os.path.join(out_dir, CKPT), os.path.join(out_dir, PREVIOUS)
+
+    def move_previous():
+        if previous == 'keep' and os.path.exists(path):
+            prev_tmp = prev + '.tmp'
+            if os.path.exists(prev_tmp):
+                os.remove(prev_tmp)
+            try:
+                os.link(path, prev_tmp)
+            except OSError:
+                # a file system without hard links
+                shutil.copyfile(path, prev_tmp)
+            os.replace(prev_tmp, prev)
+        elif previous == 'drop' and os.path.exists(prev):
+            os.remove(prev)
+
+    with atomic_file(path, 'wb', before_rename=move_previous) as f:
+        torch.save(ckpt, f)
+
+
+def read_checkpoint(path, device='cpu'):
+    """a checkpoint file, checked whole: readable, train.py's layout, weights that fit its own model_args and are
+    finite; else ValueError saying what is wrong with it (one line). model_args come back in today's names."""
+    if not os.path.isfile(path):
+        raise ValueError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        # a truncated zip, a bad pickle, random bytes: all the same to the reader
+        raise ValueError(f"{path} cannot be read, it is truncated or corrupted ({type(e).__name__}: "
+                         f"{(str(e).splitlines() or [''])[0][:160]})")
+    if not (isinstance(ckpt, dict) and isinstance(ckpt.get('model'), dict)
+            and isinstance(ckpt.get('model_args'), dict)):
+        raise ValueError(f"{path} is not a checkpoint of train.py or upcycle.py (no model and model_args)")
+    ckpt['model_args'] = upgrade(ckpt['model_args'])
+    try:
+        # the model's shapes without memory or time
+        with torch.device('meta'):
+            expected = GPT(GPTConfig(**ckpt['model_args'])).state_dict()
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path} holds a model this version of model.py cannot build ({str(e).splitlines()[0]})")
+    got = ckpt['model']
+    wrong = sorted(expected.keys() ^ got.keys())
+    wrong += sorted(k for k in expected.keys() & got.keys() if expected[k].shape != got[k].shape)
+    if wrong:
+        raise ValueError(f"{path} holds weights of another architecture than its model_args say "
+                         f"({len(wrong)} names or shapes differ, e.g. {wrong[0]})")
+    bad = next((k for k, v in got.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad:
+        raise ValueError(f"{path} holds non-finite weights ({bad} has NaN or inf)")
+    return ckpt
+
+
+def load_checkpoint(ckpt_dir, device='cpu', fallback=False):
+    """(checkpoint, path, note) of ckpt_dir/ckpt.pt, checked by read_checkpoint. When it cannot be used: with
+    fallback, the previous checkpoint ckpt_dir/ckpt.prev.pt, and note (a warning line) says so; else ValueError,
+    one line naming the file and the fix."""
+    path, prev = os.path.join(ckpt_dir, CKPT), os.path.join(ckpt_dir, PREVIOUS)
+    try:
+        return read_checkpoint(path, device), path, None
+    except ValueError as e:
+        problem = e
+    if not os.path.exists(prev):
+        if not os.path.exists(path):
+            fix = "train one with train.py or make one with upcycle.py"
+        else:
+            fix = "train again, or use another checkpoint folder"
+        raise ValueError(f"{problem}: {fix}")
+    if not fallback:
+        raise ValueError(f"{problem}: the previous checkpoint is {prev}; to use it, copy it over "
+                         f"{CKPT} (train.py init_from=resume falls back to it by itself)")
+    try:
+        ckpt = read_checkpoint(prev, device)
+    except ValueError as e:
+        raise ValueError(f"{problem}, and the previous checkpoint too: {e}: train again")
+    return ckpt, prev, (f"warning: {problem}; falling back to the previous checkpoint {prev} "
+                        f"(iteration {ckpt.get('iter_num', '?')})")
+
+
+def load_model(out_dir, device='cpu'):
+    """the model of a run folder -> (model, checkpoint); ValueError (one line: the file and the fix) when it
+    cannot be loaded"""
+    ckpt = load_checkpoint(out_dir, device)[0]
+    model = GPT(GPTConfig(**ckpt['model_args']))
+    model.load_state_dict(ckpt['model'])
+    return model.to(device), ckpt
+
+# -----------------------------------------------------------------------------
+# a run's tokenizer
+
+
+def tokenizer_spec(ckpt, override=None):
+    """(tokenizer spec or None, meta.json of the run's data set or None): override, else the checkpoint's, else
+    its data set's (data/DATASET/meta.json, read from the current folder)"""
+    spec, meta = override or ckpt.get('tokenizer'), None
+    dataset = (ckpt.get('config') or {}).get('dataset')
+    if dataset and Path('data', dataset, 'meta.json').exists():
+        meta = json.loads(Path('data', dataset, 'meta.json').read_text())
+        spec = spec or meta['tokenizer']
+    return spec, meta
+
+
+def run_tokenizer(ckpt, override=None):
+    """(encode, decode, vocab_size, eot, spec) of a run; ValueError (one line, with the fix) when it has none or it
+    cannot be loaded. eot: the end-of-text token (the newline stands in at character level)"""
+    spec, meta = tokenizer_spec(ckpt, override)
+    dataset = (ckpt.get('config') or {}).get('dataset')
+    if not spec:
+        raise ValueError(f"the checkpoint names no tokenizer and data/{dataset}/meta.json is missing: "
+                         f"pass --tokenizer")
+    chars = meta.get('chars') if meta else None
+    if spec == 'char' and not chars:
+        raise ValueError(f"a character-level checkpoint needs data/{dataset}/meta.json (its vocabulary): "
+                         f"run from the folder that holds data/")
+    try:
+        encode, decode, vocab_size, eot = load_tokenizer(spec, chars)
+    except Exception as e:
+        hint = '; offline, set TIKTOKEN_CACHE_DIR=../shared/data/gpt2/tiktoken_cache' if spec == 'gpt2' else ''
+        first = (str(e).splitlines() or [''])[0]
+        raise ValueError(f"could not load tokenizer {spec!r} ({type(e).__name__}: {first}){hint}") from e
+    eot = encode('\n')[0] if eot is None else eot
+    return encode, decode, vocab_size, eot, spec

@@ -1,0 +1,226 @@
+"""
+How every script starts: its command line, its device and dtype, and its one-line error exit.
+
+- One command-line reader for every script, nanoGPT's configurator made strict. A script's settings are a dict
+  of defaults; config files (plain Python, run left to right) and `--key=value` / `--key value` overrides change
+  them. A boolean may be given as a bare `--flag`; a list setting takes every value up to the next `--` and
+  repeats add to it; a script with a positional setting (eval.py's run folders) gets its bare arguments there
+  instead of config files. A key must be a setting and keep its type: a typo is an error, not a new name.
+- `dtype='auto'` picks bfloat16 only where the hardware runs bf16 matmuls fast: a CUDA GPU of compute capability
+  8.0 or more, or a CPU with AMX or AVX-512 BF16. An AVX2-only CPU emulates bf16 about 100x slower than fp32
+  (docs/performance.md). Evaluation passes the dtype it wants; autocast is off in float32.
+- Expected errors (bad input, a bad file, no network) are one line `script.py: error: ...` and exit status 1,
+  raised as ValueError or OSError anywhere and turned into that line by `errors(prog)` around a script's main.
+"""
+import ast
+import os
+import sys
+import traceback
+import types
+from contextlib import contextmanager, nullcontext
+
+import torch
+
+DTYPES = dict(float32=torch.float32, bfloat16=torch.bfloat16, float16=torch.float16)
+
+# -----------------------------------------------------------------------------
+# the command line
+
+
+def convert(key, text, default, where):
+    """the value of `--key=text` for a setting whose default is `default`"""
+    if isinstance(default, str):
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        return value if isinstance(value, str) else text
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text  # a plain string: the type check says what was expected
+
+
+def parse(defaults, argv, extra=(), positional=None):
+    """(config, given): defaults (name -> value) updated by argv left to right, and {key: where} for each key that
+    argv set (the last place wins; a config file's assignment counts even when it repeats the current value).
+    extra: another stage's keys, accepted without a type check. positional: the name of the list setting that
+    takes the bare arguments (else they are config files)."""
+    config, given = dict(defaults), {}
+
+    def put(key, value, where):
+        if key not in defaults and key not in extra:
+            raise ValueError(f"unknown config key '{key}' in {where}; known keys: {', '.join(sorted(defaults))}")
+        expected = type(defaults.get(key, value))
+        value = float(value) if expected is float and type(value) is int else value
+        if type(value) is not expected:
+            raise ValueError(f"config key '{key}' in {where} must be {expected.__name__}, got {value!r}")
+        config[key], given[key] = value, where
+
+    def add(key, values, where):
+        """a list setting: the values given on the command line replace the default, then accumulate"""
+        config[key] = (config[key] if key in given else []) + values
+        given[key] = where
+
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        if arg in ('-h', '--help'):
+            raise SystemExit(usage(defaults, positional))
+        if not arg.startswith('--'):
+            if positional is not None:
+                add(positional, [arg], 'the command line')
+            else:
+                run_config_file(arg, config, put)
+            continue
+        key, eq, text = arg[2:].partition('=')
+        default = defaults.get(key)
+        if isinstance(default, list):
+            values = [text] if eq else []
+            while not eq and i < len(argv) and not argv[i].startswith('--'):
+                values.append(argv[i])
+                i += 1
+            if not values:
+                raise ValueError(f"'{arg}' needs a value: write {arg}=VALUE")
+            add(key, values, f"--{key}")
+            continue
+        if not eq:
+            takes_next = i < len(argv) and not argv[i].startswith('--') and not isinstance(default, bool)
+            if isinstance(default, bool) and i < len(argv) and argv[i] in ('True', 'False'):
+                takes_next = True
+            if isinstance(default, bool) and not takes_next:
+                put(key, True, f"--{key}")
+                continue
+            if not takes_next or key not in defaults:
+                raise ValueError(f"'{arg}' needs a value: write {arg}=VALUE")
+            text = argv[i]
+            i += 1
+        put(key, convert(key, text, default, f"--{key}"), f"--{key}")
+    return config, given
+
+
+def configure(defaults, argv, extra=(), positional=None):
+    """parse's config alone"""
+    return parse(defaults, argv, extra, positional)[0]
+
+
+def run_config_file(path, config, put):
+    """a config file: plain Python run with the current settings as its globals; what it assigns is put"""
+    try:
+        source = open(path).read()
+    except OSError as e:
+        raise ValueError(f"cannot read config file {path}: {e.strerror}")
+    try:
+        tree = ast.parse(source, path)
+    except SyntaxError as e:
+        raise ValueError(f"config file {path}, line {e.lineno}: {e.msg}")
+    assigned = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+    scope = dict(config)
+    try:
+        exec(compile(tree, path, 'exec'), scope)
+    except Exception as e:
+        # the file's own mistake (a NameError, ...): where it happened, in one line
+        frames = traceback.extract_tb(e.__traceback__)
+        line = next((f.lineno for f in reversed(frames) if f.filename == path), '?')
+        raise ValueError(f"config file {path}, line {line}: {type(e).__name__}: {e}")
+    for key, value in scope.items():
+        unchanged = key in config and value is config[key] and key not in assigned
+        if not (key.startswith('_') or isinstance(value, types.ModuleType) or unchanged):
+            put(key, value, path)
+
+
+def usage(defaults, positional=None):
+    """--help: every setting and its default"""
+    prog = os.path.basename(sys.argv[0])
+    head = f"usage: {prog} " + (f"{positional.upper()}... " if positional else "[CONFIG.py ...] ") + "[--key=value ...]"
+    lines = [f"  --{k}={v!r}" for k, v in defaults.items() if k != positional]
+    return '\n'.join([head, 'settings and their defaults:', *lines])
+
+
+def settings_of(path):
+    """the settings of a nanoGPT-style script without running it: the module-level assignments of constants
+    (name = literal) before the script's first other statement that is not an import, function or docstring"""
+    out = {}
+    for node in ast.parse(open(path).read()).body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            try:
+                out[node.targets[0].id] = ast.literal_eval(node.value)
+            except ValueError:
+                break
+        elif not isinstance(node, (ast.Import, ast.ImportFrom, ast.Expr, ast.FunctionDef)):
+            break
+    return out
+
+# -----------------------------------------------------------------------------
+# errors
+
+
+def fail(message, prog=None):
+    """an expected error: one line naming the problem and the fix, exit status 1"""
+    prog = prog or os.path.basename(sys.argv[0])
+    sys.exit(f"{prog}: error: {' '.join(str(message).split())}")
+
+
+@contextmanager
+def errors(prog):
+    """ValueError and OSError inside (bad input, a bad file, no network) end the script with fail's one line"""
+    try:
+        yield
+    except (ValueError, OSError) as e:
+        fail(e, prog)
+
+# -----------------------------------------------------------------------------
+# device and dtype
+
+
+def pick_device(device):
+    """'auto' -> 'cuda' where torch sees a GPU, else 'cpu'; a named device is checked (ValueError, one line)"""
+    if device == 'auto':
+        return 'cuda' if torch.cuda.is_available() else 'cpu'
+    try:
+        d = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device={device!r} is not a device torch knows: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    if d.type not in ('cpu', 'cuda'):
+        raise ValueError(f"device={device!r}: use 'cpu' or 'cuda' ('auto' picks cuda where there is one)")
+    if d.type == 'cuda' and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but this torch ({torch.__version__}) sees no CUDA device: "
+                         f"use --device=cpu or auto")
+    if d.type == 'cuda' and d.index is not None and d.index >= torch.cuda.device_count():
+        raise ValueError(f"device={device!r} but there are {torch.cuda.device_count()} CUDA devices (cuda:0 ...)")
+    return device
+
+
+def auto_dtype(device_type):
+    """the dtype for dtype='auto' -> (name, why): bfloat16 where the hardware runs bf16 matmuls fast, else float32"""
+    if device_type == 'cuda':
+        name = torch.cuda.get_device_name()
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            return 'bfloat16', f'{name} runs bf16'
+        return 'float32', f'{name} has no native bf16'
+    flags = set()
+    if os.path.exists('/proc/cpuinfo'):
+        for line in open('/proc/cpuinfo'):
+            if line.startswith('flags'):
+                flags.update(line.split(':')[1].split())
+    fast = [f for f in ('amx_bf16', 'avx512_bf16') if f in flags]
+    if fast:
+        return 'bfloat16', f'the CPU has {fast[0]} (fast bf16 matmuls)'
+    return 'float32', 'the CPU has neither AMX nor AVX-512 BF16 (bf16 matmuls would be far slower than fp32)'
+
+
+def pick_dtype(dtype, device_type):
+    """(name, why): dtype itself, or auto_dtype's choice for 'auto' (why is None when it was given)"""
+    if dtype == 'auto':
+        return auto_dtype(device_type)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not one of 'auto', {', '.join(map(repr, DTYPES))}")
+    return dtype, None
+
+
+def autocast(device_type, dtype):
+    """the forward's context: autocast to dtype (a name), or nothing in float32"""
+    if dtype == 'float32':
+        return nullcontext()
+    return torch.autocast(device_type=device_type, dtype=DTYPES[dtype])
