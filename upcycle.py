@@ -1,66 +1,66 @@
 """
-Sparse upcycling (Komatsuzaki et al. 2023; LibMoE's MoE stage): a dense model -> an MoE model whose experts
-start as copies of the dense MLP and whose routers start at N(0, router_init_std), seed + layer index.
+Sparse upcycling: a dense model -> an MoE model whose experts start as copies (or slices) of the dense MLP and
+whose routers start at N(0, router_init_std) (Komatsuzaki et al. 2023; LibMoE's MoE stage).
 
     python upcycle.py --init_from=path/to/SmolLM2-135M-Instruct.Q4_1.gguf configs/sigmoid.py --n_experts=4 \
         --out_dir=out/smol_sigmoid
     python upcycle.py --init_from=gpt2 --router=softmax --n_experts=4 --top_k=2 --out_dir=out/gpt2_softmax
-    python upcycle.py --init_from=out/dense --router=dense --out_dir=out/dense_copy   # import only, no MoE
+    # import only, no MoE
+    python upcycle.py --init_from=out/dense --router=dense --out_dir=out/dense_copy
 then fine-tune on data prepared with the model's tokenizer (prepare.py --tokenizer gguf:path/to/...gguf):
     python train.py configs/sigmoid.py --init_from=out/smol_sigmoid --dataset=NAME --out_dir=out/smol_sigmoid_ft
 
 init_from: a checkpoint folder of ours (ckpt.pt), a Hugging Face model name or folder (GPT-2 -> arch 'gpt2';
 Llama / Mistral -> arch 'llama'), or a .gguf file (loaded and dequantised by transformers).
-Settings: the MoE keys of GPTConfig and the router options of moe.py, from config files and --key=value, as
-train.py; train.py's other keys are accepted and ignored (the architecture comes from the source).
 Writes out_dir/ckpt.pt (train.py's format, iter_num 0) and out_dir/config.json.
 
-Expert initialisation. The dense MLP's hidden units are cut into g = mlp_hidden / expert_hidden slices;
-the S shared experts take slices 0..S-1 (concatenated), routed expert e takes slice (S + e) % g, and each
-expert gets 1/g of the output bias. expert_init='copy' is g = 1: every expert is the whole MLP (LibMoE);
-expert_init='split' is fine-grained. expert_noise adds N(0, (noise * std(W))^2) to each routed expert matrix.
-The upcycled model computes exactly the dense function when the routed weights sum to 1 and
-routed_scale + n_shared_experts * shared_scale = 1 (copies), nothing is dropped and no noise is added; split
-experts do so only when every slice is used once with weight 1 (n_shared + n_experts = g, top_k = n_experts
-= routed_scale, shared_scale = 1 and a uniform router, router_init_std = 0). After building, the logits of
-both models are compared on 2 x 32 random tokens and the reasons for any difference are printed.
+- The settings are GPTConfig's MoE fields and every router's options, declared in model.py and moe.py, plus
+  upcycle's own (DEFAULTS). train.py's settings are accepted and ignored, so one config file serves both
+  stages; the architecture comes from the source, and a config file that sets it gets a note.
+- Expert e is slice (S + e) % g of the dense MLP's hidden units cut into g = mlp_hidden / expert_hidden
+  slices (expert_init='copy' is g = 1, LibMoE's). The upcycled model computes exactly the dense function
+  when the settings allow it; not_preserved says why not otherwise (tests/test_upcycle.py compares with
+  transformers' logits), and the logits of both models are compared on 2 x 32 random tokens after building.
+- The router of layer i is seeded seed + i (LibMoE: 42), so one layer's router does not depend on the others.
+The methods, their sources and when each preserves the dense function: docs/upcycle.md.
 """
-import json
 import os
 import sys
 from dataclasses import asdict, fields
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from configurator import configure
-from checkpoint import load_checkpoint, save_checkpoint
-from model import GPT, GPTConfig
-from moe import router_settings as router_options
+from checkpoint import load_checkpoint, save_checkpoint, write_json
+from cli import configure, errors, settings_of
+from model import GPT, GPTConfig, settings
+from moe import router_settings
 
-MOE_KEYS = ('router', 'n_experts', 'top_k', 'moe_every', 'moe_first_dense', 'expert_hidden', 'n_shared_experts',
-            'shared_scale', 'routed_scale', 'router_renorm', 'capacity_factor', 'aux_loss_coef', 'z_loss_coef',
-            'balance_scope', 'shared_gate', 'force_balance', 'eval_capacity_factor',
-            'expert_impl')
-ARCH_KEYS = ('arch', 'n_layer', 'n_head', 'n_kv_head', 'n_embd', 'mlp_hidden', 'dropout', 'bias', 'tie_embeddings',
-             'rope_theta')  # set by the source: ignored with a note (config files may compute with them)
-TRAIN_KEYS = ARCH_KEYS + (
-    'out_dir', 'dataset', 'batch_size', 'block_size', 'gradient_accumulation_steps', 'max_iters', 'learning_rate',
-    'warmup_iters', 'lr_decay_iters', 'min_lr', 'weight_decay', 'beta1', 'beta2', 'grad_clip', 'eval_interval',
-    'eval_iters', 'log_interval', 'always_save_checkpoint', 'init_from', 'device', 'dtype', 'compile', 'seed',
-    'ep_size', 'router_lr_scale', 'peak_flops')  # train.py's keys: accepted, and ignored unless upcycle has them
+# the MoE settings: GPTConfig's 'moe' fields (router_options given as each router's own settings) and its
+# 'system' ones but ep_size (a checkpoint holds the whole model: expert parallelism is train.py's to choose)
+MOE_KEYS = [k for k in settings(kind='moe') + settings(kind='system') if k not in ('router_options', 'ep_size')]
 DEFAULTS = dict(
-    init_from='',  # checkpoint folder, Hugging Face name or folder, or .gguf file
+    # checkpoint folder, Hugging Face name or folder, or .gguf file
+    init_from='',
     out_dir='out/upcycle',
-    block_size=0,  # 0 = the source's (llama: at most 2048); smaller crops the positions
-    expert_init='copy',  # 'copy' (every expert = the dense MLP) or 'split' (slices of its hidden units)
-    expert_noise=0.0,  # std of the noise added to routed experts, relative to each matrix's std
+    # 0 = the source's (llama: at most 2048); smaller crops the positions
+    block_size=0,
+    # 'copy' (every expert = the dense MLP) or 'split' (slices of its hidden units)
+    expert_init='copy',
+    # std of the noise added to routed experts, relative to each matrix's std
+    expert_noise=0.0,
     router_init_std=0.02,
-    seed=42,  # router of layer i: torch.Generator seeded seed + i (LibMoE: 42)
+    # router of layer i: torch.Generator seeded seed + i (LibMoE: 42)
+    seed=42,
     **{f.name: f.default for f in fields(GPTConfig) if f.name in MOE_KEYS},
-    **router_options(),
+    **router_settings(),
 )
-ARCH_DEFAULTS = {f.name: f.default for f in fields(GPTConfig) if f.name in ARCH_KEYS}
+# the dense architecture: set by the source, so ignored with a note (config files may compute with them)
+ARCH_DEFAULTS = {f.name: f.default for f in fields(GPTConfig) if f.name in settings(kind='arch')
+                 and f.name not in DEFAULTS}
+# train.py's settings: accepted, and ignored unless upcycle has them
+TRAIN_KEYS = list(settings_of(Path(__file__).with_name('train.py')))
 
 
 # -----------------------------------------------------------------------------
@@ -70,32 +70,43 @@ def hf_model_args(cfg):
     """(GPTConfig arguments, maximum length) of a Hugging Face config; ValueError for what model.py cannot run"""
     name = f"{cfg.model_type} model '{getattr(cfg, '_name_or_path', '')}'"
     if cfg.model_type == 'gpt2':
-        if cfg.activation_function not in ('gelu_new', 'gelu_pytorch_tanh') or cfg.scale_attn_by_inverse_layer_idx:
+        tanh_gelu = cfg.activation_function in ('gelu_new', 'gelu_pytorch_tanh')
+        if not tanh_gelu or cfg.scale_attn_by_inverse_layer_idx:
             raise ValueError(f"{name}: only GPT-2's tanh GELU and standard attention scaling are supported")
-        return dict(arch='gpt2', vocab_size=cfg.vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
-                    mlp_hidden=cfg.n_inner or 4 * cfg.n_embd, bias=True, norm_eps=cfg.layer_norm_epsilon,
-                    tie_embeddings=cfg.tie_word_embeddings), cfg.n_positions
+        args = dict(arch='gpt2', vocab_size=cfg.vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                    n_embd=cfg.n_embd, mlp_hidden=cfg.n_inner or 4 * cfg.n_embd, bias=True,
+                    norm_eps=cfg.layer_norm_epsilon, tie_embeddings=cfg.tie_word_embeddings)
+        return args, cfg.n_positions
     if cfg.model_type not in ('llama', 'mistral'):
         raise ValueError(f"unsupported {name}: upcycle.py converts gpt2 and llama-family (llama, mistral) models")
-    rope = getattr(cfg, 'rope_parameters', None) or getattr(cfg, 'rope_scaling', None) or {}  # transformers 5 / 4
+    # transformers 5 / 4
+    rope = getattr(cfg, 'rope_parameters', None) or getattr(cfg, 'rope_scaling', None) or {}
     head_dim = getattr(cfg, 'head_dim', None) or cfg.hidden_size // cfg.num_attention_heads
-    problem = ('rope scaling' if rope.get('rope_type', rope.get('type', 'default')) != 'default' else
-               'attention or MLP biases' if getattr(cfg, 'attention_bias', 0) or getattr(cfg, 'mlp_bias', 0) else
-               f"hidden_act={cfg.hidden_act}" if cfg.hidden_act != 'silu' else
-               f"head_dim={head_dim} != hidden / heads" if head_dim * cfg.num_attention_heads != cfg.hidden_size else
-               'a sliding window' if getattr(cfg, 'sliding_window', None) else None)
+    problem = None
+    if rope.get('rope_type', rope.get('type', 'default')) != 'default':
+        problem = 'rope scaling'
+    elif getattr(cfg, 'attention_bias', 0) or getattr(cfg, 'mlp_bias', 0):
+        problem = 'attention or MLP biases'
+    elif cfg.hidden_act != 'silu':
+        problem = f"hidden_act={cfg.hidden_act}"
+    elif head_dim * cfg.num_attention_heads != cfg.hidden_size:
+        problem = f"head_dim={head_dim} != hidden / heads"
+    elif getattr(cfg, 'sliding_window', None):
+        problem = 'a sliding window'
     if problem:
         raise ValueError(f"{name} has {problem}, which model.py's llama blocks do not implement")
-    return dict(arch='llama', vocab_size=cfg.vocab_size, n_layer=cfg.num_hidden_layers, n_head=cfg.num_attention_heads,
-                n_kv_head=cfg.num_key_value_heads, n_embd=cfg.hidden_size, mlp_hidden=cfg.intermediate_size, bias=False,
-                tie_embeddings=cfg.tie_word_embeddings, rope_theta=float(rope.get('rope_theta') or cfg.rope_theta),
-                norm_eps=cfg.rms_norm_eps), cfg.max_position_embeddings
+    args = dict(arch='llama', vocab_size=cfg.vocab_size, n_layer=cfg.num_hidden_layers,
+                n_head=cfg.num_attention_heads, n_kv_head=cfg.num_key_value_heads, n_embd=cfg.hidden_size,
+                mlp_hidden=cfg.intermediate_size, bias=False, tie_embeddings=cfg.tie_word_embeddings,
+                rope_theta=float(rope.get('rope_theta') or cfg.rope_theta), norm_eps=cfg.rms_norm_eps)
+    return args, cfg.max_position_embeddings
 
 
 def hf_model(source):
     """a transformers causal LM in float32 from a hub name, a folder or a .gguf file (its config checked first)"""
     from transformers import AutoConfig, AutoModelForCausalLM
-    if source.endswith('.gguf'):  # reading a GGUF file's config costs as much as loading the model
+    if source.endswith('.gguf'):
+        # reading a GGUF file's config costs as much as loading the model: load, then check
         folder, name = os.path.split(os.path.abspath(source))
         hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
         hf_model_args(hf.config)
@@ -107,26 +118,30 @@ def hf_model(source):
         raise ValueError(f"cannot load '{source}': {str(e).splitlines()[0]}")
 
 
+# Hugging Face -> ours, in every layer
 LLAMA_NAMES = {'input_layernorm': 'ln_1', 'post_attention_layernorm': 'ln_2', 'self_attn.q_proj': 'attn.q_proj',
-               'self_attn.k_proj': 'attn.k_proj', 'self_attn.v_proj': 'attn.v_proj', 'self_attn.o_proj': 'attn.c_proj',
-               'mlp.down_proj': 'mlp.c_proj'}  # Hugging Face -> ours, in every layer
+               'self_attn.k_proj': 'attn.k_proj', 'self_attn.v_proj': 'attn.v_proj',
+               'self_attn.o_proj': 'attn.c_proj', 'mlp.down_proj': 'mlp.c_proj'}
 
 
 def hf_state_dict(hf, arch, n_layer):
     """the Hugging Face state dict in our names: GPT-2's Conv1D weights transposed, llama's c_fc = [gate; up]"""
     sd = hf.state_dict()
-    if arch == 'gpt2':  # the names are ours already; Conv1D stores (in, out)
+    if arch == 'gpt2':
+        # the names are ours already; Conv1D stores (in, out); old versions keep causal-mask buffers
         conv1d = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
-        return {k: v.t() if k.endswith(conv1d) else v for k, v in sd.items()
-                if not k.endswith(('.attn.bias', '.attn.masked_bias'))}  # old versions' causal-mask buffers
+        masks = ('.attn.bias', '.attn.masked_bias')
+        return {k: v.t() if k.endswith(conv1d) else v for k, v in sd.items() if not k.endswith(masks)}
     wte = sd['model.embed_tokens.weight']
+    # tied: transformers may leave lm_head out
     out = {'transformer.wte.weight': wte, 'transformer.ln_f.weight': sd['model.norm.weight'],
-           'lm_head.weight': sd.get('lm_head.weight', wte)}  # tied: transformers may leave lm_head out
+           'lm_head.weight': sd.get('lm_head.weight', wte)}
     for i in range(n_layer):
         theirs, ours = f'model.layers.{i}.', f'transformer.h.{i}.'
         out |= {f'{ours}{b}.weight': sd[f'{theirs}{a}.weight'] for a, b in LLAMA_NAMES.items()}
         gate, up = sd[theirs + 'mlp.gate_proj.weight'], sd[theirs + 'mlp.up_proj.weight']
-        out[ours + 'mlp.c_fc.weight'] = torch.cat([gate, up])  # (2 * mlp_hidden, n_embd)
+        # (2 * mlp_hidden, n_embd)
+        out[ours + 'mlp.c_fc.weight'] = torch.cat([gate, up])
     return out
 
 
@@ -145,13 +160,16 @@ def dense_model(model_args, sd, block_size):
 
 
 def load_dense(source, block_size=None):
-    """(dense GPT, tokenizer spec) from a checkpoint folder of ours, a Hugging Face name or folder, or a .gguf file"""
+    """(dense GPT, tokenizer spec) from a checkpoint folder of ours, a Hugging Face name or folder, or a .gguf
+    file"""
     source = os.path.expanduser(source)
     if os.path.isfile(os.path.join(source, 'ckpt.pt')):
-        ckpt = load_checkpoint(source)[0]  # ValueError, one line, for a checkpoint that does not load
+        # ValueError, one line, for a checkpoint that does not load
+        ckpt = load_checkpoint(source)[0]
         args, sd, tokenizer = ckpt['model_args'], ckpt['model'], ckpt.get('tokenizer')
         if args.get('router', 'dense') != 'dense':
-            raise ValueError(f"{source} already has MoE layers (router={args['router']}): upcycle a dense checkpoint")
+            raise ValueError(f"{source} already has MoE layers (router={args['router']}): "
+                             f"upcycle a dense checkpoint")
         max_len = default = args['block_size']
     else:
         local = os.path.exists(source) or source.endswith('.gguf') or source.startswith(('/', '.', '~'))
@@ -162,7 +180,8 @@ def load_dense(source, block_size=None):
         args, max_len = hf_model_args(hf.config)
         default = min(max_len, 2048) if args['arch'] == 'llama' else max_len
         sd = hf_state_dict(hf, args['arch'], args['n_layer'])
-        tokenizer = ('gguf:' if source.endswith('.gguf') else 'hf:') + (os.path.abspath(source) if local else source)
+        kind = 'gguf:' if source.endswith('.gguf') else 'hf:'
+        tokenizer = kind + (os.path.abspath(source) if local else source)
     if (block_size or default) > max_len:
         raise ValueError(f"block_size={block_size} is longer than the source's {max_len} positions")
     return dense_model(args, sd, block_size or default), tokenizer
@@ -173,7 +192,8 @@ def load_dense(source, block_size=None):
 def set_expert(experts, e, mlp, units, bias_share):
     """expert e := the dense MLP restricted to the hidden units `units`, with bias_share of its output bias"""
     h = mlp.c_proj.weight.shape[1]
-    rows = units if experts.arch == 'gpt2' else torch.cat([units, units + h])  # llama c_fc rows: [gate; up]
+    # llama's c_fc rows are [gate; up]
+    rows = units if experts.arch == 'gpt2' else torch.cat([units, units + h])
     pairs = [(experts.c_fc[e], mlp.c_fc.weight[rows]), (experts.c_proj[e], mlp.c_proj.weight[:, units])]
     if experts.b_fc is not None:
         pairs += [(experts.b_fc[e], mlp.c_fc.bias[rows]), (experts.b_proj[e], mlp.c_proj.bias * bias_share)]
@@ -184,9 +204,10 @@ def set_expert(experts, e, mlp, units, bias_share):
 
 @torch.no_grad()
 def upcycle_model(dense, moe_args, expert_init='copy', expert_noise=0.0, router_init_std=0.02, seed=42):
-    """the MoE GPT of dense with the MoE settings moe_args (GPTConfig MoE fields and router_options)"""
-    if set(moe_args) - set(MOE_KEYS) - {'router_options'}:
-        raise ValueError(f"not MoE settings: {sorted(set(moe_args) - set(MOE_KEYS) - {'router_options'})}")
+    """the MoE GPT of dense with the MoE settings moe_args (MOE_KEYS and router_options)"""
+    wrong = set(moe_args) - set(MOE_KEYS) - {'router_options'}
+    if wrong:
+        raise ValueError(f"not MoE settings: {sorted(wrong)}")
     config = GPTConfig(**{**asdict(dense.config), **moe_args, 'ep_size': 1})
     h, eh, S, E = config.mlp_hidden, config.expert_hidden, config.n_shared_experts, config.n_experts
     if expert_init == 'copy' and eh != h:
@@ -198,15 +219,21 @@ def upcycle_model(dense, moe_args, expert_init='copy', expert_noise=0.0, router_
         raise ValueError(f"expert_init={expert_init!r}: use 'copy' or 'split'")
     g = h // eh
     with torch.random.fork_rng():
-        torch.manual_seed(seed)  # the routers' other state: cosine's expert embeddings, hyper's embedding, moepp's c
+        # the routers' other state: cosine's expert embeddings, hyper's embedding, moepp's c
+        torch.manual_seed(seed)
         model = GPT(config)
     ours, theirs = model.state_dict(), dense.state_dict()
     assert all('.mlp.' in k for k in ours.keys() - theirs.keys()), "only the MoE layers' MLPs are new"
-    for k, v in theirs.items():  # everything but the MLPs of the MoE layers
+    # everything but the MLPs of the MoE layers
+    for k, v in theirs.items():
         if k in ours:
             assert v.shape == ours[k].shape, f"{k}: dense {tuple(v.shape)} vs upcycled {tuple(ours[k].shape)}"
             ours[k].copy_(v)
-    piece = lambda s: torch.arange(s * eh, (s + 1) * eh)  # the hidden units of slice s
+
+    def piece(s):
+        """the hidden units of slice s"""
+        return torch.arange(s * eh, (s + 1) * eh)
+
     for i, block in enumerate(model.transformer.h):
         if not config.is_moe(i):
             continue
@@ -239,13 +266,15 @@ def not_preserved(c, expert_noise=0.0, router_init_std=0.02):
         why.append("moepp can pick its zero / copy / constant experts instead of the MLP copies")
     elif c.router != 'hyper' and not c.router_renorm:
         why.append(f"router_renorm=False: the top-k {c.router} weights do not sum to 1")
-    if g == 1 and abs(c.routed_scale + S * c.shared_scale - 1) > 1e-9:
-        why.append(f"routed_scale + n_shared_experts * shared_scale = {c.routed_scale + S * c.shared_scale:g}, not 1")
-    if g > 1 and not (S + E == g and c.top_k == E and c.routed_scale == E and (S == 0 or c.shared_scale == 1)
-                      and router_init_std == 0):
+    total = c.routed_scale + S * c.shared_scale
+    if g == 1 and abs(total - 1) > 1e-9:
+        why.append(f"routed_scale + n_shared_experts * shared_scale = {total:g}, not 1")
+    every_slice_once = (S + E == g and c.top_k == E and c.routed_scale == E and (S == 0 or c.shared_scale == 1)
+                        and router_init_std == 0)
+    if g > 1 and not every_slice_once:
         why.append(f"expert_init='split': each expert holds 1/{g} of the MLP's hidden units, and the experts "
-                   f"add up to the MLP only when n_shared_experts + n_experts = {g}, top_k = n_experts = routed_scale, "
-                   f"shared_scale = 1 and router_init_std = 0")
+                   f"add up to the MLP only when n_shared_experts + n_experts = {g}, top_k = n_experts = "
+                   f"routed_scale, shared_scale = 1 and router_init_std = 0")
     if c.capacity_factor > 0:
         why.append(f"capacity_factor={c.capacity_factor:g} may drop assignments in training")
     if c.eval_capacity_factor > 0:
@@ -266,31 +295,35 @@ def logit_diff(a, b, n_seq=2, seq_len=32, seed=0):
 
 
 def save_upcycled(out_dir, model, tokenizer, config, source):
-    """out_dir/ckpt.pt in train.py's format, written atomically, and out_dir/config.json"""
+    """out_dir/ckpt.pt in train.py's format and out_dir/config.json, each written atomically"""
     os.makedirs(out_dir, exist_ok=True)
     ckpt = dict(model=model.state_dict(), model_args=asdict(model.config), tokenizer=tokenizer, iter_num=0,
                 best_val_loss=1e9, config=config, source=source)
-    save_checkpoint(out_dir, ckpt, previous='drop')  # a new model: an older ckpt.prev.pt is not its previous one
-    with open(os.path.join(out_dir, 'config.json'), 'w') as f:
-        json.dump(config, f, indent=2)
+    # a new model: an older ckpt.prev.pt is not its previous one
+    save_checkpoint(out_dir, ckpt, previous='drop')
+    write_json(os.path.join(out_dir, 'config.json'), config)
 
 
 def main(argv):
     config = configure(DEFAULTS | ARCH_DEFAULTS, argv, extra=TRAIN_KEYS)
-    ignored = {k: config.pop(k) for k in list(config) if k not in DEFAULTS}  # train.py's settings
-    arch = [f'{k}={v!r}' for k, v in ignored.items() if k in ARCH_KEYS and v != ARCH_DEFAULTS[k]]
+    # train.py's settings, the architecture's included
+    ignored = {k: config.pop(k) for k in list(config) if k not in DEFAULTS}
+    arch = [f'{k}={v!r}' for k, v in ignored.items() if k in ARCH_DEFAULTS and v != ARCH_DEFAULTS[k]]
     if arch:
         print(f"ignoring {', '.join(arch)}: the architecture comes from init_from")
     source = config['init_from']
-    if source in ('', 'scratch', 'resume'):  # the last two are train.py's
-        raise ValueError("set --init_from to a checkpoint folder, a Hugging Face model name or folder, or a .gguf file")
+    # 'scratch' and 'resume' are train.py's
+    if source in ('', 'scratch', 'resume'):
+        raise ValueError("set --init_from to a checkpoint folder, a Hugging Face model name or folder, "
+                         "or a .gguf file")
     dense, tokenizer = load_dense(source, config['block_size'] or None)
     c = dense.config
     print(f"loaded {source}: {c.arch}, {c.n_layer} layers, n_embd {c.n_embd}, {c.n_head} heads / {c.n_kv_head} kv, "
           f"mlp_hidden {c.mlp_hidden}, vocab {c.vocab_size}, block_size {c.block_size}, tokenizer {tokenizer}")
-    moe_args = {k: config[k] for k in MOE_KEYS} | {'router_options': {k: config[k] for k in router_options()}}
-    model = upcycle_model(dense, moe_args, config['expert_init'], config['expert_noise'], config['router_init_std'],
-                          config['seed'])
+    moe_args = {k: config[k] for k in MOE_KEYS}
+    moe_args['router_options'] = {k: config[k] for k in router_settings()}
+    model = upcycle_model(dense, moe_args, expert_init=config['expert_init'], expert_noise=config['expert_noise'],
+                          router_init_std=config['router_init_std'], seed=config['seed'])
     c, (total, active) = model.config, model.num_params()
     n_moe = sum(c.is_moe(i) for i in range(c.n_layer))
     print(f"router={c.router}: {n_moe} of {c.n_layer} layers MoE ({c.n_experts} experts, top_k {c.top_k}, "
@@ -298,7 +331,8 @@ def main(argv):
           f"{dense.num_params()[0] / 1e6:.2f}M parameters -> {total / 1e6:.2f}M, {active / 1e6:.2f}M active")
     diff, scale = logit_diff(dense, model)
     why = not_preserved(c, config['expert_noise'], config['router_init_std'])
-    print(f"function check on 2 x 32 random tokens: max |logits - dense logits| = {diff:.2e} (max |logit| {scale:.1f})")
+    print(f"function check on 2 x 32 random tokens: max |logits - dense logits| = {diff:.2e} "
+          f"(max |logit| {scale:.1f})")
     if why:
         print("these settings do not preserve the dense model's function: " + "; ".join(why))
     elif diff > 1e-4 * max(scale, 1.0):
@@ -310,7 +344,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    try:
+    with errors('upcycle.py'):
         main(sys.argv[1:])
-    except (ValueError, OSError, SyntaxError) as e:
-        sys.exit(f"upcycle.py: error: {' '.join(str(e).split())}")

@@ -20,7 +20,7 @@ from conftest import THREADS
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the repository root: upcycle.py, model.py, moe.py
 import upcycle  # noqa: E402
-from configurator import configure  # noqa: E402
+from cli import configure, settings_of  # noqa: E402
 from checkpoint import load_model  # noqa: E402
 
 torch.set_num_threads(min(2, THREADS))  # SmolLM2-sized work: two threads where the worker has them
@@ -155,6 +155,24 @@ def test_configure_with_upcycle_keys(tmp_path):
                       (['--router_renorm=1'], "must be bool"), (['--top_k'], "needs a value")]:
         with pytest.raises(ValueError, match=msg):
             configure(upcycle.DEFAULTS, argv, extra=upcycle.TRAIN_KEYS)
+
+
+def test_every_setting_has_one_place():
+    """every GPTConfig field is an MoE setting, the source's architecture (ignored with a note), upcycle's own
+    block_size, or ep_size (train.py's); every router setting and every train.py setting is accepted"""
+    from dataclasses import fields
+    from model import GPTConfig
+    from moe import router_settings
+    names = [f.name for f in fields(GPTConfig)]
+    places = [set(upcycle.MOE_KEYS), set(upcycle.ARCH_DEFAULTS), {'block_size'}, {'router_options', 'ep_size'}]
+    for name in names:
+        assert sum(name in p for p in places) == 1, name
+    assert set(upcycle.MOE_KEYS) <= set(upcycle.DEFAULTS) and set(router_settings()) <= set(upcycle.DEFAULTS)
+    train = settings_of(ROOT / 'train.py')
+    assert 'max_iters' in train and set(train) <= set(upcycle.DEFAULTS) | set(upcycle.ARCH_DEFAULTS) | \
+        set(upcycle.TRAIN_KEYS)
+    configure(upcycle.DEFAULTS | upcycle.ARCH_DEFAULTS, [f'--{k}={v!r}' for k, v in train.items()],
+              extra=upcycle.TRAIN_KEYS)
 
 
 @pytest.mark.parametrize('kw, msg', [(dict(attention_bias=True), 'biases'), (dict(head_dim=16), 'head_dim'),
