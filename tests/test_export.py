@@ -105,22 +105,44 @@ def test_what_mixtral_cannot_compute_goes_to_remote_code(kw):
     assert export.native_arch(c) is None
     assert export.native_arch(GPTConfig(arch='llama', bias=False, router='softmax', n_layer=2, n_head=4, n_embd=32)) == 'mixtral'
 
-def test_any_other_option_goes_to_remote_code():
-    """GPTConfig fields that the native classes do not express (options added later included) leave them"""
+def flipped(default):
+    """a value away from a field's default (a type without one here fails the test: add it)"""
+    if isinstance(default, bool):
+        return not default
+    if isinstance(default, (int, float)):
+        return default + (0.5 if isinstance(default, float) else 1)
+    raise AssertionError(f"no value away from {default!r} for a {type(default).__name__} field: add one")
+
+
+def test_every_field_is_mapped_or_goes_to_remote_code():
+    """every GPTConfig field (options added later included) is one that export.MAPPED names, or one that, away from
+    its default, makes the export remote code; each native base stays native with its defaults"""
     from dataclasses import fields
-    base = dict(arch='llama', bias=False, router='softmax', n_experts=4, n_layer=2, n_head=4, n_embd=32)
-    assert export.native_arch(GPTConfig(**base)) == 'mixtral'
-    flipped = 0
+    small = dict(n_layer=2, n_head=4, n_embd=32)
+    bases = {'gpt2': dict(arch='gpt2'), 'llama': dict(arch='llama', bias=False),
+             'mixtral': dict(arch='llama', bias=False, router='softmax', n_experts=4),
+             'granitemoeshared': dict(arch='llama', bias=False, router='softmax', n_experts=4, n_shared_experts=1)}
+    for kind, base in bases.items():
+        assert export.native_arch(GPTConfig(**small, **base)) == kind
+    names = {f.name for f in fields(GPTConfig)}
+    assert export.MAPPED <= names, export.MAPPED - names  # no stale names
+    flipped_fields = []
     for f in fields(GPTConfig):
-        if f.name in export.MAPPED or not isinstance(f.default, (bool, float)):
+        if f.name in export.MAPPED:
             continue
-        try:
-            c = GPTConfig(**base, **{f.name: (not f.default) if isinstance(f.default, bool) else f.default + 0.5})
-        except ValueError:
-            continue
-        assert export.native_arch(c) is None, f.name
-        flipped += 1
-    print(f"{flipped} other options checked")
+        value = flipped(f.default)
+        built = 0
+        for base in bases.values():
+            try:
+                c = GPTConfig(**small, **base, **{f.name: value})
+            except ValueError:
+                continue
+            assert export.native_arch(c) is None, (f.name, base)
+            built += 1
+        assert built, f"{f.name}={value!r} builds on no native base: give the test a base where it is valid"
+        flipped_fields.append(f.name)
+    print(f"{len(flipped_fields)} unmapped fields flipped: {', '.join(flipped_fields)}")
+    assert flipped_fields
 
 
 # -----------------------------------------------------------------------------
@@ -230,6 +252,23 @@ def test_bad_input_one_line(tmp_path, capsys):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith('.')]  # no temporary folders left behind
     export.main([str(run), '--out_dir', str(tmp_path / 'hf')])  # and the good path
     assert 'native gpt2' in capsys.readouterr().out and (tmp_path / 'hf' / 'model.safetensors').exists()
+    assert 'needs a value' in export_error(run, '--out_dir')
+    assert '--out_dir is required' in export_error(run)
+    assert 'give one checkpoint folder' in export_error(run, run, '--out_dir', tmp_path / 'hf2')
+    assert 'give one checkpoint folder' in export_error('--out_dir', tmp_path / 'hf2')
+    assert "unknown config key 'remote'" in export_error(run, '--out_dir', tmp_path / 'hf2', '--remote=True')
+    assert not (tmp_path / 'hf2').exists()
+
+
+@pytest.mark.parametrize('argv', [['{run}', '--out_dir', '{out}', '--remote_code'],
+                                  ['--out_dir={out}', '--remote_code', '{run}'],
+                                  ['{run}', '--out_dir', '{out}', '--remote_code=True', '--tokenizer', 'gpt2']])
+def test_command_line_forms(tmp_path, capsys, argv):
+    """the forms the README and the scripts use: the run folder anywhere, --key value and --key=value, a bare flag"""
+    run = save_run(tmp_path / 'run', tiny())
+    export.main([a.format(run=run, out=tmp_path / 'hf') for a in argv])
+    out = capsys.readouterr().out
+    assert 'remote code' in out and 'tokenizer gpt2' in out and (tmp_path / 'hf' / 'modeling_nanomoe.py').exists()
 
 # -----------------------------------------------------------------------------
 # lm-eval's own `hf` model on an exported folder = eval.py on the checkpoint
