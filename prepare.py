@@ -1,41 +1,33 @@
 """
 Prepare a data set: text -> data/NAME/{train,val}.bin (token ids) + meta.json.
 
-    python prepare.py                                              # tiny Shakespeare, characters (downloaded)
-    python prepare.py --input ../shared/data/tinyshakespeare/input.txt            # the same offline
+    python prepare.py                                     # tiny Shakespeare (assets/), characters
     TIKTOKEN_CACHE_DIR=../shared/data/gpt2/tiktoken_cache \\
-    python prepare.py --input ../shared/data/gutenberg --tokenizer gpt2           # -> data/gutenberg_gpt2
+    python prepare.py --input ../shared/data/gutenberg --tokenizer gpt2   # -> data/gutenberg_gpt2
     python prepare.py --input my_docs/ --tokenizer hf:HuggingFaceTB/SmolLM2-135M
     python prepare.py --input book.txt --tokenizer gguf:path/to/SmolLM2-135M-Instruct.Q4_1.gguf
-    python prepare.py --hf_dataset roneneldan/TinyStories --tokenizer gpt2        # needs a network
+    python prepare.py --hf_dataset roneneldan/TinyStories --tokenizer gpt2   # needs a network
 
-Inputs: text files or folders of them (their *.txt files, recursive, sorted), read as UTF-8 as they are
-(CRLF stays), or a Hugging Face dataset, streamed. Each file or record is a document. Split: with several
-files the last val_fraction of them (at least one) are val; a dataset sends every round(1/val_fraction)-th
-record to val; a single file splits like nanoGPT, the first 90% of its characters train, the rest val.
-Between the documents of a split goes the end-of-text token (gpt2: 50256, hf/gguf: eos_token_id), or a
-blank line "\\n\\n" for char.
-
-Tokenizers: gpt2 (tiktoken), char (the sorted characters of the input, kept in meta.json; one extra
-pass), hf:<name or folder> (AutoTokenizer), gguf:<file.gguf> (the tokenizer of a GGUF checkpoint, so
-the data matches a model upcycled from it). Text is encoded in pieces of about 1M characters cut before a
-space between two letters, where byte-level BPE (GPT-2, Llama 3, SmolLM2, Qwen) splits anyway: the ids
-equal those of each whole document. The ids go to disk as they come (uint16, or uint32 for more than 65536
-tokens) in a temporary folder, renamed at the end, so a failure leaves no damaged outputs.
-
-meta.json: tokenizer, vocab_size, dtype, train_tokens, val_tokens, val_bytes (UTF-8 bytes of the val
-text, for bits per byte), eot_token (null for char), and chars for char. Other stages read it with
-load_meta(data_dir) and get_tokenizer(meta["tokenizer"], meta) -> (encode, decode).
+- The default input is tiny Shakespeare as nanoGPT's shakespeare_char uses it (karpathy/char-rnn's
+  input.txt, public domain), shipped compressed in assets/ so that no step needs a network; train.py
+  prepares it on first use (tests/test_first_hour.py).
+- Each file or record is a document; between the documents of a split goes the end-of-text token
+  (a blank line for char). One file splits as nanoGPT's (the first 90% of its characters train).
+- Text is encoded in pieces of about 1M characters cut before a space between two letters, where
+  byte-level BPE splits anyway: the ids equal those of each whole document (tests/test_prepare.py).
+- The ids go to disk as they come into a temporary folder, moved into place at the end, so a failure
+  leaves no damaged outputs. docs/training.md describes meta.json and the splits in full.
 """
-import argparse
 import json
+import lzma
 import os
 import shutil
 import sys
-import urllib.request
 from pathlib import Path
 
 import numpy as np
+
+from cli import errors, fail, parse
 
 try:
     from tqdm import tqdm
@@ -46,14 +38,22 @@ except ImportError:  # tqdm comes with datasets and transformers; without it, no
         def __exit__(self, *exc): pass
         def update(self, n): pass
 
-SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+DEFAULTS = dict(
+    input=[],  # text files or folders of .txt files (default: tiny Shakespeare from assets/)
+    hf_dataset='',  # a Hugging Face dataset name, streamed (needs a network)
+    hf_config='',  # the dataset's configuration
+    hf_split='train',  # the dataset split to read
+    text_field='text',  # the record field that holds the text
+    tokenizer='char',  # gpt2, char, hf:<name or folder> or gguf:<file.gguf>
+    name='',  # output folder name (default: the input's name + the tokenizer's)
+    out_root='data',  # the folder that holds NAME/
+    val_fraction=0.1,  # share of the documents (or of a single file) for val
+)
+# tiny Shakespeare, xz-compressed: sha256 86c4e6aa...65ed once decompressed, as char-rnn's input.txt
+SHAKESPEARE = Path(__file__).resolve().parent / "assets" / "tinyshakespeare.txt.xz"
+DEFAULT_DATASET = "shakespeare_char"  # what the defaults make (train.py's default dataset)
 TOKENIZERS = "gpt2, char, hf:<name or folder> or gguf:<file.gguf>"
 CHUNK_CHARS = 1_000_000  # characters read and encoded at a time
-
-
-def fail(message):
-    sys.exit(f"prepare.py: error: {message}")
-
 
 META_KEYS = {"tokenizer": str, "vocab_size": int, "dtype": str, "train_tokens": int, "val_tokens": int}
 DTYPES = ("uint16", "uint32")
@@ -144,31 +144,18 @@ def dtype_for(vocab_size):
     return np.uint16 if vocab_size <= 2**16 else np.uint32
 
 
-def default_name(args):
+def default_name(cfg):
     """The input's name (a file's stem, a folder's name, X for X/input.txt) + "_" + the tokenizer's name;
-    tiny Shakespeare, downloaded or given, is "shakespeare" as in nanoGPT (shakespeare_char)."""
-    if args.hf_dataset:
-        source = args.hf_dataset.rstrip("/").split("/")[-1]
-    elif args.input:
-        p = Path(args.input[0]).resolve()
+    tiny Shakespeare, embedded or given, is "shakespeare" as in nanoGPT (shakespeare_char)."""
+    if cfg["hf_dataset"]:
+        source = cfg["hf_dataset"].rstrip("/").split("/")[-1]
+    elif cfg["input"]:
+        p = Path(cfg["input"][0]).resolve()
         source = p.parent.name if p.name == "input.txt" else p.stem if p.is_file() else p.name
         source = "shakespeare" if source == "tinyshakespeare" else source
     else:
         source = "shakespeare"
-    return f"{source}_{Path(args.tokenizer.split(':', 1)[-1]).name.removesuffix('.gguf')}"
-
-
-def download_shakespeare(folder):
-    path = folder / "input.txt"
-    if not path.exists():
-        try:
-            text = urllib.request.urlopen(SHAKESPEARE_URL, timeout=30).read()
-        except OSError as e:
-            fail(f"could not download tiny Shakespeare ({e}); "
-                 "offline, pass --input ../shared/data/tinyshakespeare/input.txt")
-        folder.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(text)
-    return path
+    return f"{source}_{Path(cfg['tokenizer'].split(':', 1)[-1]).name.removesuffix('.gguf')}"
 
 
 def text_files(inputs):
@@ -192,7 +179,8 @@ def read_chunks(path):
     """A file's text in pieces of about CHUNK_CHARS characters, cut before a space between two letters."""
     text = ""
     try:
-        with open(path, encoding="utf-8", newline="") as f:
+        opener = lzma.open if Path(path).suffix == ".xz" else open
+        with opener(path, "rt", encoding="utf-8", newline="") as f:
             while block := f.read(CHUNK_CHARS):
                 text += block
                 cut = text.rfind(" ", 1, len(text) - 1)
@@ -224,13 +212,13 @@ def file_pieces(paths, val_fraction):
             yield "val" if i >= len(paths) - n_val else "train", j == 0, chunk
 
 
-def open_dataset(args):
+def open_dataset(cfg):
     """The Hugging Face dataset split, streamed: records are read as they are used."""
     from datasets import load_dataset
     try:
-        return load_dataset(args.hf_dataset, args.hf_config, split=args.hf_split, streaming=True)
+        return load_dataset(cfg["hf_dataset"], cfg["hf_config"] or None, split=cfg["hf_split"], streaming=True)
     except Exception as e:
-        fail(f"could not load dataset {args.hf_dataset!r} ({str(e).splitlines()[0]}); "
+        fail(f"could not load dataset {cfg['hf_dataset']!r} ({str(e).splitlines()[0]}); "
              "check the name, --hf_config and --hf_split")
 
 
@@ -254,11 +242,11 @@ def with_separators(pieces, separator):
         yield split, text
 
 
-def write_bins(pieces, encode, dtype, folder, total_bytes):
+def write_bins(pieces, encode, dtype, folder, total_bytes, quiet=False):
     """Encode (split, text or token id) pieces into folder/{train,val}.bin; return meta.json's counts."""
     counts = {"train_tokens": 0, "val_tokens": 0, "val_bytes": 0}
-    with (tqdm(total=total_bytes, unit="B", unit_scale=True) as bar,
-          open(folder / "train.bin", "wb") as train, open(folder / "val.bin", "wb") as val):
+    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, disable=quiet)
+    with (bar, open(folder / "train.bin", "wb") as train, open(folder / "val.bin", "wb") as val):
         for split, piece in pieces:
             if isinstance(piece, str):
                 ids, n_bytes = encode(piece), len(piece.encode("utf-8"))
@@ -271,73 +259,84 @@ def write_bins(pieces, encode, dtype, folder, total_bytes):
     return counts
 
 
-def parse_args(argv):
-    parser = argparse.ArgumentParser(description="text -> data/NAME/{train,val}.bin + meta.json")
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--input", nargs="+", action="extend",
-                        help="text files or folders of .txt files (default: tiny Shakespeare, downloaded)")
-    source.add_argument("--hf_dataset", help="Hugging Face dataset name, streamed (needs a network)")
-    parser.add_argument("--hf_config", help="the dataset's configuration")
-    parser.add_argument("--hf_split", default="train", help="the dataset split to read")
-    parser.add_argument("--text_field", default="text", help="the record field that holds the text")
-    parser.add_argument("--tokenizer", default="char", help=f"{TOKENIZERS} (default: char)")
-    parser.add_argument("--name", help="output folder name (default: the input's name + the tokenizer's)")
-    parser.add_argument("--out_root", default="data", help="the folder that holds NAME/")
-    parser.add_argument("--val_fraction", type=float, default=0.1,
-                        help="share of the documents (or of a single file) for val")
-    return parser.parse_args(argv)
+def text_bytes(path):
+    """A file's size in bytes of text (decompressed for .xz)"""
+    if path.suffix == ".xz":
+        with lzma.open(path) as f:
+            return len(f.read())
+    return path.stat().st_size
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    if not 0 < args.val_fraction < 1:
-        fail(f"--val_fraction must be between 0 and 1, not {args.val_fraction}")
-    if args.tokenizer not in ("gpt2", "char") and not args.tokenizer.startswith(("hf:", "gguf:")):
-        fail(f"unknown tokenizer {args.tokenizer!r}; use {TOKENIZERS}")
-    out_dir = Path(args.out_root) / (args.name or default_name(args))
-    if args.hf_dataset:
-        records = open_dataset(args)
-        pieces, total_bytes = (lambda: dataset_pieces(records, args.text_field, args.val_fraction)), None
+def prepare(cfg, quiet=False):
+    """The data set cfg (prepare.py's settings) describes -> (its folder, meta.json); quiet: no progress bar."""
+    if cfg["input"] and cfg["hf_dataset"]:
+        fail("--input and --hf_dataset are two sources: pass one of them")
+    if not 0 < cfg["val_fraction"] < 1:
+        fail(f"--val_fraction must be between 0 and 1, not {cfg['val_fraction']}")
+    tokenizer = cfg["tokenizer"]
+    if tokenizer not in ("gpt2", "char") and not tokenizer.startswith(("hf:", "gguf:")):
+        fail(f"unknown tokenizer {tokenizer!r}; use {TOKENIZERS}")
+    out_dir = Path(cfg["out_root"]) / (cfg["name"] or default_name(cfg))
+    if cfg["hf_dataset"]:
+        records = open_dataset(cfg)
+        total_bytes = None
+        pieces = lambda: dataset_pieces(records, cfg["text_field"], cfg["val_fraction"])  # noqa: E731
     else:
-        paths = text_files(args.input or [download_shakespeare(out_dir)])
-        total_bytes = sum(p.stat().st_size for p in paths)
+        paths = text_files(cfg["input"] or [SHAKESPEARE])
+        total_bytes = sum(map(text_bytes, paths))
         if total_bytes == 0:
             fail("the input holds no text; pass files that are not empty")
-        pieces = lambda: file_pieces(paths, args.val_fraction)
+        pieces = lambda: file_pieces(paths, cfg["val_fraction"])  # noqa: E731
     chars = None
-    if args.tokenizer == "char":  # one pass for the vocabulary, the blank-line separators included
+    if tokenizer == "char":
+        # one pass for the vocabulary, the blank-line separators included
         chars = sorted(set().union(*(set(text) for _, text in with_separators(pieces(), "\n\n"))))
     try:
-        encode, _, vocab_size, eot = load_tokenizer(args.tokenizer, chars)
+        encode, _, vocab_size, eot = load_tokenizer(tokenizer, chars)
     except Exception as e:
-        hint = "; offline, set TIKTOKEN_CACHE_DIR=../shared/data/gpt2/tiktoken_cache" if args.tokenizer == "gpt2" else ""
-        fail(f"could not load tokenizer {args.tokenizer!r} ({str(e).splitlines()[0]}){hint}")
+        hint = "; offline, set TIKTOKEN_CACHE_DIR=../shared/data/gpt2/tiktoken_cache" if tokenizer == "gpt2" else ""
+        fail(f"could not load tokenizer {tokenizer!r} ({str(e).splitlines()[0]}){hint}")
     dtype = dtype_for(vocab_size)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    new_root = not out_dir.parent.exists()  # removed again if nothing ends up in it
+    # the root is removed again if nothing ends up in it
+    new_root = not out_dir.parent.exists()
     tmp.mkdir(parents=True)
     try:
         separator = "\n\n" if eot is None else eot
-        counts = write_bins(with_separators(pieces(), separator), encode, dtype, tmp, total_bytes)
+        counts = write_bins(with_separators(pieces(), separator), encode, dtype, tmp, total_bytes, quiet)
         for split in ("train", "val"):
             if counts[split + "_tokens"] == 0:
                 fail(f"the {split} split is empty; give more text or documents, or change --val_fraction")
-        meta = {"tokenizer": args.tokenizer, "vocab_size": vocab_size, "dtype": np.dtype(dtype).name, **counts,
+        meta = {"tokenizer": tokenizer, "vocab_size": vocab_size, "dtype": np.dtype(dtype).name, **counts,
                 "eot_token": eot}
         if chars:
             meta["chars"] = "".join(chars)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         out_dir.mkdir(exist_ok=True)
+        # meta.json last: a folder with a meta.json is whole
         for name in ("train.bin", "val.bin", "meta.json"):
             os.replace(tmp / name, out_dir / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         if new_root and not any(out_dir.parent.iterdir()):
             out_dir.parent.rmdir()
-    print(f"{out_dir}: vocab {vocab_size:,} ({meta['dtype']}), "
-          f"train {counts['train_tokens']:,} tokens, val {counts['val_tokens']:,} tokens")
+    return out_dir, meta
+
+
+def prepare_default(out_root="data"):
+    """The default data set (tiny Shakespeare from assets/, characters), as `python prepare.py` makes it, quietly
+    -> its folder (train.py's first run on a fresh clone)"""
+    return prepare({**DEFAULTS, "out_root": out_root}, quiet=True)[0]
+
+
+def main(argv=None):
+    cfg, _ = parse(DEFAULTS, sys.argv[1:] if argv is None else argv, positional="input")
+    out_dir, meta = prepare(cfg)
+    print(f"{out_dir}: vocab {meta['vocab_size']:,} ({meta['dtype']}), "
+          f"train {meta['train_tokens']:,} tokens, val {meta['val_tokens']:,} tokens")
 
 
 if __name__ == "__main__":
-    main()
+    with errors("prepare.py"):
+        main()

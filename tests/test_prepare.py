@@ -174,14 +174,37 @@ def test_bad_input_is_one_clear_line_and_no_files(tmp_path, case, words):
     assert not (tmp_path / "data").exists() or not any((tmp_path / "data").iterdir())
 
 
-def test_no_arguments_downloads_shakespeare_or_says_how_to_work_offline(tmp_path):
+def test_no_arguments_prepare_the_shipped_shakespeare_offline(tmp_path):
+    """the copy in assets/ is char-rnn's input.txt (the sha256 of ../shared/data/README.md); no arguments give
+    nanoGPT's shakespeare_char, byte for byte the files of --input with the shared copy, without a network"""
+    import hashlib
+    import lzma
+    shipped = lzma.decompress((REPO / "assets" / "tinyshakespeare.txt.xz").read_bytes())
+    assert hashlib.sha256(shipped).hexdigest() == "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+    assert shipped == SHAKESPEARE.read_bytes()
     r = run(cwd=tmp_path)
-    if r.returncode == 0:  # a network
-        meta = prepare.load_meta(tmp_path / "data" / "shakespeare_char")
-        assert (meta["vocab_size"], meta["train_tokens"], meta["val_tokens"]) == (65, 1_003_854, 111_540)
-    else:
-        assert r.stderr.count("\n") == 1 and "--input ../shared/data/tinyshakespeare/input.txt" in r.stderr
-        assert not (tmp_path / "data").exists()
+    assert r.returncode == 0, r.stderr
+    meta = prepare.load_meta(tmp_path / "data" / "shakespeare_char")
+    assert (meta["vocab_size"], meta["train_tokens"], meta["val_tokens"]) == (65, 1_003_854, 111_540)
+    r = run("--input", SHAKESPEARE, "--out_root", tmp_path / "given")
+    assert r.returncode == 0, r.stderr
+    for name in ("train.bin", "val.bin", "meta.json"):
+        assert (tmp_path / "data" / "shakespeare_char" / name).read_bytes() == \
+               (tmp_path / "given" / "shakespeare_char" / name).read_bytes(), name
+
+
+def test_command_lines_of_argparse_still_work(tmp_path):
+    """--input with several values, then --key value pairs; bare file arguments are inputs too"""
+    books = [str(p) for p in BOOKS[:2]]
+    r = run("--input", *books, "--tokenizer", "gpt2", "--name", "x", "--out_root", tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = run(*books, "--tokenizer=gpt2", "--name=y", f"--out_root={tmp_path}")
+    assert r.returncode == 0, r.stderr
+    assert outputs(tmp_path / "x")[1:] == outputs(tmp_path / "y")[1:]
+    assert outputs(tmp_path / "x")[2] == GPT2.encode_ordinary(text_of(BOOKS[1]))
+    r = run("--input", SHAKESPEARE, "--hf_dataset", "x", "--out_root", tmp_path / "none")
+    assert r.returncode != 0 and r.stderr.strip().startswith("prepare.py: error: --input and --hf_dataset")
+    assert not (tmp_path / "none").exists()
 
 
 def test_gguf_tokenizer(tmp_path):
