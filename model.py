@@ -1,9 +1,19 @@
 """
 A GPT language model with optional Mixture-of-Experts layers, in two block flavours:
-- gpt2:  LayerNorm, learned positions, GELU MLP with biases, tied embeddings (loads Hugging Face GPT-2 exactly)
+- gpt2:  LayerNorm, learned positions, GELU MLP with biases, tied embeddings (loads Hugging Face
+  GPT-2)
 - llama: RMSNorm, rotary positions, SwiGLU MLP, grouped-query attention, tied or untied embeddings
-         (loads Llama-family checkpoints such as SmolLM2 exactly)
-Which layers are MoE is a config rule (moe_every, moe_first_dense); the MoE layer itself lives in moe.py.
+         (loads Llama-family checkpoints such as SmolLM2)
+Which layers are MoE is a config rule (moe_every, moe_first_dense); the MoE layer itself lives in
+moe.py.
+
+Decisions:
+- GPTConfig is the one declaration of every model setting, each marked with its kind and whether it
+  is a training knob; train.py, upcycle.py, export.py and study.py derive their lists from it
+  (settings()).
+- The aux losses are returned by forward (with_aux=True), averaged over the MoE layers, so a
+  coefficient means the same at any depth; nothing is left on the model for a caller to read.
+- AdamW is fused on CPU too: it is several times faster there (docs/performance.md).
 """
 import math
 from dataclasses import dataclass, field, fields
@@ -16,10 +26,11 @@ from moe import MoE, ROUTERS, Experts, activation, router_knobs
 
 
 def setting(default, kind, knob=False):
-    """a field of GPTConfig. kind: 'arch' (the dense architecture: a dense source fixes it when upcycling),
-    'moe' (the MoE layers), 'system' (how the model runs, not what it computes: never taken from a checkpoint).
-    knob: a training knob, which a run started from a checkpoint may change; every other field of a checkpoint's
-    model is fixed by it (train.py refuses a contradiction)"""
+    """a field of GPTConfig. kind: 'arch' (the dense architecture: a dense source fixes it when
+    upcycling),
+    'moe' (the MoE layers), 'system' (how the model runs, not what it computes: never taken from a
+    checkpoint). knob: a training knob, which a run started from a checkpoint may change; every
+    other field of a checkpoint's model is fixed by it (train.py refuses a contradiction)"""
     if isinstance(default, dict):
         return field(default_factory=dict, metadata=dict(kind=kind, knob=knob))
     return field(default=default, metadata=dict(kind=kind, knob=knob))
@@ -27,8 +38,9 @@ def setting(default, kind, knob=False):
 
 @dataclass
 class GPTConfig:
-    """every model setting, declared once; train.py, upcycle.py, export.py and study.py derive their lists from
-    these fields and their marks (settings()), and from each router's options and knobs (moe.py)"""
+    """every model setting, declared once; train.py, upcycle.py, export.py and study.py derive their
+    lists from these fields and their marks (settings()), and from each router's options and knobs
+    (moe.py)"""
     arch: str = setting('gpt2', 'arch')  # 'gpt2' or 'llama'
     block_size: int = setting(1024, 'arch')
     vocab_size: int = setting(50304, 'arch')
@@ -68,7 +80,8 @@ class GPTConfig:
     eval_capacity_factor: float = setting(0.0, 'moe', knob=True)
     aux_loss_coef: float = setting(0.01, 'moe', knob=True)
     z_loss_coef: float = setting(0.001, 'moe', knob=True)
-    # the balance loss over 'batch', 'sequence' (DeepSeek-V3) or 'global' (the step, every rank; Qwen3)
+    # the balance loss over 'batch', 'sequence' (DeepSeek-V3) or 'global' (the step, every rank;
+    # Qwen3)
     balance_scope: str = setting('batch', 'moe', knob=True)
     # benchmarking: any router's choices replaced by balanced round-robin ids (torchtitan)
     force_balance: bool = setting(False, 'moe', knob=True)
@@ -105,7 +118,8 @@ class GPTConfig:
 
 
 def settings(kind=None, knob=None):
-    """the names of GPTConfig's fields of a kind ('arch', 'moe', 'system'), or that are (not) training knobs"""
+    """the names of GPTConfig's fields of a kind ('arch', 'moe', 'system'), or that are (not)
+    training knobs"""
     return [f.name for f in fields(GPTConfig)
             if kind in (None, f.metadata['kind']) and knob in (None, f.metadata['knob'])]
 
@@ -175,7 +189,8 @@ class Attention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, rope, kv=None):
-        """rope: cos, sin of these S positions; kv: a LayerKV holding the earlier positions (or None)"""
+        """rope: cos, sin of these S positions; kv: a LayerKV holding the earlier positions (or
+        None)"""
         B, S, d = x.shape
         if self.arch == 'gpt2':
             q, k, v = self.c_attn(x).split(d, dim=2)
@@ -202,7 +217,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        out = config.mlp_hidden * (1 if config.arch == 'gpt2' else 2)  # llama: [gate, up] in one matrix
+        # llama: [gate, up] in one matrix
+        out = config.mlp_hidden * (1 if config.arch == 'gpt2' else 2)
         self.arch = config.arch
         self.c_fc = nn.Linear(config.n_embd, out, bias=config.bias)
         self.c_proj = nn.Linear(config.mlp_hidden, config.n_embd, bias=config.bias)
@@ -219,7 +235,8 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, rope, kv=None, prev=None):
-        """prev: the previous MoE layer's aux['state'], for this layer's router (MoE++'s gating residual)"""
+        """prev: the previous MoE layer's aux['state'], for this layer's router (MoE++'s gating
+        residual)"""
         x = x + self.attn(self.ln_1(x), rope, kv)
         h, aux = self.mlp(self.ln_2(x), prev)
         return x + self.dropout(h), aux
@@ -243,9 +260,9 @@ class GPT(nn.Module):
         cos, sin = rotary(config)
         self.register_buffer('rope_cos', cos, persistent=False)
         self.register_buffer('rope_sin', sin, persistent=False)
-        self.aux = {}  # unweighted aux losses of the last forward, averaged over MoE layers (for logging)
         self.apply(self._init_weights)
-        proj_std = 0.02 / math.sqrt(2 * config.n_layer)  # GPT-2: scaled init of the residual projections
+        # GPT-2: scaled init of the residual projections
+        proj_std = 0.02 / math.sqrt(2 * config.n_layer)
         for name, p in self.named_parameters():
             if name.endswith(('c_proj.weight', '.c_proj')):
                 nn.init.normal_(p, mean=0.0, std=proj_std)
@@ -263,11 +280,14 @@ class GPT(nn.Module):
     def moe_layers(self):
         return [b.mlp for b in self.transformer.h if isinstance(b.mlp, MoE)]
 
-    def forward(self, idx, targets=None, cache=None):
-        """logits (B, S, vocab) for every position; loss = cross-entropy + weighted aux losses (with targets);
-        cache: one LayerKV per layer holding the earlier positions (GPT.generate), idx then holds the new ones"""
+    def forward(self, idx, targets=None, cache=None, with_aux=False):
+        """logits (B, S, vocab) for every position; loss = cross-entropy + weighted aux losses (None
+        without targets); with_aux: also aux, the unweighted losses averaged over the MoE layers,
+        dict(balance=, z=, router=) ({} for a dense model). cache: one LayerKV per layer holding the
+        earlier positions (GPT.generate); idx then holds the new ones"""
         B, S = idx.shape
-        P = len(cache[0]) if cache else 0  # positions before idx
+        # positions before idx
+        P = len(cache[0]) if cache else 0
         if P + S > self.config.block_size:
             raise ValueError(f"sequence of length {P + S} is longer than block_size={self.config.block_size}")
         x = self.transformer.wte(idx)  # (B, S, d)
@@ -278,30 +298,37 @@ class GPT(nn.Module):
         rope = (self.rope_cos[P:P + S], self.rope_sin[P:P + S])  # (S, hd) each
         for block, kv in zip(self.transformer.h, cache or [None] * len(self.transformer.h)):
             x, aux = block(x, rope, kv, prev)
-            if aux:  # an MoE layer: its router's state goes to the next MoE layer's router
+            # an MoE layer: its router's state goes to the next MoE layer's router
+            if aux:
                 auxes.append(aux)
                 prev = aux['state']
         logits = self.lm_head(self.transformer.ln_f(x))
-        self.aux = {k: sum(a[k] for a in auxes) / len(auxes) for k in ('balance', 'z', 'router')} if auxes else {}
-        if targets is None:
-            return logits, None
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
-        if self.aux:
-            c = self.config
-            loss = loss + c.aux_loss_coef * self.aux['balance'] + c.z_loss_coef * self.aux['z'] + self.aux['router']
-        return logits, loss
+        aux = {}
+        if auxes:
+            aux = {k: sum(a[k] for a in auxes) / len(auxes) for k in ('balance', 'z', 'router')}
+        loss = None
+        if targets is not None:
+            flat = logits.view(-1, logits.size(-1)).float()
+            loss = F.cross_entropy(flat, targets.reshape(-1), ignore_index=-1)
+            if aux:
+                c = self.config
+                loss = loss + c.aux_loss_coef * aux['balance'] + c.z_loss_coef * aux['z'] + aux['router']
+        return (logits, loss, aux) if with_aux else (logits, loss)
 
     def num_params(self):
-        """(total, active per token); active counts top_k of the n_experts routed experts of each MoE layer"""
+        """(total, active per token); active counts top_k of the n_experts routed experts of each
+        MoE layer"""
         total = sum(p.numel() for p in self.parameters())
         c = self.config
         for m in self.moe_layers():
-            total += sum(p.numel() for p in m.experts.parameters()) * (c.ep_size - 1)  # experts on other ranks
+            # experts on other ranks
+            total += sum(p.numel() for p in m.experts.parameters()) * (c.ep_size - 1)
         per_expert = sum(p.numel() for m in self.moe_layers() for p in m.experts.parameters()) * c.ep_size // c.n_experts
         return total, total - per_expert * (c.n_experts - c.top_k)
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, router_lr_scale=1.0):
-        """AdamW; weight decay on matrices only (not norms, biases, embeddings); routers in a group of their own"""
+        """AdamW; weight decay on matrices only (not norms, biases, embeddings); routers in a group
+        of their own"""
         groups = dict(decay=[], no_decay=[], router=[])
         for name, p in self.named_parameters():
             if not p.requires_grad:
@@ -317,11 +344,12 @@ class GPT(nn.Module):
                         dict(params=groups['no_decay'], weight_decay=0.0, name='no_decay', lr_scale=1.0),
                         dict(params=groups['router'], weight_decay=0.0, name='router', lr_scale=router_lr_scale)]
         optim_groups = [g for g in optim_groups if g['params']]
-        # fused on CPU too: 0.13 s against 0.81 s for the for-loop AdamW on 33M parameters (2-core AMD EPYC, fp32)
+        # fused on CPU too: several times faster than the for-loop AdamW (docs/performance.md)
         return torch.optim.AdamW(optim_groups, lr=learning_rate, betas=betas, fused=True)
 
     def estimate_mfu(self, fwdbwd_per_iter, seq_len, dt, peak_flops):
-        """model flops utilization on active parameters (PaLM appendix B), as a fraction of peak_flops"""
+        """model flops utilization on active parameters (PaLM appendix B), as a fraction of
+        peak_flops"""
         c = self.config
         n = self.num_params()[1] - (self.transformer.wpe.weight.numel() if c.arch == 'gpt2' else 0)
         flops_per_token = 6 * n + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * seq_len
@@ -329,14 +357,16 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, kv_cache=True):
-        """nanoGPT's sampling loop. kv_cache: the keys and values of the tokens seen so far are kept, so each new
-        token costs a forward of one position (total cost linear in the length) while the sequence fits in
-        block_size; past it every step runs the last block_size tokens, as without the cache. The cached path
-        routes each new token in a forward of its own: with a capacity factor its drops can differ."""
+        """nanoGPT's sampling loop. kv_cache: the keys and values of the tokens seen so far are
+        kept, so each new token costs a forward of one position (total cost linear in the length)
+        while the sequence fits in block_size; past it every step runs the last block_size tokens,
+        as without the cache. The cached path routes each new token in a forward of its own: with a
+        capacity factor its drops can differ."""
         cache = [LayerKV() for _ in self.transformer.h] if kv_cache else None
         for _ in range(max_new_tokens):
             if cache is not None and idx.size(1) <= self.config.block_size:
-                logits = self(idx[:, len(cache[0]):], cache=cache)[0][:, -1, :] / temperature  # the new tokens only
+                # the new tokens only
+                logits = self(idx[:, len(cache[0]):], cache=cache)[0][:, -1, :] / temperature
             else:
                 logits = self(idx[:, -self.config.block_size:])[0][:, -1, :] / temperature
             if top_k is not None:

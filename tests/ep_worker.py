@@ -67,7 +67,7 @@ def reference_layer(case):
         if case == 'zero_tokens':
             layer.router.gate.weight.zero_()
             layer.router.gate.weight[:, :E] = 4 * torch.eye(E)
-        if hasattr(layer.router, 'expert_bias'):
+        if isinstance(layer.router, moe.DeepSeekRouter):
             layer.router.expert_bias.normal_(0, 0.05)
     return layer
 

@@ -375,8 +375,8 @@ def test_drop_top1_on_signed_weights_by_hand():
     x = torch.tensor([[2.0, 0.0, 0.5, 2.6, 0.0, 0.0, 0.0, 0.0]])  # +0 then -1 (see the hand case above)
     r = layer.router(x)
     assert r.ids.tolist() == [[0, 1]] and r.weights[0, 1] < 0
-    layer.drop_top1 = True
-    y, _ = layer(x.view(1, 1, 8))
+    with moe.analysis(layer, drop_top1=True):
+        y, _ = layer(x.view(1, 1, 8))
     h = x[0] @ layer.experts.c_fc[1].t()
     e1 = (F.silu(h[:24]) * h[24:]) @ layer.experts.c_proj[1].t()
     total = r.weights.abs().sum()

@@ -1,5 +1,5 @@
 """
-The routing methods of issue 11 against their sources: ReMoE (ReLU routing, load-balanced L1 with an adaptive
+Routing methods against their sources: ReMoE (ReLU routing, load-balanced L1 with an adaptive
 coefficient), dynamic top-p routing, expert-choice routing, forced balance, the Qwen2-MoE shared-expert gate and the
 global-batch balance loss over micro-batches; and the routing contract for a variable number of experts per token
 (UNUSED slots) in the balance loss, the statistics, capacity and Drop-Top-1. Each reference is written here from the
@@ -271,9 +271,9 @@ def test_force_balance_gives_every_expert_the_same_load(router):
     E, k = 4, 1 if router == 'switch' else 2
     layer = make_layer(config(router, E=E, k=k, force_balance=True)).eval()
     x = torch.randn(2, 6, 16)
-    layer.record = []
-    layer(x)
-    ids, w = layer.record.pop()
+    with moe.analysis(layer, record=True) as records:
+        layer(x)
+    ids, w = records[0].pop()
     T = 12
     want = torch.arange(T * k).reshape(T, k) % E
     assert torch.equal(ids, want)
