@@ -24,6 +24,7 @@ DATA = REPO.parent / 'shared' / 'data'
 TASKS = DATA / 'tasks'
 sys.path.insert(0, str(REPO))
 import eval as ev  # noqa: E402
+import moe  # noqa: E402
 import upcycle  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
@@ -253,11 +254,16 @@ def test_recorded_routing_equals_the_layer_statistics(tiny_moe_run):
     """on rows without padding, the metrics from the records equal moe.py's own counters"""
     model, _, tokenizer, _ = ev.load_run(tiny_moe_run, 'cpu')
     lm = ev.MoELM(model, tokenizer)
-    lm.routing, lm.task = {}, 't'
     for m in model.moe_layers():
         m.reset_stats()
-    lm.logits([list(range(100, 140)), list(range(300, 340))], [(39, 40), (39, 40)])
-    lm.logits([list(range(500, 510)), list(range(600, 605))], [(9, 10), (4, 5)])  # padded: 5 of 20 positions left out
+    with moe.analysis(model, record=True) as records:
+        lm.records, lm.task = records, 't'
+        lm.logits([list(range(100, 140)), list(range(300, 340))], [(39, 40), (39, 40)])
+        # padded: 5 of 20 positions left out
+        lm.logits([list(range(500, 510)), list(range(600, 605))], [(9, 10), (4, 5)])
+        # a forward that is not kept (generation) leaves nothing behind
+        lm.logits([list(range(700, 720))], [(19, 20)], record=False)
+    assert all(r == [] for r in records) and [len(kept) for kept in lm.routing['t']] == [2, 2]
     for m, kept in zip(model.moe_layers(), lm.routing['t']):
         ids, w = kept[0]
         assert ids.shape == (80, 2) and kept[1][0].shape == (15, 2)
@@ -375,6 +381,11 @@ def test_compare_table(tmp_path):
 
 @pytest.mark.parametrize('argv, message', [
     (['nowhere', '--tasks', 'piqa'], 'no checkpoint at nowhere/ckpt.pt'),
+    (['--tasks', 'piqa'], 'no run folder given'),
+    (['RUN', '--tasks', 'piqa', '--dtype', 'half'], '--dtype=half is not one of auto, float32'),
+    (['RUN', '--taks=piqa'], "unknown config key 'taks'"),
+    (['RUN', '--tasks', 'piqa', '--limit', 'ten'], "config key 'limit' in --limit must be int"),
+    (['RUN', '--ppl', 'x.txt', '--stride', '-1'], '--stride=-1: give 0 or more'),
     (['RUN', '--tasks', 'piqa,nope', '--data_dir', str(TASKS)], 'no local task nope'),
     (['RUN', '--tasks', 'piqa', '--data_dir', 'no_such_dir'], '--data_dir no_such_dir is not a folder'),
     (['RUN'], 'nothing to do'),
@@ -387,3 +398,49 @@ def test_cli_errors_are_one_line(tiny_moe_run, argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         ev.main(argv)
     assert str(e.value).startswith('eval.py: error: ') and '\n' not in str(e.value) and message in str(e.value), e.value
+
+
+# every eval.py command line of the README, study.py and the tests, with the settings it means
+DEFAULTS = dict(runs=[], tasks='', data_dir='', limit=0, batch_size=16, device='auto', dtype='auto',
+                tokenizer='', ppl=[], stride=0, ppl_windows=0, analyze=False, checkpoints=False,
+                compare=False, plot=False)
+TASKS_DIR = '../shared/data/tasks'
+WIKI = '../shared/data/wikitext2/wiki.test.nonempty_crlf.raw'
+COMMAND_LINES = [
+    ('out/RUN --tasks piqa --data_dir ../shared/data/tasks --limit 40',
+     dict(runs=['out/RUN'], tasks='piqa', data_dir=TASKS_DIR, limit=40)),
+    ('out/RUN --tasks=piqa,arc_easy', dict(runs=['out/RUN'], tasks='piqa,arc_easy')),
+    ('out/RUN --tasks all --data_dir ../shared/data/tasks --limit 500 --analyze',
+     dict(runs=['out/RUN'], tasks='all', data_dir=TASKS_DIR, limit=500, analyze=True)),
+    ('out/A out/B out/C --tasks piqa,arc_easy --data_dir ../shared/data/tasks --limit 200 --analyze '
+     '--batch_size 32', dict(runs=['out/A', 'out/B', 'out/C'], tasks='piqa,arc_easy', data_dir=TASKS_DIR,
+                              limit=200, analyze=True, batch_size=32)),
+    ('out/RUN --ppl data/x --ppl file.txt', dict(runs=['out/RUN'], ppl=['data/x', 'file.txt'])),
+    ('out/RUN --ppl data/x --ppl notes.txt --stride 256',
+     dict(runs=['out/RUN'], ppl=['data/x', 'notes.txt'], stride=256)),
+    ('out/r/iter_100 out/r/iter_200 out/r --checkpoints --tasks piqa --data_dir ../shared/data/tasks',
+     dict(runs=['out/r/iter_100', 'out/r/iter_200', 'out/r'], checkpoints=True, tasks='piqa',
+          data_dir=TASKS_DIR)),
+    ('--checkpoints a b c --tasks copa', dict(runs=['a', 'b', 'c'], checkpoints=True, tasks='copa')),
+    ('--compare a b', dict(runs=['a', 'b'], compare=True)),
+    ('--plot a', dict(runs=['a'], plot=True)),
+    ('out/RUN --tasks piqa --dtype auto --device cpu --stride 64 --ppl_windows 8 --tokenizer gpt2 '
+     '--batch_size 8', dict(runs=['out/RUN'], tasks='piqa', dtype='auto', device='cpu', stride=64,
+                            ppl_windows=8, tokenizer='gpt2', batch_size=8)),
+    # study.py's two kinds of evaluation
+    (f'out/s --ppl data/gutenberg_gpt2 --ppl {WIKI} --analyze --dtype=float32 --device=cpu '
+     f'--ppl_windows=64 --batch_size=16',
+     dict(runs=['out/s'], ppl=['data/gutenberg_gpt2', WIKI], analyze=True, dtype='float32', device='cpu',
+          ppl_windows=64, batch_size=16)),
+    ('out/u --tasks piqa,arc_easy,winogrande,copa --data_dir ../shared/data/tasks --limit 40 '
+     '--dtype=float32 --device=cpu --batch_size=32',
+     dict(runs=['out/u'], tasks='piqa,arc_easy,winogrande,copa', data_dir=TASKS_DIR, limit=40,
+          dtype='float32', device='cpu', batch_size=32)),
+    ('out/RUN --tasks copa --dtype float32 --analyze True',
+     dict(runs=['out/RUN'], tasks='copa', dtype='float32', analyze=True)),
+]
+
+
+@pytest.mark.parametrize('line, changed', COMMAND_LINES)
+def test_command_lines_parse_to_their_settings(line, changed):
+    assert ev.parse_args(line.split()) == {**DEFAULTS, **changed}
