@@ -641,3 +641,124 @@ def test_bf16_weights_and_autocast_match_fp32(arch, impl):
     assert y_half.dtype == torch.bfloat16
     for y in (y_autocast, y_half):
         torch.testing.assert_close(y.float(), ref, atol=3e-2, rtol=3e-2)
+
+
+# -----------------------------------------------------------------------------
+# 7. the contracts: GPT.forward's aux, a router without hooks, after_step, moe.analysis
+
+class PlainRouter(moe.Router):
+    """softmax top-k and nothing else: no hook overridden"""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.gate = torch.nn.Linear(cfg.n_embd, cfg.n_experts, bias=False)
+
+    def forward(self, x, prev=None):
+        p = self.gate(x).softmax(-1)
+        w, ids = self.select(p)
+        return moe.Routing(ids=ids, weights=w, probs=p, logits=None)
+
+
+class CountingRouter(PlainRouter):
+    """records what end_step hands it"""
+    learns_after_step = True
+    seen = []
+
+    @classmethod
+    def after_step(cls, routers, counts, tokens):
+        cls.seen.append((list(routers), counts.clone(), tokens.clone()))
+
+
+def test_router_without_hooks_trains_end_to_end(monkeypatch):
+    """a Router subclass that overrides no hook: the layer's cheap_output is the base no-op, end_step
+    hands it nothing; forward, backward, the statistics and end_step work as for any router"""
+    monkeypatch.setitem(moe.ROUTERS, 'plain', PlainRouter)
+    torch.manual_seed(0)
+    model = GPT(config(router='plain', E=4, k=2)).train()
+    layer = model.moe_layers()[0]
+    x = torch.randn(6, 16)
+    ids = torch.zeros(6, 2, dtype=torch.long)
+    assert layer.router.cheap_output(x, ids, torch.ones(6, 2)) is None
+    idx = torch.randint(0, 64, (2, 9))
+    logits, loss, aux = model(idx[:, :-1], idx[:, 1:], with_aux=True)
+    assert logits.shape == (2, 8, 64) and set(aux) == {'balance', 'z', 'router'}
+    assert aux['z'].item() == 0.0  # logits=None: no z-loss
+    loss.backward()
+    assert layer.router.gate.weight.grad.abs().sum() > 0
+    assert layer.step_counts.sum() == 2 * 8 * 2
+    moe.end_step(model)
+    assert layer.step_counts.sum() == 0 and layer.step_tokens == 0
+    assert sum(layer.stats()['load']) == 2 * 8 * 2
+    # a dense model's aux is empty, and with_aux=False returns two values as before
+    dense = GPT(config(router='dense'))
+    assert dense(idx, with_aux=True)[2] == {} and len(dense(idx)) == 2
+
+
+def test_end_step_hands_after_step_every_layers_counts(monkeypatch):
+    """learns_after_step: after_step gets the routers of its class, one per layer, with each layer's
+    assignments per expert and tokens of the step's training forwards (by hand: expert_load of the ids
+    the router chose); a skipped step (update=False) hands nothing, and every layer counts afresh"""
+    monkeypatch.setitem(moe.ROUTERS, 'counting', CountingRouter)
+    monkeypatch.setattr(CountingRouter, 'seen', [])
+    torch.manual_seed(0)
+    model = GPT(config(router='counting', E=4, k=2)).train()
+    layers = model.moe_layers()
+    chosen = [torch.zeros(4) for _ in layers]
+    for m, c in zip(layers, chosen):
+        def counted(x, prev, fwd=m.router.forward, c=c):
+            r = fwd(x, prev)
+            if torch.is_grad_enabled():
+                c += moe.expert_load(r.ids, 4)
+            return r
+        m.router.forward = counted
+    for _ in range(2):  # two micro-batches of 2 x 8 tokens
+        model(torch.randint(0, 64, (2, 8)))
+    with torch.no_grad():  # not a training forward: not counted
+        model(torch.randint(0, 64, (2, 8)))
+    moe.end_step(model)
+    (routers, counts, tokens), = CountingRouter.seen
+    assert routers == [m.router for m in layers]
+    assert tokens.tolist() == [32.0, 32.0]
+    assert counts.tolist() == torch.stack(chosen).tolist() and counts.sum() == 2 * 2 * 32
+    model(torch.randint(0, 64, (2, 8)))
+    moe.end_step(model, update=False)
+    assert len(CountingRouter.seen) == 1
+    assert all(m.step_counts.sum() == 0 and m.step_tokens == 0 for m in layers)
+
+
+def test_analysis_records_and_drop_top1_inside_only():
+    """moe.analysis: records has one list per MoE layer with one (ids, weights) (T, K) pair per forward;
+    drop_top1 changes the output inside (to the naive sum over each token's remaining slots, scaled to the
+    total) and not after; on exit the layers record nothing and route as before"""
+    torch.manual_seed(0)
+    model = GPT(config(router='softmax', E=4, k=2)).eval()
+    idx = torch.randint(0, 64, (2, 8))
+    ref = model(idx)[0]
+    with moe.analysis(model, record=True) as records:
+        inside = model(idx)[0]
+        model(idx[:, :5])
+    assert len(records) == len(model.moe_layers()) == 2
+    for kept in records:
+        assert [tuple(i.shape) for i, _ in kept] == [(16, 2), (10, 2)]
+        assert all(w.shape == i.shape and i.device.type == 'cpu' for i, w in kept)
+    torch.testing.assert_close(inside, ref)
+    model(idx)
+    assert [len(kept) for kept in records] == [2, 2]  # nothing recorded after exit
+    with moe.analysis(model, drop_top1=True):
+        dropped = model(idx)[0]
+    assert not torch.allclose(dropped, ref, atol=1e-4)
+    torch.testing.assert_close(model(idx)[0], ref)  # restored
+    # the layer's output inside drop_top1, against the naive loop over the remaining slot
+    cfg = config(router='softmax', E=4, k=2)
+    layer = make_layer(cfg).eval()
+    x = torch.randn(1, 6, 16)
+    P = {n: p.detach() for n, p in layer.named_parameters()}
+    ids, w = softmax_routing(x.view(-1, 16), P['router.gate.weight'], 2)
+    with moe.analysis(layer, drop_top1=True):
+        y = layer(x)[0]
+    want = naive_moe(x.view(-1, 16), ids[:, 1:], w.sum(-1, keepdim=True), P, cfg)
+    torch.testing.assert_close(y.view(-1, 16), want, atol=ATOL, rtol=RTOL)
+    top1 = GPT(config(router='softmax', E=4, k=1)).eval()
+    with pytest.raises(ValueError, match='top_k >= 2'), moe.analysis(top1, drop_top1=True):
+        top1(idx)
+    top1(idx)  # restored after an error too: drop_top1 is off again, so no error
