@@ -1,5 +1,5 @@
-"""The README's worked example: a router added as one class + one registry line trains, end to end,
-through the shared layer (dispatch, losses, statistics) and the config keys it declares.
+"""The README's worked example: a router added as one class + one registry line, overriding no hook, trains
+end to end through the shared layer (dispatch, losses, statistics, end_step) and the config keys it declares.
 python -m pytest tests/test_add_router.py -q"""
 import re
 from pathlib import Path
@@ -35,6 +35,7 @@ def test_readme_router_trains_and_is_registered(monkeypatch):
         opt.zero_grad()
         loss.backward()
         opt.step()
+        moe.end_step(model)
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
     assert model.moe_layers()[0].router.noise.weight.grad.abs().sum() > 0  # the noise net is trained
