@@ -1,19 +1,16 @@
 """
 A GPT language model with optional Mixture-of-Experts layers, in two block flavours:
-- gpt2:  LayerNorm, learned positions, GELU MLP with biases, tied embeddings (loads Hugging Face
-  GPT-2)
+- gpt2:  LayerNorm, learned positions, GELU MLP with biases, tied embeddings (loads HF GPT-2)
 - llama: RMSNorm, rotary positions, SwiGLU MLP, grouped-query attention, tied or untied embeddings
          (loads Llama-family checkpoints such as SmolLM2)
-Which layers are MoE is a config rule (moe_every, moe_first_dense); the MoE layer itself lives in
-moe.py.
+Which layers are MoE is a config rule (moe_every, moe_first_dense); the MoE layer lives in moe.py.
 
 Decisions:
 - GPTConfig is the one declaration of every model setting, each marked with its kind and whether it
-  is a training knob; train.py, upcycle.py, export.py and study.py derive their lists from it
-  (settings()).
-- The aux losses are returned by forward (with_aux=True), averaged over the MoE layers, so a
-  coefficient means the same at any depth; nothing is left on the model for a caller to read.
-- AdamW is fused on CPU too: it is several times faster there (docs/performance.md).
+  is a training knob; train.py, upcycle.py, export.py and study.py derive their lists from it.
+- forward returns the aux losses (with_aux=True), averaged over the MoE layers so that a coefficient
+  means the same at any depth; nothing is left on the model for a caller to read.
+- AdamW is fused on CPU too: several times faster there (docs/performance.md).
 """
 import math
 from dataclasses import dataclass, field, fields
@@ -27,10 +24,10 @@ from moe import MoE, ROUTERS, Experts, activation, router_knobs
 
 def setting(default, kind, knob=False):
     """a field of GPTConfig. kind: 'arch' (the dense architecture: a dense source fixes it when
-    upcycling),
-    'moe' (the MoE layers), 'system' (how the model runs, not what it computes: never taken from a
-    checkpoint). knob: a training knob, which a run started from a checkpoint may change; every
-    other field of a checkpoint's model is fixed by it (train.py refuses a contradiction)"""
+    upcycling), 'moe' (the MoE layers), 'system' (how the model runs, not what it computes: never
+    taken from a checkpoint). knob: a training knob, which a run started from a checkpoint may
+    change; every other field of a checkpoint's model is fixed by it (train.py refuses a
+    contradiction)"""
     if isinstance(default, dict):
         return field(default_factory=dict, metadata=dict(kind=kind, knob=knob))
     return field(default=default, metadata=dict(kind=kind, knob=knob))
@@ -98,12 +95,14 @@ class GPTConfig:
         if self.arch not in ('gpt2', 'llama'):
             raise ValueError(f"unknown arch '{self.arch}': use 'gpt2' or 'llama'")
         if self.router != 'dense' and self.router not in ROUTERS:
-            raise ValueError(f"unknown router '{self.router}': choose one of dense, {', '.join(ROUTERS)}")
+            raise ValueError(f"unknown router '{self.router}': "
+                             f"choose one of dense, {', '.join(ROUTERS)}")
         if self.n_embd % self.n_head or self.n_head % (self.n_kv_head or self.n_head):
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}, "
                              f"and n_head by n_kv_head={self.n_kv_head}")
         if self.balance_scope not in ('batch', 'sequence', 'global'):
-            raise ValueError(f"balance_scope={self.balance_scope!r}: use 'batch', 'sequence' or 'global'")
+            raise ValueError(f"balance_scope={self.balance_scope!r}: "
+                             f"use 'batch', 'sequence' or 'global'")
         if self.shared_gate and not self.n_shared_experts:
             raise ValueError("shared_gate=True gates the shared experts: set n_shared_experts >= 1")
         self.n_kv_head = self.n_kv_head or self.n_head
@@ -178,7 +177,8 @@ class Attention(nn.Module):
     def __init__(self, config):
         super().__init__()
         d, hd = config.n_embd, config.n_embd // config.n_head
-        self.n_head, self.n_kv_head, self.arch, self.dropout = config.n_head, config.n_kv_head, config.arch, config.dropout
+        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
+        self.arch, self.dropout = config.arch, config.dropout
         if config.arch == 'gpt2':
             self.c_attn = nn.Linear(d, 3 * d, bias=config.bias)
         else:
@@ -289,7 +289,8 @@ class GPT(nn.Module):
         # positions before idx
         P = len(cache[0]) if cache else 0
         if P + S > self.config.block_size:
-            raise ValueError(f"sequence of length {P + S} is longer than block_size={self.config.block_size}")
+            raise ValueError(f"sequence of length {P + S} is longer than "
+                             f"block_size={self.config.block_size}")
         x = self.transformer.wte(idx)  # (B, S, d)
         if self.config.arch == 'gpt2':
             x = x + self.transformer.wpe(torch.arange(P, P + S, device=idx.device))
@@ -312,7 +313,8 @@ class GPT(nn.Module):
             loss = F.cross_entropy(flat, targets.reshape(-1), ignore_index=-1)
             if aux:
                 c = self.config
-                loss = loss + c.aux_loss_coef * aux['balance'] + c.z_loss_coef * aux['z'] + aux['router']
+                loss = (loss + c.aux_loss_coef * aux['balance'] + c.z_loss_coef * aux['z']
+                        + aux['router'])
         return (logits, loss, aux) if with_aux else (logits, loss)
 
     def num_params(self):
@@ -323,10 +325,12 @@ class GPT(nn.Module):
         for m in self.moe_layers():
             # experts on other ranks
             total += sum(p.numel() for p in m.experts.parameters()) * (c.ep_size - 1)
-        per_expert = sum(p.numel() for m in self.moe_layers() for p in m.experts.parameters()) * c.ep_size // c.n_experts
+        local = sum(p.numel() for m in self.moe_layers() for p in m.experts.parameters())
+        per_expert = local * c.ep_size // c.n_experts
         return total, total - per_expert * (c.n_experts - c.top_k)
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, router_lr_scale=1.0):
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type,
+                             router_lr_scale=1.0):
         """AdamW; weight decay on matrices only (not norms, biases, embeddings); routers in a group
         of their own"""
         groups = dict(decay=[], no_decay=[], router=[])
@@ -340,9 +344,12 @@ class GPT(nn.Module):
                 groups['decay'].append(p)
             else:
                 groups['no_decay'].append(p)
-        optim_groups = [dict(params=groups['decay'], weight_decay=weight_decay, name='decay', lr_scale=1.0),
-                        dict(params=groups['no_decay'], weight_decay=0.0, name='no_decay', lr_scale=1.0),
-                        dict(params=groups['router'], weight_decay=0.0, name='router', lr_scale=router_lr_scale)]
+        optim_groups = [
+            dict(params=groups['decay'], weight_decay=weight_decay, name='decay', lr_scale=1.0),
+            dict(params=groups['no_decay'], weight_decay=0.0, name='no_decay', lr_scale=1.0),
+            dict(params=groups['router'], weight_decay=0.0, name='router',
+                 lr_scale=router_lr_scale),
+        ]
         optim_groups = [g for g in optim_groups if g['params']]
         # fused on CPU too: several times faster than the for-loop AdamW (docs/performance.md)
         return torch.optim.AdamW(optim_groups, lr=learning_rate, betas=betas, fused=True)
@@ -372,5 +379,6 @@ class GPT(nn.Module):
             if top_k is not None:
                 v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
                 logits[logits < v[:, [-1]]] = -float('inf')
-            idx = torch.cat((idx, torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)), dim=1)
+            next_id = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+            idx = torch.cat((idx, next_id), dim=1)
         return idx
