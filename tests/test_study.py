@@ -19,7 +19,7 @@ import torch
 
 from conftest import REPO, SHARED_DATA
 import study
-from configurator import parse
+from cli import parse, settings_of
 from model import GPT, GPTConfig
 
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1'}  # one thread: the runs repeat bit for bit
@@ -189,14 +189,9 @@ def test_a_part_writes_its_tables_next_to_its_runs(tiny):
 
 
 def train_defaults():
-    """train.py's defaults, from its own source: the block between its 'default config values' and the
-    config_keys line, executed as train.py executes it"""
+    """train.py's settings, from its own source (its literal module-level assignments), and every router's"""
     import moe
-    text = (REPO / 'train.py').read_text()
-    block = text.split('# default config values', 1)[1].split('config_keys = ', 1)[0]
-    scope = {'moe': moe}
-    exec(block, scope)
-    return {k: v for k, v in scope.items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
+    return {**settings_of(REPO / 'train.py'), **moe.router_settings()}
 
 
 @pytest.mark.parametrize('scale', ['cpu', 'gpu'])
@@ -241,9 +236,28 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
         assert not (tmp_path / 'out').exists() and not (tmp_path / 'res').exists()
 
 
+def test_the_command_lines_of_the_docs_parse():
+    """the forms the docs and the tests use (--key value, --key=value, bare switches); a bad or missing --scale or
+    --track is one line"""
+    got = study.parse_args(['--scale', 'cpu', '--track', 'scratch', '--only', 'dense,softmax,deepseek', '--dry_run'])
+    assert (got['scale'], got['track'], got['only'], got['dry_run'], got['report']) == \
+        ('cpu', 'scratch', 'dense,softmax,deepseek', True, False)
+    got = study.parse_args(['--scale=gpu', '--report', '--source=/x/model.gguf', '--out=/tmp/o', '--keep_checkpoints'])
+    assert (got['scale'], got['report'], got['source'], got['out'], got['keep_checkpoints']) == \
+        ('gpu', True, '/x/model.gguf', '/tmp/o', True)
+    for argv, says in ((['--track', 'scratch'], "--scale='': choose one of cpu, gpu, tiny"),
+                       (['--scale', 'huge'], "--scale='huge': choose one of"),
+                       (['--scale', 'cpu', '--track', 'both'], "--track='both': choose one of all, scratch, upcycle"),
+                       (['--scale', 'cpu', '--seeds=3'], "unknown config key 'seeds'")):
+        with pytest.raises(SystemExit) as e:
+            study.main(argv)
+        assert e.value.code.startswith('study.py: error: ') and says in e.value.code, e.value.code
+        assert '\n' not in e.value.code
+
+
 def test_the_committed_results_are_this_protocols_and_the_readmes():
     """results/cpu is what `python study.py --scale cpu` plans today, command for command (a protocol edited without
-    running the study again fails here), and the README's Results section shows the tables of results/cpu"""
+    running the study again fails here), and results/cpu/README.md shows the tables of results/cpu"""
     recorded = json.loads((REPO / 'results' / 'cpu' / 'study.json').read_text())
     source = re.search(r'--init_from=(\S+)', recorded['preparation']['import']['command']).group(1)
     prep, runs = study.plan('cpu', ['scratch', 'upcycle'], [], Path('out/study/cpu'), source)
@@ -254,7 +268,7 @@ def test_the_committed_results_are_this_protocols_and_the_readmes():
     for planned, ran in zip(runs, recorded['runs']):
         commands = {k: v.removesuffix(' --init_from=resume') for k, v in ran['commands'].items()}
         assert commands == {k: study.command_text(v) for k, v in planned['steps'].items()}, planned['dir']
-    readme = (REPO / 'README.md').read_text()
+    readme = (REPO / 'results' / 'cpu' / 'README.md').read_text()
     for table in ('scratch.md', 'upcycle.md'):
         rows = [l for l in (REPO / 'results' / 'cpu' / table).read_text().splitlines() if l.startswith('| ')]
         assert len(rows) > 10 and all(row in readme for row in rows), table
