@@ -124,7 +124,8 @@ def global_balance(router, rank, world):
     """balance_scope='global' with the counts summed over the world (moe.set_balance_group), two micro-batches of a
     step, each rank its own tokens, against one process holding every rank's tokens of each micro-batch: the mean over
     the ranks of the balance loss (what train.py logs) and of the router gradient (what DDP applies) must equal the
-    whole batch's; each rank's input gradient over the world size (the mean's factor) is its rows of the whole batch's"""
+    whole batch's; each rank's input gradient over the world size (the mean's factor) is its rows of the whole
+    batch's"""
     cfg = GPTConfig(n_embd=D, n_head=4, n_experts=E, bias=False, router=router, top_k=2, balance_scope='global')
     torch.manual_seed(1234)
     layer = moe.MoE(cfg, H)

@@ -352,7 +352,7 @@ def test_router_shapes_renorm_and_gradients(router):
     assert r.ids.shape == (T, K) and r.weights.shape == (T, K)
     assert ((r.ids == moe.UNUSED) <= (r.weights == 0)).all()
     assert r.probs.shape == (T, n_probs)
-    # the z-loss's logits, where the router's source has a z-loss (moe.py's docstring says which)
+    # the z-loss's logits, where the router's source has a z-loss (docs/routers.md says which)
     assert (r.logits is None) == (router in ('switch', 'cosine', 'perturbed_cosine', 'hyper', 'deepseek', 'moepp',
                                              'remoe', 'topp', 'expert_choice'))
     assert r.logits is None or r.logits.shape == (T, n_logits)
@@ -508,7 +508,8 @@ def test_eval_capacity_is_separate_from_training():
         ids, w = softmax_routing(x.view(-1, d), P['router.gate.weight'], k)
         outs['train', ecf] = layer.train()(x)[0]
         outs['eval', ecf] = layer.eval()(x)[0]
-        outs['naive', ecf] = naive_moe(x.view(-1, d), ids, w, P, config('llama', 'softmax', E=E, k=k, d=d)).view(B, S, d)
+        ref_cfg = config('llama', 'softmax', E=E, k=k, d=d)
+        outs['naive', ecf] = naive_moe(x.view(-1, d), ids, w, P, ref_cfg).view(B, S, d)
     assert not torch.allclose(outs['train', 0.0], outs['naive', 0.0], atol=1e-3)  # training drops
     torch.testing.assert_close(outs['eval', 0.0], outs['naive', 0.0], atol=ATOL, rtol=RTOL)  # eval: dropless
     torch.testing.assert_close(outs['eval', 1.0], outs['train', 1.0], atol=ATOL, rtol=RTOL)  # the same drops

@@ -66,7 +66,8 @@ def ref_xmoe(P, x, E, k, prev, perturbed=False, theta=0.1):
     with torch.no_grad():
         M.mul_(1.5 / M.norm(p=2.0, dim=-1, keepdim=True))
     if perturbed:
-        gate_logits = (reduced @ M.t()) / ((reduced.norm(dim=-1, keepdim=True) + theta) * (M.norm(dim=1, keepdim=True).t() + theta))
+        gate_logits = (reduced @ M.t()) / ((reduced.norm(dim=-1, keepdim=True) + theta)
+                                           * (M.norm(dim=1, keepdim=True).t() + theta))
     else:
         gate_logits = torch.matmul(F.normalize(reduced, p=2.0, dim=-1, eps=1e-4), M.t())
     gate_softmax = F.softmax(gate_logits / 0.3, dim=-1, dtype=torch.float)
@@ -82,7 +83,8 @@ def ref_cosine_libmoe(P, x, E, k, prev, theta=None):
     if theta is None:
         gate_logits = (x @ W.T) / (torch.norm(x, dim=-1, keepdim=True) * torch.norm(W, dim=1, keepdim=True).T)
     else:
-        gate_logits = (x @ W.T) / ((torch.norm(x, dim=-1, keepdim=True) + theta) * (torch.norm(W, dim=1, keepdim=True).T + theta))
+        gate_logits = (x @ W.T) / ((torch.norm(x, dim=-1, keepdim=True) + theta)
+                                   * (torch.norm(W, dim=1, keepdim=True).T + theta))
     gate_softmax = F.softmax(gate_logits, dim=-1, dtype=torch.float)
     weights, selected = torch.topk(gate_softmax + b, k=k, dim=-1)
     return selected, torch.softmax(weights, dim=-1), gate_softmax, None
@@ -92,7 +94,8 @@ def ref_hyper(P, x, E, k, prev):
     """LibMoE v1.1 hyperrouter.py / HyperRouter custom_gate.py HyperRouterGate: hypernet outputs reshaped to
     (E, d + 1): weight [:, :-1], bias [:, -1]; l = gate(x); topk(l); softmax over the k; no aux loss"""
     h = P['hypernet.0.weight']
-    out = torch.relu(P['embedding'][None] @ h.t() + P['hypernet.0.bias']) @ P['hypernet.2.weight'].t() + P['hypernet.2.bias']
+    out = (torch.relu(P['embedding'][None] @ h.t() + P['hypernet.0.bias']) @ P['hypernet.2.weight'].t()
+           + P['hypernet.2.bias'])
     weights_splice = out[0].reshape([E, -1])
     gate_logits = x @ weights_splice[:, :-1].t() + weights_splice[:, -1]
     weights, selected = torch.topk(gate_logits, k=k, dim=-1)
@@ -157,7 +160,8 @@ CASES = {  # name: (router, options, reference)
     'cosine-xmoe': ('cosine', dict(cosine_variant='xmoe'), ref_xmoe),
     'cosine-libmoe': ('cosine', dict(cosine_variant='libmoe'), ref_cosine_libmoe),
     'perturbed-xmoe': ('perturbed_cosine', dict(cosine_variant='xmoe'), lambda *a: ref_xmoe(*a, perturbed=True)),
-    'perturbed-libmoe': ('perturbed_cosine', dict(cosine_variant='libmoe'), lambda *a: ref_cosine_libmoe(*a, theta=0.1)),
+    'perturbed-libmoe': ('perturbed_cosine', dict(cosine_variant='libmoe'),
+                         lambda *a: ref_cosine_libmoe(*a, theta=0.1)),
     'hyper': ('hyper', {}, ref_hyper),
     'deepseek': ('deepseek', dict(n_group=2, topk_group=1), ref_deepseek),
     'tcmoe': ('tcmoe', {}, ref_tcmoe),
@@ -292,7 +296,8 @@ def test_tcmoe_balance_counts_non_null_only_and_z_on_raw_logits():
     pn = p[:, :4] / p[:, :4].sum(-1, keepdim=True)
     P = [(pn[:, e] + pn[:, E + e]).mean().item() for e in range(E)]
     assert aux['balance'].item() == pytest.approx(E * sum(fe * pe for fe, pe in zip(f, P)), rel=1e-5)
-    z = sum(math.log(sum(math.exp(v) for v in row)) ** 2 for row in x[:, :6].tolist()) / (B * S)  # raw logits, no offsets
+    # raw logits, no offsets
+    z = sum(math.log(sum(math.exp(v) for v in row)) ** 2 for row in x[:, :6].tolist()) / (B * S)
     assert aux['z'].item() == pytest.approx(z, rel=1e-5)
     assert aux['router'] == 0.0  # the null reward is a training loss (LibMoE: only when training)
     _, aux = layer.train()(x.view(B, S, 8))
@@ -441,7 +446,8 @@ def test_z_loss_where_the_source_has_one(router):
     layer = moe.MoE(config(router, k=k), 24).eval()
     x = torch.randn(2, 6, D)
     _, aux = layer(x)
-    if router not in ('softmax', 'sigmoid', 'tcmoe'):  # switch (Switch Transformer), cosine routers (bounded logits), hyper, deepseek (V3), moepp: none
+    # switch (Switch Transformer), cosine routers (bounded logits), hyper, deepseek (V3), moepp: none
+    if router not in ('softmax', 'sigmoid', 'tcmoe'):
         assert aux['z'].item() == 0.0
     else:  # LibMoE's zloss on the gate's raw logits
         l = x.view(-1, D) @ layer.router.gate.weight.t()

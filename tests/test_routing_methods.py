@@ -123,7 +123,8 @@ def test_remoe_l1_coefficient_adapts_as_remoe_training(shift, grows):
         layer = layers[i % 2]
         with torch.no_grad():
             layer.router.gate.weight.normal_(0, 0.1)
-        x[..., 0] = shift * torch.sign(layer.router.gate.weight[:, 0].sum()) / layer.router.gate.weight[:, 0].abs().min()
+        column = layer.router.gate.weight[:, 0]
+        x[..., 0] = shift * torch.sign(column.sum()) / column.abs().min()
         layer(x)
         nonzero += (x.view(-1, 16) @ layer.router.gate.weight.t() > 0).sum().item()
     layers[0].eval()(torch.randn(1, 3, 16))  # eval forwards are not counted
@@ -319,7 +320,8 @@ def test_shared_gate_equals_hf_qwen2_moe():
     torch.testing.assert_close(y1, y2, atol=ATOL, rtol=RTOL)
     R = torch.randn_like(x)
     g1 = torch.autograd.grad((y1 * R).sum(), [x1, layer.shared_gate.weight, layer.shared.c_proj])
-    g2 = torch.autograd.grad((y2 * R).sum(), [x2, block.shared_expert_gate.weight, block.shared_expert.down_proj.weight])
+    g2 = torch.autograd.grad((y2 * R).sum(),
+                             [x2, block.shared_expert_gate.weight, block.shared_expert.down_proj.weight])
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a.view_as(b), b, atol=ATOL, rtol=RTOL)
 
