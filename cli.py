@@ -75,6 +75,8 @@ def parse(defaults, argv, extra=(), positional=None):
                 run_config_file(arg, config, put)
             continue
         key, eq, text = arg[2:].partition('=')
+        if key not in defaults and key not in extra:
+            raise ValueError(f"unknown config key '{key}' in --{key}; known keys: {', '.join(sorted(defaults))}")
         default = defaults.get(key)
         if isinstance(default, list):
             values = [text] if eq else []
@@ -92,7 +94,7 @@ def parse(defaults, argv, extra=(), positional=None):
             if isinstance(default, bool) and not takes_next:
                 put(key, True, f"--{key}")
                 continue
-            if not takes_next or key not in defaults:
+            if not takes_next:
                 raise ValueError(f"'{arg}' needs a value: write {arg}=VALUE")
             text = argv[i]
             i += 1
