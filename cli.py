@@ -5,7 +5,7 @@ How every script starts: its command line, its device and dtype, and its one-lin
   of defaults; config files (plain Python, run left to right) and `--key=value` / `--key value` overrides change
   them. A boolean may be given as a bare `--flag`; a list setting takes every value up to the next `--` and
   repeats add to it; a script with a positional setting (eval.py's run folders) gets its bare arguments there
-  instead of config files. A key must be a setting and keep its type: a typo is an error, not a new name.
+  instead of config files, and its list settings take one value per `--key` (argparse's append). A key must be a setting and keep its type: a typo is an error, not a new name.
 - `dtype='auto'` picks bfloat16 only where the hardware runs bf16 matmuls fast: a CUDA GPU of compute capability
   8.0 or more, or a CPU with AMX or AVX-512 BF16. An AVX2-only CPU emulates bf16 about 100x slower than fp32
   (docs/performance.md). Evaluation passes the dtype it wants; autocast is off in float32.
@@ -67,7 +67,8 @@ def parse(defaults, argv, extra=(), positional=None):
         arg = argv[i]
         i += 1
         if arg in ('-h', '--help'):
-            raise SystemExit(usage(defaults, positional))
+            print(usage(defaults, positional))
+            raise SystemExit(0)
         if not arg.startswith('--'):
             if positional is not None:
                 add(positional, [arg], 'the command line')
@@ -80,7 +81,8 @@ def parse(defaults, argv, extra=(), positional=None):
         default = defaults.get(key)
         if isinstance(default, list):
             values = [text] if eq else []
-            while not eq and i < len(argv) and not argv[i].startswith('--'):
+            # in a script with positional arguments a list setting takes one value per --key (the rest are those)
+            while not eq and i < len(argv) and not argv[i].startswith('--') and not (positional and values):
                 values.append(argv[i])
                 i += 1
             if not values:
