@@ -17,11 +17,12 @@ import os
 import shutil
 import tempfile
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, knobs, settings
 from prepare import load_tokenizer
 
 CKPT, PREVIOUS = 'ckpt.pt', 'ckpt.prev.pt'  # a run folder's checkpoint and the one saved before it
@@ -217,3 +218,90 @@ def run_tokenizer(ckpt, override=None):
         raise ValueError(f"could not load tokenizer {spec!r} ({type(e).__name__}: {first}){hint}") from e
     eot = encode('\n')[0] if eot is None else eot
     return encode, decode, vocab_size, eot, spec
+
+# -----------------------------------------------------------------------------
+# a run continued from a checkpoint (train.py init_from), and its log
+
+
+def contradictions(old, asked):
+    """the keys of asked (architecture key -> value) whose value differs from the checkpoint's
+    model_args old, with 0s resolved as GPTConfig resolves them (mlp_hidden=0 is 4 * n_embd, ...)"""
+    opts = {k: v for k, v in asked.items() if k in old['router_options']}
+    new = {**old, **{k: v for k, v in asked.items() if k in old},
+           'router_options': {**old['router_options'], **opts}}
+    try:
+        new = asdict(GPTConfig(**new))
+    except ValueError:
+        # compared as given
+        pass
+    new, old = {**new, **new['router_options']}, {**old, **old['router_options']}
+    return [k for k in asked if new.get(k) != old.get(k)]
+
+
+def resume(config, given, machine):
+    """(config, checkpoint, its path, model_args, note) of a run with init_from != 'scratch'; given: the
+    settings the command line set (key -> where); machine: the settings a checkpoint never sets. On
+    resume each setting not given, but the machine's, is the checkpoint's. The architecture is the
+    checkpoint's: a contradicting setting is a ValueError, a given training knob wins, block_size is at
+    most the model's. The config returned records what runs; note: a fallback warning or None."""
+    is_resume = config['init_from'] == 'resume'
+    folder = config['out_dir'] if is_resume else config['init_from']
+    ckpt, path, note = load_checkpoint(folder, fallback=is_resume)
+    if is_resume and 'optimizer' not in ckpt:
+        raise ValueError(f"{path} holds the weights only (no optimizer state) and cannot be resumed: "
+                         f"start a new run from it with --init_from={os.path.dirname(path)} "
+                         f"--out_dir=<another folder>")
+    if is_resume:
+        config = {**config, **{k: v for k, v in (ckpt.get('config') or {}).items()
+                               if k in config and k not in given and k not in machine}}
+    old = ckpt['model_args']
+    old_all = {**old, **old['router_options']}
+    # the run's own: block_size (at most the model's) and the system settings; the knobs may change
+    own = {'block_size', *settings('system')}
+    asked = {k: config[k] for k in given if k in old_all and k not in own and k not in knobs()}
+    bad = contradictions(old, asked)
+    if bad:
+        raise ValueError(f"{path} holds a model with " + ', '.join(f"{k}={old_all.get(k)!r}" for k in bad)
+                         + "; the config asks for " + ', '.join(f"{k}={config[k]!r} ({given[k]})" for k in bad)
+                         + ": the architecture comes from the checkpoint, drop these settings "
+                         + "(or train from scratch)")
+    model_args = {**old, 'router_options': dict(old['router_options'])}
+    # a knob given wins (also where the checkpoint predates it), else the checkpoint's
+    for k in knobs():
+        if k in given:
+            where = model_args if k in settings() else model_args['router_options']
+            where[k] = config[k]
+    if config['block_size'] > old['block_size'] and 'block_size' in given:
+        raise ValueError(f"block_size={config['block_size']} ({given['block_size']}) is longer than the "
+                         f"{old['block_size']} positions of the model in {path}: "
+                         f"use at most {old['block_size']}")
+    config['block_size'] = min(config['block_size'], old['block_size'])
+    runs = {**model_args, **model_args['router_options']}
+    config.update({k: v for k, v in runs.items() if k in config and k not in own})
+    return config, ckpt, path, model_args, note
+
+
+def open_log(out_dir, resume_iter=None, again=False):
+    """out_dir/log.jsonl to append to. A resumed run (resume_iter: its first iteration) keeps the
+    rows before its checkpoint (the stopped run may have logged beyond it), and the checkpoint's own
+    unless it evaluates it `again`; another run starts a new file, saying so when it replaces one"""
+    path = os.path.join(out_dir, 'log.jsonl')
+    if resume_iter is None:
+        if os.path.exists(path) or os.path.exists(os.path.join(out_dir, CKPT)):
+            print(f"note: {out_dir} holds an earlier run: this one starts a new log.jsonl and replaces "
+                  f"its ckpt.pt at its first checkpoint "
+                  f"(--init_from=resume continues the earlier run instead)")
+        return open(path, 'w')
+    kept = []
+    for line in open(path) if os.path.exists(path) else []:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            # a line cut short when the run was killed
+            continue
+        redone = row['iter'] == resume_iter and 'val_loss' in row and again
+        if row['iter'] < resume_iter or (row['iter'] == resume_iter and not redone):
+            kept.append(line if line.endswith('\n') else line + '\n')
+    with atomic_file(path) as f:
+        f.writelines(kept)
+    return open(path, 'a')

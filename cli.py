@@ -11,9 +11,11 @@ How every script starts: its command line, its device and dtype, and its one-lin
   (docs/performance.md). Evaluation passes the dtype it wants; autocast is off in float32.
 - Expected errors (bad input, a bad file, no network) are one line `script.py: error: ...` and exit status 1,
   raised as ValueError or OSError anywhere and turned into that line by `errors(prog)` around a script's main.
+  Ctrl-C is one line too (`on_interrupt`), on every rank of a torchrun job.
 """
 import ast
 import os
+import signal
 import sys
 import traceback
 import types
@@ -164,6 +166,29 @@ def fail(message, prog=None):
     """an expected error: one line naming the problem and the fix, exit status 1"""
     prog = prog or os.path.basename(sys.argv[0])
     sys.exit(f"{prog}: error: {' '.join(str(message).split())}")
+
+
+def on_interrupt(report):
+    """Ctrl-C (SIGINT, which torchrun passes to every rank; a scheduler's SIGTERM too) ends the process
+    with report() (one line saying where things stand) and exit status 130, not a traceback from
+    every rank: a rank whose peer stopped first sees a failed collective, the same interruption"""
+    interrupted = []
+
+    def on_signal(signum, frame):
+        interrupted.append(signum)
+        raise KeyboardInterrupt
+
+    def on_uncaught(kind, value, tb):
+        if not (issubclass(kind, KeyboardInterrupt) or interrupted):
+            return sys.__excepthook__(kind, value, tb)
+        report()
+        sys.stdout.flush()
+        # no teardown: the process group and DDP would wait for ranks that are gone
+        os._exit(130)
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    sys.excepthook = on_uncaught
 
 
 @contextmanager

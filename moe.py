@@ -1005,3 +1005,71 @@ def set_progress(model, frac):
     for m in model.modules():
         if isinstance(m, Router):
             m.progress = frac
+
+# -----------------------------------------------------------------------------
+# expert parallelism outside the layer: whole-model tensors, gradients, statistics
+
+
+def is_expert(name):
+    """a routed expert's parameter (or its optimizer state): sharded over the EP group"""
+    return '.experts.' in name
+
+
+def full_tensor(name, t, ep_size, group):
+    """a parameter (or its optimizer state) as the whole model has it: expert shards gathered"""
+    if ep_size == 1 or not is_expert(name) or t.dim() == 0:
+        return t
+    parts = [torch.empty_like(t) for _ in range(ep_size)]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return torch.cat(parts)
+
+
+def local_tensor(name, t, ep_size, rank):
+    """this rank's shard of a whole-model tensor"""
+    if ep_size == 1 or not is_expert(name) or t.dim() == 0:
+        return t
+    return t.chunk(ep_size)[rank % ep_size].clone()
+
+
+def clip_grad_norm(model, max_norm, ep_size=1, ep_group=None, expert_dp_group=None):
+    """with ep_size > 1, expert grads first summed over the ranks holding the same experts (scaled so
+    the step equals one process's); the true global gradient norm (dense grads counted once, each
+    expert once over the EP group), clipped to max_norm when max_norm > 0"""
+    device = next(model.parameters()).device
+    dense, expert = torch.zeros((), device=device), torch.zeros((), device=device)
+    for n, p in model.named_parameters():
+        if p.grad is None:
+            continue
+        if ep_size > 1 and is_expert(n):
+            dist.all_reduce(p.grad, group=expert_dp_group)
+            p.grad.div_(dist.get_world_size())
+            expert += p.grad.float().square().sum()
+        else:
+            dense += p.grad.float().square().sum()
+    if ep_size > 1:
+        dist.all_reduce(expert, group=ep_group)
+    norm = (dense + expert).sqrt()
+    if max_norm > 0:
+        scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(scale)
+    return norm
+
+
+def log_stats(layers):
+    """load CV and dropped fraction averaged over the MoE layers, and each layer's load CV and load
+    per expert (assignments since the last log), from counts summed over all ranks; the counts reset"""
+    for m in layers:
+        if dist.is_initialized():
+            dist.all_reduce(m.load)
+            dist.all_reduce(m.sums)
+    stats = [m.stats() for m in layers]
+    for m in layers:
+        m.reset_stats()
+    if not stats:
+        return {}
+    means = {k: sum(s[k] for s in stats) / len(stats)
+             for k in ('load_cv', 'dropped', 'experts_per_token')}
+    per_layer = {'layer_load_cv': [s['load_cv'] for s in stats], 'layer_load': [s['load'] for s in stats]}
+    return {**means, **per_layer}

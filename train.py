@@ -23,7 +23,6 @@ $ torchrun --standalone --nproc_per_node=2 train.py configs/sigmoid.py --ep_size
 import json
 import math
 import os
-import signal
 import sys
 import time
 import warnings
@@ -35,10 +34,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import moe
-from checkpoint import CKPT, atomic_file, load_checkpoint, save_checkpoint
-from cli import DTYPES, autocast, fail, parse, pick_device, pick_dtype, settings_of
+from checkpoint import CKPT, open_log, resume, save_checkpoint
+from cli import DTYPES, autocast, fail, on_interrupt, parse, pick_device, pick_dtype, settings_of
 from model import GPT, GPTConfig
-from model import knobs as model_knobs, settings as model_settings
+from model import settings as model_settings
 from prepare import DEFAULT_DATASET, check_data, load_meta, prepare_default
 
 # -----------------------------------------------------------------------------
@@ -135,9 +134,11 @@ peak_flops = 0.0  # per-device peak FLOP/s for MFU; 0 = known for A100/H100/H200
 expert_impl = 'auto'  # 'grouped' (one F.grouped_mm), 'loop' (a matmul per expert), or 'auto'
 ep_size = 1  # expert parallelism: ranks that share one set of experts
 # -----------------------------------------------------------------------------
-DEFAULTS = settings_of(__file__)
+# a router added to moe.py but not listed above still gets its settings, with moe.py's defaults
+DEFAULTS = {**moe.router_settings(), **settings_of(__file__)}
 # this machine's settings: resume never takes them from the checkpoint
 MACHINE = ('init_from', 'out_dir', 'device', 'compile', *model_settings('system'))
+
 
 def config_problem(c):
     """the first value outside its range, as one line (cli.parse checks the types)"""
@@ -163,113 +164,6 @@ def config_problem(c):
                         f"set --min_lr (e.g. learning_rate / 10)")
     return problems[0] if problems else None
 
-def contradictions(old, asked):
-    """the keys of asked (architecture key -> value) whose value differs from the checkpoint's
-    model_args old, with 0s resolved as GPTConfig resolves them (mlp_hidden=0 is 4 * n_embd, ...)"""
-    opts = {k: v for k, v in asked.items() if k in old['router_options']}
-    new = {**old, **{k: v for k, v in asked.items() if k in old},
-           'router_options': {**old['router_options'], **opts}}
-    try:
-        new = asdict(GPTConfig(**new))
-    except ValueError:
-        pass  # compared as given
-    new, old = {**new, **new['router_options']}, {**old, **old['router_options']}
-    return [k for k in asked if new.get(k) != old.get(k)]
-
-def from_checkpoint(config, given):
-    """(config, checkpoint, its path, model_args) of a run with init_from != 'scratch'. On resume
-    each setting not given, but this machine's, is the checkpoint's. The architecture is the
-    checkpoint's: a contradicting setting is refused, a given training knob wins, block_size is at
-    most the model's. The config returned records what runs."""
-    resume = config['init_from'] == 'resume'
-    folder = config['out_dir'] if resume else config['init_from']
-    try:
-        ckpt, path, note = load_checkpoint(folder, fallback=resume)
-    except ValueError as e:
-        fail(e)
-    if note and int(os.environ.get('RANK', 0)) == 0:
-        print(note)
-    if resume and 'optimizer' not in ckpt:
-        fail(f"{path} holds the weights only (no optimizer state) and cannot be resumed: start a new "
-             f"run from it with --init_from={os.path.dirname(path)} --out_dir=<another folder>")
-    if resume:
-        config = {**config, **{k: v for k, v in (ckpt.get('config') or {}).items()
-                               if k in config and k not in given and k not in MACHINE}}
-    old = ckpt['model_args']
-    old_all = {**old, **old['router_options']}
-    # the run's own: block_size (at most the model's) and the system settings; the knobs may change
-    own = {'block_size', *model_settings('system')}
-    asked = {k: config[k] for k in given
-             if k in old_all and k not in own and k not in model_knobs()}
-    bad = contradictions(old, asked)
-    if bad:
-        fail(f"{path} holds a model with " + ', '.join(f"{k}={old_all.get(k)!r}" for k in bad)
-             + "; the config asks for " + ', '.join(f"{k}={config[k]!r} ({given[k]})" for k in bad)
-             + ": the architecture comes from the checkpoint, drop these settings "
-             + "(or train from scratch)")
-    model_args = {**old, 'router_options': dict(old['router_options'])}
-    # a knob given wins (also where the checkpoint predates it), else the checkpoint's
-    for k in model_knobs():
-        if k in given:
-            where = model_args if k in model_settings() else model_args['router_options']
-            where[k] = config[k]
-    if config['block_size'] > old['block_size'] and 'block_size' in given:
-        fail(f"block_size={config['block_size']} ({given['block_size']}) is longer than the "
-             f"{old['block_size']} positions of the model in {path}: "
-             f"use at most {old['block_size']}")
-    config['block_size'] = min(config['block_size'], old['block_size'])
-    runs = {**model_args, **model_args['router_options']}
-    config.update({k: v for k, v in runs.items() if k in config and k not in own})
-    return config, ckpt, path, model_args
-
-def catch_interrupts(master, status):
-    """Ctrl-C (SIGINT, which torchrun passes to every rank; a scheduler's SIGTERM too): one line
-    saying where the last checkpoint is (status, kept current by the loop), not a traceback from
-    every rank (a rank whose peer stopped first sees a failed collective: the same interruption)"""
-    def on_signal(signum, frame):
-        status['interrupted'] = True
-        raise KeyboardInterrupt
-
-    def on_uncaught(kind, value, tb):
-        if not (issubclass(kind, KeyboardInterrupt) or status['interrupted']):
-            return sys.__excepthook__(kind, value, tb)
-        if master:
-            where = ("no checkpoint was written "
-                     "(the first is saved at the first evaluation after iter 0)")
-            if status['checkpoint']:
-                where = (f"the last checkpoint is {status['checkpoint']} "
-                         f"(iter {status['checkpoint_iter']}): continue with --init_from=resume")
-            print(f"\ninterrupted at iter {status['iter']}: {where}", flush=True)
-        sys.stdout.flush()
-        os._exit(130)  # no teardown: the process group and DDP would wait for ranks that are gone
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-    sys.excepthook = on_uncaught
-
-def open_log(out_dir, resume_iter=None, again=False):
-    """out_dir/log.jsonl to append to. A resumed run (resume_iter: its first iteration) keeps the
-    rows before its checkpoint (the stopped run may have logged beyond it), and the checkpoint's own
-    unless it evaluates it `again`; another run starts a new file, saying so when it replaces one"""
-    path = os.path.join(out_dir, 'log.jsonl')
-    if resume_iter is None:
-        if os.path.exists(path) or os.path.exists(os.path.join(out_dir, CKPT)):
-            print(f"note: {out_dir} holds an earlier run: this one starts a new log.jsonl and replaces "
-                  f"its ckpt.pt at its first checkpoint "
-                  f"(--init_from=resume continues the earlier run instead)")
-        return open(path, 'w')
-    kept = []
-    for line in open(path) if os.path.exists(path) else []:
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue  # a line cut short when the run was killed
-        redone = row['iter'] == resume_iter and 'val_loss' in row and again
-        if row['iter'] < resume_iter or (row['iter'] == resume_iter and not redone):
-            kept.append(line if line.endswith('\n') else line + '\n')
-    with atomic_file(path) as f:
-        f.writelines(kept)
-    return open(path, 'a')
 
 try:
     config, given = parse(DEFAULTS, sys.argv[1:])  # given: key -> where it was set
@@ -277,7 +171,12 @@ except ValueError as e:
     fail(e)
 ckpt = ckpt_path = model_args = None
 if config['init_from'] != 'scratch':
-    config, ckpt, ckpt_path, model_args = from_checkpoint(config, given)
+    try:
+        config, ckpt, ckpt_path, model_args, note = resume(config, given, MACHINE)
+    except ValueError as e:
+        fail(e)
+    if note and int(os.environ.get('RANK', 0)) == 0:
+        print(note)
 problem = config_problem(config)
 if problem:
     fail(problem)
@@ -307,8 +206,21 @@ else:
     rank, local_rank, world_size = 0, 0, 1
 master = rank == 0
 # the loop's iteration and the last checkpoint (the one resumed from, then this run's)
-status = dict(iter=0, checkpoint=None, checkpoint_iter=None, interrupted=False)
-catch_interrupts(master, status)
+status = dict(iter=0, checkpoint=None, checkpoint_iter=None)
+
+
+def interrupted():
+    """Ctrl-C's one line (rank 0): where the last checkpoint is"""
+    if not master:
+        return
+    where = "no checkpoint was written (the first is saved at the first evaluation after iter 0)"
+    if status['checkpoint']:
+        where = (f"the last checkpoint is {status['checkpoint']} "
+                 f"(iter {status['checkpoint_iter']}): continue with --init_from=resume")
+    print(f"\ninterrupted at iter {status['iter']}: {where}", flush=True)
+
+
+on_interrupt(interrupted)
 if dtype == 'float16' and ep_size > 1:
     fail("dtype=float16 with ep_size > 1 is not supported (the loss scaler's overflow check would "
          "differ between ranks): use bfloat16")
@@ -366,6 +278,7 @@ for split in ('train', 'val'):
         fail(f"the {split} split of {data_dir} has {meta[f'{split}_tokens']} tokens, fewer than "
              f"block_size+1={block_size + 1}: lower block_size or prepare more text")
 
+
 def get_batch(split, batch_ids):
     """the sequences batch_ids of a split's sample table -> x, y (B, block_size)"""
     data = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=meta['dtype'], mode='r')
@@ -374,10 +287,12 @@ def get_batch(split, batch_ids):
                      for i in batch_ids])
     return x.to(device_name), y.to(device_name)
 
+
 def sample_offsets(split, n, generator_seed):
     """n random sequence offsets in a split, from a generator seeded by generator_seed"""
     g = torch.Generator().manual_seed(generator_seed)
     return torch.randint(meta[f'{split}_tokens'] - block_size, (n,), generator=g).tolist()
+
 
 def train_offsets(it):
     """this rank's micro-batches of iteration it: [local_accum][batch_size] offsets in the global
@@ -387,25 +302,9 @@ def train_offsets(it):
     mine = offsets[rank * local_accum * batch_size:(rank + 1) * local_accum * batch_size]
     return [mine[m * batch_size:(m + 1) * batch_size] for m in range(local_accum)]
 
+
 # -----------------------------------------------------------------------------
 # model and optimizer
-def is_expert(name):
-    return '.experts.' in name
-
-def full_tensor(name, t):
-    """a parameter (or its optimizer state) as the whole model has it: expert shards gathered"""
-    if ep_size == 1 or not is_expert(name) or t.dim() == 0:
-        return t
-    parts = [torch.empty_like(t) for _ in range(ep_size)]
-    dist.all_gather(parts, t.contiguous(), group=ep_group)
-    return torch.cat(parts)
-
-def local_tensor(name, t):
-    """this rank's shard of a whole-model tensor"""
-    if ep_size == 1 or not is_expert(name) or t.dim() == 0:
-        return t
-    return t.chunk(ep_size)[rank % ep_size].clone()
-
 iter_num, best_val_loss = 0, 1e9
 if ckpt is None:
     model_args = {k: config[k] for k in model_settings() if k in config}
@@ -434,7 +333,7 @@ try:
 except ValueError as e:
     fail(e)
 # read_checkpoint has checked the names and shapes: a mismatch here is a bug
-model.load_state_dict({k: local_tensor(k, v) for k, v in state.items()})
+model.load_state_dict({k: moe.local_tensor(k, v, ep_size, rank) for k, v in state.items()})
 torch.manual_seed(seed + rank)
 model.to(device_name)
 if ep_size > 1:
@@ -447,13 +346,15 @@ optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta
                                        router_lr_scale)
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype_name == 'float16'))
 
+
 def rng_state():
     return [torch.get_rng_state(), *([torch.cuda.get_rng_state()] if use_cuda else [])]
+
 
 if init_from == 'resume':
     state = optimizer.state_dict()
     order = [names[p] for g in optimizer.param_groups for p in g['params']]
-    state['state'] = {i: {k: local_tensor(n, v) for k, v in ckpt['optimizer'][n].items()}
+    state['state'] = {i: {k: moe.local_tensor(n, v, ep_size, rank) for k, v in ckpt['optimizer'][n].items()}
                       for i, n in enumerate(order) if n in ckpt['optimizer']}
     optimizer.load_state_dict(state)
     # the same world: every rank continues its random streams
@@ -472,7 +373,7 @@ if master:
 if compile:
     model = torch.compile(model)
 if ddp:
-    experts = [n for n, p in model.named_parameters() if is_expert(n)] if ep_size > 1 else []
+    experts = [n for n, p in model.named_parameters() if moe.is_expert(n)] if ep_size > 1 else []
     # expert grads are reduced by hand
     DDP._set_params_and_buffers_to_ignore_for_model(model, experts)
     # its replacement still syncs the buffers at init
@@ -488,17 +389,19 @@ first_previous = {None: 'drop', os.path.join(out_dir, CKPT): 'keep'}
 first_previous = first_previous.get(status['checkpoint'], 'leave')
 saves = 0  # checkpoints this run wrote
 
+
 def intact(otherwise):
     """where the last good checkpoint is, for an error line"""
     if status['checkpoint']:
         return f"{status['checkpoint']} (iter {status['checkpoint_iter']}) is intact"
     return otherwise
 
+
 def save():
     """out_dir/ckpt.pt with the whole model whatever the ep_size (rank 0 writes it)"""
     global saves
-    state = {n: full_tensor(n, t) for n, t in raw_model.state_dict().items()}
-    opt = {names[p]: {k: full_tensor(names[p], v) for k, v in s.items()}
+    state = {n: moe.full_tensor(n, t, ep_size, ep_group) for n, t in raw_model.state_dict().items()}
+    opt = {names[p]: {k: moe.full_tensor(names[p], v, ep_size, ep_group) for k, v in s.items()}
            for p, s in optimizer.state.items() if save_optimizer}
     rng = [rng_state()] * world_size
     if ddp:
@@ -535,7 +438,9 @@ def save():
             os.remove(kept)
         os.link(path, kept)
 
+
 shown = 0.0  # when the last progress line was printed
+
 
 def progress(message, since):
     """rank 0, in a phase that started at time `since`: a line every progress_interval seconds"""
@@ -544,10 +449,12 @@ def progress(message, since):
         print(f"  {message} ({time.time() - since:.0f} s)", flush=True)
         shown = time.time()
 
+
 def all_reduce(t, group=None):
     if ddp:
         dist.all_reduce(t, group=group)
     return t
+
 
 @torch.no_grad()
 def estimate_loss():
@@ -575,6 +482,7 @@ def estimate_loss():
     raw_model.train()
     return out
 
+
 def get_lr(it):
     if it < warmup_iters:
         return learning_rate * (it + 1) / (warmup_iters + 1)
@@ -583,42 +491,6 @@ def get_lr(it):
     ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
-def clip_grad_norm(max_norm):
-    """expert grads summed over the ranks holding the same experts (scaled so the step equals one
-    process's); the true global gradient norm (dense grads counted once, each expert once over the
-    EP group), clipped to max_norm when max_norm > 0"""
-    dense, expert = torch.zeros((), device=device_name), torch.zeros((), device=device_name)
-    for n, p in raw_model.named_parameters():
-        if p.grad is None:
-            continue
-        if ep_size > 1 and is_expert(n):
-            all_reduce(p.grad, expert_dp_group).div_(world_size)
-            expert += p.grad.float().square().sum()
-        else:
-            dense += p.grad.float().square().sum()
-    norm = (dense + (all_reduce(expert, ep_group) if ep_size > 1 else 0)).sqrt()
-    if max_norm > 0:
-        scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-        for p in raw_model.parameters():
-            if p.grad is not None:
-                p.grad.mul_(scale)
-    return norm
-
-def log_stats(layers):
-    """load CV and dropped fraction averaged over the MoE layers, and each layer's load CV and load
-    per expert (assignments since the last log), from counts summed over all ranks"""
-    for m in layers:
-        all_reduce(m.load)
-        all_reduce(m.sums)
-    stats = [m.stats() for m in layers]
-    for m in layers:
-        m.reset_stats()
-    if not stats:
-        return {}
-    means = {k: sum(s[k] for s in stats) / len(stats)
-             for k in ('load_cv', 'dropped', 'experts_per_token')}
-    layers = {'layer_load_cv': [s['load_cv'] for s in stats], 'layer_load': [s['load'] for s in stats]}
-    return {**means, **layers}
 
 # -----------------------------------------------------------------------------
 # training loop
@@ -638,9 +510,11 @@ if master:
                  "pip install wandb, or set wandb_log=False")
         wandb.init(project=wandb_project, name=wandb_run_name, config=config)
 
+
 def log(row):
     log_file.write(json.dumps(row) + '\n')
     log_file.flush()
+
 
 moe_layers = raw_model.moe_layers()
 bad_steps = skipped_steps = 0  # steps with a non-finite loss or gradient norm: in a row, in all
@@ -688,7 +562,7 @@ while True:
         done = f"micro-step {micro_step + 1}/{local_accum} of this rank done"
         progress(f"iter {iter_num}: {done}", step_started)
     scaler.unscale_(optimizer)
-    grad_norm = clip_grad_norm(grad_clip)
+    grad_norm = moe.clip_grad_norm(raw_model, grad_clip, ep_size, ep_group, expert_dp_group)
     # a non-finite loss or gradient norm on any rank: skip the step
     # (float16's loss scaler skips its own overflows)
     bad = ~torch.isfinite(step_loss[0]) | (~torch.isfinite(grad_norm) & (not scaler.is_enabled()))
@@ -722,7 +596,7 @@ while True:
     if iter_num % log_interval == 0:
         # sums over all micro-steps of all ranks
         loss_sum, balance, z, n = all_reduce(step_loss).tolist()
-        stats = log_stats(moe_layers)
+        stats = moe.log_stats(moe_layers)
         dt = time.time() - t0
         t0 = time.time()
         if master:
