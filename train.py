@@ -134,8 +134,9 @@ peak_flops = 0.0  # per-device peak FLOP/s for MFU; 0 = known for A100/H100/H200
 expert_impl = 'auto'  # 'grouped' (one F.grouped_mm), 'loop' (a matmul per expert), or 'auto'
 ep_size = 1  # expert parallelism: ranks that share one set of experts
 # -----------------------------------------------------------------------------
+DEFAULTS = settings_of(__file__)
 # a router added to moe.py but not listed above still gets its settings, with moe.py's defaults
-DEFAULTS = {**moe.router_settings(), **settings_of(__file__)}
+DEFAULTS |= {k: v for k, v in moe.router_settings().items() if k not in DEFAULTS}
 # this machine's settings: resume never takes them from the checkpoint
 MACHINE = ('init_from', 'out_dir', 'device', 'compile', *model_settings('system'))
 
