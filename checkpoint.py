@@ -1,14 +1,17 @@
 """
-What a run folder holds and how it is written: the checkpoint, its tokenizer, files written atomically.
+What a run folder holds and how it is written: the checkpoint, its
+tokenizer, files written atomically.
 
-- A run folder is out/NAME/ with ckpt.pt (train.py or upcycle.py), config.json, log.jsonl and eval.json.
-  ckpt.pt holds the whole model whatever the expert parallelism it was trained with (model_args has ep_size 1).
-- Every file is written atomically: a temporary file, fsync, then a rename, so a crash or a full disk never
-  leaves half a file and the earlier version stays whole (tests/test_faults.py kills and fills the disk).
+- A run folder is out/NAME/ with ckpt.pt (train.py or upcycle.py), config.json, log.jsonl and
+  eval.json. ckpt.pt holds the whole model whatever the expert parallelism it was trained with
+  (model_args has ep_size 1).
+- Every file is written atomically: a temporary file, fsync, then a rename, so a crash or a full
+  disk never leaves half a file and the earlier version stays whole (tests/test_faults.py kills and
+  fills the disk).
 - The checkpoint saved before the current one stays as ckpt.prev.pt (a hard link, no copy): train.py
   init_from=resume falls back to it when ckpt.pt cannot be used, and says so.
-- A checkpoint is checked whole when it is read (readable, its weights fit its own model_args, finite), so a bad
-  file is one line naming it and the fix, never a traceback from load_state_dict.
+- A checkpoint is checked whole when it is read (readable, its weights fit its own model_args,
+  finite), so a bad file is one line naming it and the fix, never a traceback from load_state_dict.
 - A run's tokenizer: the one its checkpoint names, else its data set's (data/DATASET/meta.json); a
   character-level run needs that meta.json for its vocabulary.
 """
@@ -68,7 +71,8 @@ def write_json(path, obj):
 
 @contextmanager
 def atomic_dir(path):
-    """a fresh folder (a Path) that becomes path when the block ends without an error; path must not exist"""
+    """a fresh folder (a Path) that becomes path when the block ends
+    without an error; path must not exist"""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f'.{path.name}.', dir=path.parent))
@@ -85,7 +89,8 @@ def atomic_dir(path):
 
 
 def upgrade(model_args):
-    """model_args of an older checkpoint in today's names: balance_per_sequence=True is balance_scope='sequence'"""
+    """model_args of an older checkpoint in today's names: balance_per_sequence=True is
+    balance_scope='sequence'"""
     args = dict(model_args)
     if args.pop('balance_per_sequence', False):
         args['balance_scope'] = 'sequence'
@@ -93,9 +98,10 @@ def upgrade(model_args):
 
 
 def save_checkpoint(out_dir, ckpt, previous='keep'):
-    """out_dir/ckpt.pt, written atomically. previous: 'keep' = the checkpoint it replaces becomes ckpt.prev.pt;
-    'leave' = ckpt.prev.pt stays as it is (a run that fell back to it); 'drop' = an old ckpt.prev.pt is removed
-    (it belongs to another run). OSError (disk full, ...) leaves the old files as they were."""
+    """out_dir/ckpt.pt, written atomically. previous: 'keep' = the checkpoint it replaces becomes
+    ckpt.prev.pt; 'leave' = ckpt.prev.pt stays as it is (a run that fell back to it); 'drop' = an
+    old ckpt.prev.pt is removed (it belongs to another run). OSError (disk full, ...) leaves the old
+    files as they were."""
     path, prev = os.path.join(out_dir, CKPT), os.path.join(out_dir, PREVIOUS)
 
     def move_previous():
@@ -117,42 +123,46 @@ def save_checkpoint(out_dir, ckpt, previous='keep'):
 
 
 def read_checkpoint(path, device='cpu'):
-    """a checkpoint file, checked whole: readable, train.py's layout, weights that fit its own model_args and are
-    finite; else ValueError saying what is wrong with it (one line). model_args come back in today's names."""
+    """a checkpoint file, checked whole: readable, train.py's layout, weights that fit its own
+    model_args and are finite; else ValueError saying what is wrong with it (one line). model_args
+    come back in today's names."""
     if not os.path.isfile(path):
         raise ValueError(f"no checkpoint at {path}")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
         # a truncated zip, a bad pickle, random bytes: all the same to the reader
-        raise ValueError(f"{path} cannot be read, it is truncated or corrupted ({type(e).__name__}: "
-                         f"{(str(e).splitlines() or [''])[0][:160]})")
+        raise ValueError(f"{path} cannot be read, it is truncated or corrupted "
+                         f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]})")
     if not (isinstance(ckpt, dict) and isinstance(ckpt.get('model'), dict)
             and isinstance(ckpt.get('model_args'), dict)):
-        raise ValueError(f"{path} is not a checkpoint of train.py or upcycle.py (no model and model_args)")
+        raise ValueError(f"{path} is not a checkpoint of train.py or upcycle.py "
+                         f"(no model and model_args)")
     ckpt['model_args'] = upgrade(ckpt['model_args'])
     try:
         # the model's shapes without memory or time
         with torch.device('meta'):
             expected = GPT(GPTConfig(**ckpt['model_args'])).state_dict()
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{path} holds a model this version of model.py cannot build ({str(e).splitlines()[0]})")
+        raise ValueError(f"{path} holds a model this version of model.py cannot build "
+                         f"({str(e).splitlines()[0]})")
     got = ckpt['model']
     wrong = sorted(expected.keys() ^ got.keys())
     wrong += sorted(k for k in expected.keys() & got.keys() if expected[k].shape != got[k].shape)
     if wrong:
         raise ValueError(f"{path} holds weights of another architecture than its model_args say "
                          f"({len(wrong)} names or shapes differ, e.g. {wrong[0]})")
-    bad = next((k for k, v in got.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    bad = next((k for k, v in got.items()
+                if v.is_floating_point() and not torch.isfinite(v).all()), None)
     if bad:
         raise ValueError(f"{path} holds non-finite weights ({bad} has NaN or inf)")
     return ckpt
 
 
 def load_checkpoint(ckpt_dir, device='cpu', fallback=False):
-    """(checkpoint, path, note) of ckpt_dir/ckpt.pt, checked by read_checkpoint. When it cannot be used: with
-    fallback, the previous checkpoint ckpt_dir/ckpt.prev.pt, and note (a warning line) says so; else ValueError,
-    one line naming the file and the fix."""
+    """(checkpoint, path, note) of ckpt_dir/ckpt.pt, checked by read_checkpoint. When it cannot be
+    used: with fallback, the previous checkpoint ckpt_dir/ckpt.prev.pt, and note (a warning line)
+    says so; else ValueError, one line naming the file and the fix."""
     path, prev = os.path.join(ckpt_dir, CKPT), os.path.join(ckpt_dir, PREVIOUS)
     try:
         return read_checkpoint(path, device), path, None
@@ -176,8 +186,8 @@ def load_checkpoint(ckpt_dir, device='cpu', fallback=False):
 
 
 def load_model(out_dir, device='cpu'):
-    """the model of a run folder -> (model, checkpoint); ValueError (one line: the file and the fix) when it
-    cannot be loaded"""
+    """the model of a run folder -> (model, checkpoint); ValueError (one line: the file and the fix)
+    when it cannot be loaded"""
     ckpt = load_checkpoint(out_dir, device)[0]
     model = GPT(GPTConfig(**ckpt['model_args']))
     model.load_state_dict(ckpt['model'])
@@ -188,8 +198,8 @@ def load_model(out_dir, device='cpu'):
 
 
 def tokenizer_spec(ckpt, override=None):
-    """(tokenizer spec or None, meta.json of the run's data set or None): override, else the checkpoint's, else
-    its data set's (data/DATASET/meta.json, read from the current folder)"""
+    """(tokenizer spec or None, meta.json of the run's data set or None): override, else the
+    checkpoint's, else its data set's (data/DATASET/meta.json, read from the current folder)"""
     spec, meta = override or ckpt.get('tokenizer'), None
     dataset = (ckpt.get('config') or {}).get('dataset')
     if dataset and Path('data', dataset, 'meta.json').exists():
@@ -199,23 +209,26 @@ def tokenizer_spec(ckpt, override=None):
 
 
 def run_tokenizer(ckpt, override=None):
-    """(encode, decode, vocab_size, eot, spec) of a run; ValueError (one line, with the fix) when it has none or it
-    cannot be loaded. eot: the end-of-text token (the newline stands in at character level)"""
+    """(encode, decode, vocab_size, eot, spec) of a run; ValueError (one line, with the fix) when it
+    has none or it cannot be loaded. eot: the end-of-text token (the newline stands in at character
+    level)"""
     spec, meta = tokenizer_spec(ckpt, override)
     dataset = (ckpt.get('config') or {}).get('dataset')
     if not spec:
-        raise ValueError(f"the checkpoint names no tokenizer and data/{dataset}/meta.json is missing: "
-                         f"pass --tokenizer")
+        raise ValueError(f"the checkpoint names no tokenizer and data/{dataset}/meta.json "
+                         f"is missing: pass --tokenizer")
     chars = meta.get('chars') if meta else None
     if spec == 'char' and not chars:
-        raise ValueError(f"a character-level checkpoint needs data/{dataset}/meta.json (its vocabulary): "
-                         f"run from the folder that holds data/")
+        raise ValueError(f"a character-level checkpoint needs data/{dataset}/meta.json "
+                         f"(its vocabulary): run from the folder that holds data/")
     try:
         encode, decode, vocab_size, eot = load_tokenizer(spec, chars)
     except Exception as e:
-        hint = '; offline, set TIKTOKEN_CACHE_DIR=../shared/data/gpt2/tiktoken_cache' if spec == 'gpt2' else ''
+        hint = ('; offline, set TIKTOKEN_CACHE_DIR=../shared/data/gpt2/tiktoken_cache'
+                if spec == 'gpt2' else '')
         first = (str(e).splitlines() or [''])[0]
-        raise ValueError(f"could not load tokenizer {spec!r} ({type(e).__name__}: {first}){hint}") from e
+        raise ValueError(f"could not load tokenizer {spec!r} "
+                         f"({type(e).__name__}: {first}){hint}") from e
     eot = encode('\n')[0] if eot is None else eot
     return encode, decode, vocab_size, eot, spec
 
@@ -239,16 +252,18 @@ def contradictions(old, asked):
 
 
 def resume(config, given, machine):
-    """(config, checkpoint, its path, model_args, note) of a run with init_from != 'scratch'; given: the
-    settings the command line set (key -> where); machine: the settings a checkpoint never sets. On
-    resume each setting not given, but the machine's, is the checkpoint's. The architecture is the
-    checkpoint's: a contradicting setting is a ValueError, a given training knob wins, block_size is at
-    most the model's. The config returned records what runs; note: a fallback warning or None."""
+    """(config, checkpoint, its path, model_args, note) of a run with init_from != 'scratch'; given:
+    the settings the command line set (key -> where); machine: the settings a checkpoint never sets.
+    On resume each setting not given, but the machine's, is the checkpoint's. The architecture is
+    the checkpoint's: a contradicting setting is a ValueError, a given training knob wins,
+    block_size is at most the model's. The config returned records what runs; note: a fallback
+    warning or None."""
     is_resume = config['init_from'] == 'resume'
     folder = config['out_dir'] if is_resume else config['init_from']
     ckpt, path, note = load_checkpoint(folder, fallback=is_resume)
     if is_resume and 'optimizer' not in ckpt:
-        raise ValueError(f"{path} holds the weights only (no optimizer state) and cannot be resumed: "
+        raise ValueError(f"{path} holds the weights only (no optimizer state) "
+                         f"and cannot be resumed: "
                          f"start a new run from it with --init_from={os.path.dirname(path)} "
                          f"--out_dir=<another folder>")
     if is_resume:
@@ -261,8 +276,10 @@ def resume(config, given, machine):
     asked = {k: config[k] for k in given if k in old_all and k not in own and k not in knobs()}
     bad = contradictions(old, asked)
     if bad:
-        raise ValueError(f"{path} holds a model with " + ', '.join(f"{k}={old_all.get(k)!r}" for k in bad)
-                         + "; the config asks for " + ', '.join(f"{k}={config[k]!r} ({given[k]})" for k in bad)
+        raise ValueError(f"{path} holds a model with "
+                         + ', '.join(f"{k}={old_all.get(k)!r}" for k in bad)
+                         + "; the config asks for "
+                         + ', '.join(f"{k}={config[k]!r} ({given[k]})" for k in bad)
                          + ": the architecture comes from the checkpoint, drop these settings "
                          + "(or train from scratch)")
     model_args = {**old, 'router_options': dict(old['router_options'])}
@@ -272,7 +289,8 @@ def resume(config, given, machine):
             where = model_args if k in settings() else model_args['router_options']
             where[k] = config[k]
     if config['block_size'] > old['block_size'] and 'block_size' in given:
-        raise ValueError(f"block_size={config['block_size']} ({given['block_size']}) is longer than the "
+        raise ValueError(f"block_size={config['block_size']} ({given['block_size']}) "
+                         f"is longer than the "
                          f"{old['block_size']} positions of the model in {path}: "
                          f"use at most {old['block_size']}")
     config['block_size'] = min(config['block_size'], old['block_size'])
@@ -288,7 +306,8 @@ def open_log(out_dir, resume_iter=None, again=False):
     path = os.path.join(out_dir, 'log.jsonl')
     if resume_iter is None:
         if os.path.exists(path) or os.path.exists(os.path.join(out_dir, CKPT)):
-            print(f"note: {out_dir} holds an earlier run: this one starts a new log.jsonl and replaces "
+            print(f"note: {out_dir} holds an earlier run: "
+                  f"this one starts a new log.jsonl and replaces "
                   f"its ckpt.pt at its first checkpoint "
                   f"(--init_from=resume continues the earlier run instead)")
         return open(path, 'w')

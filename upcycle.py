@@ -1,27 +1,34 @@
 """
-Sparse upcycling: a dense model -> an MoE model whose experts start as copies (or slices) of the dense MLP and
-whose routers start at N(0, router_init_std) (Komatsuzaki et al. 2023; LibMoE's MoE stage).
+Sparse upcycling: a dense model -> an MoE model whose experts start as copies (or slices) of the
+dense MLP and whose routers start at N(0, router_init_std) (Komatsuzaki et al. 2023; LibMoE's MoE
+stage).
 
-    python upcycle.py --init_from=path/to/SmolLM2-135M-Instruct.Q4_1.gguf configs/sigmoid.py --n_experts=4 \
-        --out_dir=out/smol_sigmoid
-    python upcycle.py --init_from=gpt2 --router=softmax --n_experts=4 --top_k=2 --out_dir=out/gpt2_softmax
+    python upcycle.py --init_from=path/to/SmolLM2-135M-Instruct.Q4_1.gguf configs/sigmoid.py \
+        --n_experts=4 --out_dir=out/smol_sigmoid
+    python upcycle.py --init_from=gpt2 --router=softmax --n_experts=4 --top_k=2 \
+        --out_dir=out/gpt2_softmax
     # import only, no MoE
     python upcycle.py --init_from=out/dense --router=dense --out_dir=out/dense_copy
-then fine-tune on data prepared with the model's tokenizer (prepare.py --tokenizer gguf:path/to/...gguf):
-    python train.py configs/sigmoid.py --init_from=out/smol_sigmoid --dataset=NAME --out_dir=out/smol_sigmoid_ft
+then fine-tune on data prepared with the model's tokenizer (prepare.py
+--tokenizer gguf:path/to/...gguf):
+    python train.py configs/sigmoid.py --init_from=out/smol_sigmoid --dataset=NAME \
+        --out_dir=out/smol_sigmoid_ft
 
-init_from: a checkpoint folder of ours (ckpt.pt), a Hugging Face model name or folder (GPT-2 -> arch 'gpt2';
-Llama / Mistral -> arch 'llama'), or a .gguf file (loaded and dequantised by transformers).
+init_from: a checkpoint folder of ours (ckpt.pt), a Hugging Face model name or folder (GPT-2 -> arch
+'gpt2'; Llama / Mistral -> arch 'llama'), or a .gguf file (loaded and dequantised by transformers).
 Writes out_dir/ckpt.pt (train.py's format, iter_num 0) and out_dir/config.json.
 
-- The settings are GPTConfig's MoE fields and every router's options, declared in model.py and moe.py, plus
-  upcycle's own (DEFAULTS). train.py's settings are accepted and ignored, so one config file serves both
-  stages; the architecture comes from the source, and a config file that sets it gets a note.
-- Expert e is slice (S + e) % g of the dense MLP's hidden units cut into g = mlp_hidden / expert_hidden
-  slices (expert_init='copy' is g = 1, LibMoE's). The upcycled model computes exactly the dense function
-  when the settings allow it; not_preserved says why not otherwise (tests/test_upcycle.py compares with
-  transformers' logits), and the logits of both models are compared on 2 x 32 random tokens after building.
-- The router of layer i is seeded seed + i (LibMoE: 42), so one layer's router does not depend on the others.
+- The settings are GPTConfig's MoE fields and every router's options, declared in model.py and
+  moe.py, plus upcycle's own (DEFAULTS). train.py's settings are accepted and ignored, so one config
+  file serves both stages; the architecture comes from the source, and a config file that sets it
+  gets a note.
+- Expert e is slice (S + e) % g of the dense MLP's hidden units cut into g = mlp_hidden /
+  expert_hidden slices (expert_init='copy' is g = 1, LibMoE's). The upcycled model computes exactly
+  the dense function when the settings allow it; not_preserved says why not otherwise
+  (tests/test_upcycle.py compares with transformers' logits), and the logits of both models are
+  compared on 2 x 32 random tokens after building.
+- The router of layer i is seeded seed + i (LibMoE: 42), so one
+  layer's router does not depend on the others.
 The methods, their sources and when each preserves the dense function: docs/upcycle.md.
 """
 import os
@@ -37,8 +44,9 @@ from cli import configure, errors, settings_of
 from model import GPT, GPTConfig, settings
 from moe import router_settings
 
-# the MoE settings: GPTConfig's 'moe' fields (router_options given as each router's own settings) and its
-# 'system' ones but ep_size (a checkpoint holds the whole model: expert parallelism is train.py's to choose)
+# the MoE settings: GPTConfig's 'moe' fields (router_options given as each router's own settings)
+# and its 'system' ones but ep_size (a checkpoint holds the whole model: expert parallelism is
+# train.py's to choose)
 MOE_KEYS = [k for k in settings(kind='moe') + settings(kind='system')
             if k not in ('router_options', 'ep_size')]
 DEFAULTS = dict(
@@ -57,7 +65,8 @@ DEFAULTS = dict(
     **{f.name: f.default for f in fields(GPTConfig) if f.name in MOE_KEYS},
     **router_settings(),
 )
-# the dense architecture: set by the source, so ignored with a note (config files may compute with them)
+# the dense architecture: set by the source, so ignored with a note
+# (config files may compute with them)
 ARCH_DEFAULTS = {f.name: f.default for f in fields(GPTConfig) if f.name in settings(kind='arch')
                  and f.name not in DEFAULTS}
 # train.py's settings: accepted, and ignored unless upcycle has them
@@ -68,18 +77,21 @@ TRAIN_KEYS = list(settings_of(Path(__file__).with_name('train.py')))
 # dense models: ours, Hugging Face GPT-2 / Llama, GGUF
 
 def hf_model_args(cfg):
-    """(GPTConfig arguments, maximum length) of a Hugging Face config; ValueError for what model.py cannot run"""
+    """(GPTConfig arguments, maximum length) of a Hugging Face config;
+    ValueError for what model.py cannot run"""
     name = f"{cfg.model_type} model '{getattr(cfg, '_name_or_path', '')}'"
     if cfg.model_type == 'gpt2':
         tanh_gelu = cfg.activation_function in ('gelu_new', 'gelu_pytorch_tanh')
         if not tanh_gelu or cfg.scale_attn_by_inverse_layer_idx:
-            raise ValueError(f"{name}: only GPT-2's tanh GELU and standard attention scaling are supported")
+            raise ValueError(f"{name}: only GPT-2's tanh GELU and standard attention scaling "
+                             f"are supported")
         args = dict(arch='gpt2', vocab_size=cfg.vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
                     n_embd=cfg.n_embd, mlp_hidden=cfg.n_inner or 4 * cfg.n_embd, bias=True,
                     norm_eps=cfg.layer_norm_epsilon, tie_embeddings=cfg.tie_word_embeddings)
         return args, cfg.n_positions
     if cfg.model_type not in ('llama', 'mistral'):
-        raise ValueError(f"unsupported {name}: upcycle.py converts gpt2 and llama-family (llama, mistral) models")
+        raise ValueError(f"unsupported {name}: "
+                         f"upcycle.py converts gpt2 and llama-family (llama, mistral) models")
     # transformers 5 / 4
     rope = getattr(cfg, 'rope_parameters', None) or getattr(cfg, 'rope_scaling', None) or {}
     head_dim = getattr(cfg, 'head_dim', None) or cfg.hidden_size // cfg.num_attention_heads
@@ -97,14 +109,17 @@ def hf_model_args(cfg):
     if problem:
         raise ValueError(f"{name} has {problem}, which model.py's llama blocks do not implement")
     args = dict(arch='llama', vocab_size=cfg.vocab_size, n_layer=cfg.num_hidden_layers,
-                n_head=cfg.num_attention_heads, n_kv_head=cfg.num_key_value_heads, n_embd=cfg.hidden_size,
-                mlp_hidden=cfg.intermediate_size, bias=False, tie_embeddings=cfg.tie_word_embeddings,
-                rope_theta=float(rope.get('rope_theta') or cfg.rope_theta), norm_eps=cfg.rms_norm_eps)
+                n_head=cfg.num_attention_heads, n_kv_head=cfg.num_key_value_heads,
+                n_embd=cfg.hidden_size, mlp_hidden=cfg.intermediate_size, bias=False,
+                tie_embeddings=cfg.tie_word_embeddings,
+                rope_theta=float(rope.get('rope_theta') or cfg.rope_theta),
+                norm_eps=cfg.rms_norm_eps)
     return args, cfg.max_position_embeddings
 
 
 def hf_model(source):
-    """a transformers causal LM in float32 from a hub name, a folder or a .gguf file (its config checked first)"""
+    """a transformers causal LM in float32 from a hub name, a folder
+    or a .gguf file (its config checked first)"""
     from transformers import AutoConfig, AutoModelForCausalLM
     if source.endswith('.gguf'):
         # reading a GGUF file's config costs as much as loading the model: load, then check
@@ -120,19 +135,23 @@ def hf_model(source):
 
 
 # Hugging Face -> ours, in every layer
-LLAMA_NAMES = {'input_layernorm': 'ln_1', 'post_attention_layernorm': 'ln_2', 'self_attn.q_proj': 'attn.q_proj',
+LLAMA_NAMES = {'input_layernorm': 'ln_1', 'post_attention_layernorm': 'ln_2',
+               'self_attn.q_proj': 'attn.q_proj',
                'self_attn.k_proj': 'attn.k_proj', 'self_attn.v_proj': 'attn.v_proj',
                'self_attn.o_proj': 'attn.c_proj', 'mlp.down_proj': 'mlp.c_proj'}
 
 
 def hf_state_dict(hf, arch, n_layer):
-    """the Hugging Face state dict in our names: GPT-2's Conv1D weights transposed, llama's c_fc = [gate; up]"""
+    """the Hugging Face state dict in our names: GPT-2's Conv1D
+    weights transposed, llama's c_fc = [gate; up]"""
     sd = hf.state_dict()
     if arch == 'gpt2':
         # the names are ours already; Conv1D stores (in, out); old versions keep causal-mask buffers
-        conv1d = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
+        conv1d = ('attn.c_attn.weight', 'attn.c_proj.weight',
+                  'mlp.c_fc.weight', 'mlp.c_proj.weight')
         masks = ('.attn.bias', '.attn.masked_bias')
-        return {k: v.t() if k.endswith(conv1d) else v for k, v in sd.items() if not k.endswith(masks)}
+        return {k: v.t() if k.endswith(conv1d) else v for k, v in sd.items()
+                if not k.endswith(masks)}
     wte = sd['model.embed_tokens.weight']
     # tied: transformers may leave lm_head out
     out = {'transformer.wte.weight': wte, 'transformer.ln_f.weight': sd['model.norm.weight'],
@@ -147,22 +166,25 @@ def hf_state_dict(hf, arch, n_layer):
 
 
 def dense_model(model_args, sd, block_size):
-    """a dense GPT holding state dict sd (every parameter covered, every shape asserted; gpt2 positions cropped)"""
-    model = GPT(GPTConfig(**{**model_args, 'block_size': block_size, 'router': 'dense', 'ep_size': 1}))
+    """a dense GPT holding state dict sd (every parameter covered,
+    every shape asserted; gpt2 positions cropped)"""
+    model = GPT(GPTConfig(**{**model_args, 'block_size': block_size, 'router': 'dense',
+                             'ep_size': 1}))
     if 'transformer.wpe.weight' in sd:
         sd = {**sd, 'transformer.wpe.weight': sd['transformer.wpe.weight'][:block_size]}
     ours = model.state_dict()
     assert ours.keys() == sd.keys(), f"state dicts differ: {sorted(ours.keys() ^ sd.keys())[:6]}"
     with torch.no_grad():
         for k, v in sd.items():
-            assert v.shape == ours[k].shape, f"{k}: source {tuple(v.shape)} vs ours {tuple(ours[k].shape)}"
+            assert v.shape == ours[k].shape, \
+                f"{k}: source {tuple(v.shape)} vs ours {tuple(ours[k].shape)}"
             ours[k].copy_(v)
     return model
 
 
 def load_dense(source, block_size=None):
-    """(dense GPT, tokenizer spec) from a checkpoint folder of ours, a Hugging Face name or folder, or a .gguf
-    file"""
+    """(dense GPT, tokenizer spec) from a checkpoint folder of ours, a
+    Hugging Face name or folder, or a .gguf file"""
     source = os.path.expanduser(source)
     if os.path.isfile(os.path.join(source, 'ckpt.pt')):
         # ValueError, one line, for a checkpoint that does not load
@@ -173,9 +195,12 @@ def load_dense(source, block_size=None):
                              f"upcycle a dense checkpoint")
         max_len = default = args['block_size']
     else:
-        local = os.path.exists(source) or source.endswith('.gguf') or source.startswith(('/', '.', '~'))
-        if local and not (os.path.isfile(os.path.join(source, 'config.json')) or os.path.isfile(source)):
-            raise ValueError(f"init_from={source} is not a checkpoint folder (ckpt.pt), a Hugging Face folder "
+        local = (os.path.exists(source) or source.endswith('.gguf')
+                 or source.startswith(('/', '.', '~')))
+        if local and not (os.path.isfile(os.path.join(source, 'config.json'))
+                          or os.path.isfile(source)):
+            raise ValueError(f"init_from={source} is not a checkpoint folder (ckpt.pt), "
+                             f"a Hugging Face folder "
                              f"(config.json) or a .gguf file")
         hf = hf_model(source)
         args, max_len = hf_model_args(hf.config)
@@ -191,20 +216,25 @@ def load_dense(source, block_size=None):
 # upcycling
 
 def set_expert(experts, e, mlp, units, bias_share):
-    """expert e := the dense MLP restricted to the hidden units `units`, with bias_share of its output bias"""
+    """expert e := the dense MLP restricted to the hidden units
+    `units`, with bias_share of its output bias"""
     h = mlp.c_proj.weight.shape[1]
     # llama's c_fc rows are [gate; up]
     rows = units if experts.arch == 'gpt2' else torch.cat([units, units + h])
-    pairs = [(experts.c_fc[e], mlp.c_fc.weight[rows]), (experts.c_proj[e], mlp.c_proj.weight[:, units])]
+    pairs = [(experts.c_fc[e], mlp.c_fc.weight[rows]),
+             (experts.c_proj[e], mlp.c_proj.weight[:, units])]
     if experts.b_fc is not None:
-        pairs += [(experts.b_fc[e], mlp.c_fc.bias[rows]), (experts.b_proj[e], mlp.c_proj.bias * bias_share)]
+        pairs += [(experts.b_fc[e], mlp.c_fc.bias[rows]),
+                  (experts.b_proj[e], mlp.c_proj.bias * bias_share)]
     for ours, theirs in pairs:
-        assert ours.shape == theirs.shape, f"expert {tuple(ours.shape)} vs dense slice {tuple(theirs.shape)}"
+        assert ours.shape == theirs.shape, \
+            f"expert {tuple(ours.shape)} vs dense slice {tuple(theirs.shape)}"
         ours.copy_(theirs)
 
 
 @torch.no_grad()
-def upcycle_model(dense, moe_args, expert_init='copy', expert_noise=0.0, router_init_std=0.02, seed=42):
+def upcycle_model(dense, moe_args, expert_init='copy', expert_noise=0.0, router_init_std=0.02,
+                  seed=42):
     """the MoE GPT of dense with the MoE settings moe_args (MOE_KEYS and router_options)"""
     wrong = set(moe_args) - set(MOE_KEYS) - {'router_options'}
     if wrong:
@@ -212,9 +242,11 @@ def upcycle_model(dense, moe_args, expert_init='copy', expert_noise=0.0, router_
     config = GPTConfig(**{**asdict(dense.config), **moe_args, 'ep_size': 1})
     h, eh, S, E = config.mlp_hidden, config.expert_hidden, config.n_shared_experts, config.n_experts
     if expert_init == 'copy' and eh != h:
-        raise ValueError(f"expert_init='copy' copies the whole MLP: leave expert_hidden=0 (= {h}) or use 'split'")
+        raise ValueError(f"expert_init='copy' copies the whole MLP: "
+                         f"leave expert_hidden=0 (= {h}) or use 'split'")
     if expert_init == 'split' and (eh == h or h % eh):
-        raise ValueError(f"expert_init='split' cuts the MLP's {h} hidden units into slices: set expert_hidden "
+        raise ValueError(f"expert_init='split' cuts the MLP's {h} hidden units into slices: "
+                         f"set expert_hidden "
                          f"to a divisor of {h} smaller than it (got {eh})")
     if expert_init not in ('copy', 'split'):
         raise ValueError(f"expert_init={expert_init!r}: use 'copy' or 'split'")
@@ -224,11 +256,13 @@ def upcycle_model(dense, moe_args, expert_init='copy', expert_noise=0.0, router_
         torch.manual_seed(seed)
         model = GPT(config)
     ours, theirs = model.state_dict(), dense.state_dict()
-    assert all('.mlp.' in k for k in ours.keys() - theirs.keys()), "only the MoE layers' MLPs are new"
+    assert all('.mlp.' in k for k in ours.keys() - theirs.keys()), \
+        "only the MoE layers' MLPs are new"
     # everything but the MLPs of the MoE layers
     for k, v in theirs.items():
         if k in ours:
-            assert v.shape == ours[k].shape, f"{k}: dense {tuple(v.shape)} vs upcycled {tuple(ours[k].shape)}"
+            assert v.shape == ours[k].shape, \
+                f"{k}: dense {tuple(v.shape)} vs upcycled {tuple(ours[k].shape)}"
             ours[k].copy_(v)
 
     def piece(s):
@@ -238,7 +272,8 @@ def upcycle_model(dense, moe_args, expert_init='copy', expert_noise=0.0, router_
     for i, block in enumerate(model.transformer.h):
         if not config.is_moe(i):
             continue
-        layer, mlp, gen = block.mlp, dense.transformer.h[i].mlp, torch.Generator().manual_seed(seed + i)
+        layer, mlp, gen = (block.mlp, dense.transformer.h[i].mlp,
+                           torch.Generator().manual_seed(seed + i))
         for m in layer.router.modules():
             if isinstance(m, nn.Linear):
                 m.weight.normal_(0.0, router_init_std, generator=gen)
@@ -254,7 +289,8 @@ def upcycle_model(dense, moe_args, expert_init='copy', expert_noise=0.0, router_
 
 
 def not_preserved(c, expert_noise=0.0, router_init_std=0.02):
-    """why an upcycled model with config c may compute another function than its dense model ([]: it cannot)"""
+    """why an upcycled model with config c may compute another
+    function than its dense model ([]: it cannot)"""
     if not any(c.is_moe(i) for i in range(c.n_layer)):
         return []
     why = []
@@ -262,7 +298,8 @@ def not_preserved(c, expert_noise=0.0, router_init_std=0.02):
     if c.router == 'switch':
         why.append("switch weights each token's expert by max p < 1 (no renorm)")
     elif c.router == 'tcmoe':
-        why.append("tcmoe's negative slots subtract expert outputs and its null slots output nothing")
+        why.append("tcmoe's negative slots subtract expert outputs "
+                   "and its null slots output nothing")
     elif c.router == 'moepp':
         why.append("moepp can pick its zero / copy / constant experts instead of the MLP copies")
     elif c.router != 'hyper' and not c.router_renorm:
@@ -270,16 +307,20 @@ def not_preserved(c, expert_noise=0.0, router_init_std=0.02):
     total = c.routed_scale + S * c.shared_scale
     if g == 1 and abs(total - 1) > 1e-9:
         why.append(f"routed_scale + n_shared_experts * shared_scale = {total:g}, not 1")
-    every_slice_once = (S + E == g and c.top_k == E and c.routed_scale == E and (S == 0 or c.shared_scale == 1)
+    every_slice_once = (S + E == g and c.top_k == E and c.routed_scale == E
+                        and (S == 0 or c.shared_scale == 1)
                         and router_init_std == 0)
     if g > 1 and not every_slice_once:
-        why.append(f"expert_init='split': each expert holds 1/{g} of the MLP's hidden units, and the experts "
-                   f"add up to the MLP only when n_shared_experts + n_experts = {g}, top_k = n_experts = "
+        why.append(f"expert_init='split': each expert holds 1/{g} of the MLP's hidden units, "
+                   f"and the experts "
+                   f"add up to the MLP only when n_shared_experts + n_experts = {g}, "
+                   f"top_k = n_experts = "
                    f"routed_scale, shared_scale = 1 and router_init_std = 0")
     if c.capacity_factor > 0:
         why.append(f"capacity_factor={c.capacity_factor:g} may drop assignments in training")
     if c.eval_capacity_factor > 0:
-        why.append(f"eval_capacity_factor={c.eval_capacity_factor:g} may drop assignments at evaluation")
+        why.append(f"eval_capacity_factor={c.eval_capacity_factor:g} "
+                   f"may drop assignments at evaluation")
     if expert_noise > 0:
         why.append(f"expert_noise={expert_noise:g} perturbs the expert copies")
     return why
@@ -298,8 +339,8 @@ def logit_diff(a, b, n_seq=2, seq_len=32, seed=0):
 def save_upcycled(out_dir, model, tokenizer, config, source):
     """out_dir/ckpt.pt in train.py's format and out_dir/config.json, each written atomically"""
     os.makedirs(out_dir, exist_ok=True)
-    ckpt = dict(model=model.state_dict(), model_args=asdict(model.config), tokenizer=tokenizer, iter_num=0,
-                best_val_loss=1e9, config=config, source=source)
+    ckpt = dict(model=model.state_dict(), model_args=asdict(model.config), tokenizer=tokenizer,
+                iter_num=0, best_val_loss=1e9, config=config, source=source)
     # a new model: an older ckpt.prev.pt is not its previous one
     save_checkpoint(out_dir, ckpt, previous='drop')
     write_json(os.path.join(out_dir, 'config.json'), config)
@@ -309,27 +350,34 @@ def main(argv):
     config = configure(DEFAULTS | ARCH_DEFAULTS, argv, extra=TRAIN_KEYS)
     # train.py's settings, the architecture's included
     ignored = {k: config.pop(k) for k in list(config) if k not in DEFAULTS}
-    arch = [f'{k}={v!r}' for k, v in ignored.items() if k in ARCH_DEFAULTS and v != ARCH_DEFAULTS[k]]
+    arch = [f'{k}={v!r}' for k, v in ignored.items()
+            if k in ARCH_DEFAULTS and v != ARCH_DEFAULTS[k]]
     if arch:
         print(f"ignoring {', '.join(arch)}: the architecture comes from init_from")
     source = config['init_from']
     # 'scratch' and 'resume' are train.py's
     if source in ('', 'scratch', 'resume'):
-        raise ValueError("set --init_from to a checkpoint folder, a Hugging Face model name or folder, "
-                         "or a .gguf file")
+        raise ValueError("set --init_from to a checkpoint folder, "
+                         "a Hugging Face model name or folder, or a .gguf file")
     dense, tokenizer = load_dense(source, config['block_size'] or None)
     c = dense.config
-    print(f"loaded {source}: {c.arch}, {c.n_layer} layers, n_embd {c.n_embd}, {c.n_head} heads / {c.n_kv_head} kv, "
-          f"mlp_hidden {c.mlp_hidden}, vocab {c.vocab_size}, block_size {c.block_size}, tokenizer {tokenizer}")
+    print(f"loaded {source}: {c.arch}, {c.n_layer} layers, n_embd {c.n_embd}, "
+          f"{c.n_head} heads / {c.n_kv_head} kv, "
+          f"mlp_hidden {c.mlp_hidden}, vocab {c.vocab_size}, block_size {c.block_size}, "
+          f"tokenizer {tokenizer}")
     moe_args = {k: config[k] for k in MOE_KEYS}
     moe_args['router_options'] = {k: config[k] for k in router_settings()}
-    model = upcycle_model(dense, moe_args, expert_init=config['expert_init'], expert_noise=config['expert_noise'],
+    model = upcycle_model(dense, moe_args, expert_init=config['expert_init'],
+                          expert_noise=config['expert_noise'],
                           router_init_std=config['router_init_std'], seed=config['seed'])
     c, (total, active) = model.config, model.num_params()
     n_moe = sum(c.is_moe(i) for i in range(c.n_layer))
-    print(f"router={c.router}: {n_moe} of {c.n_layer} layers MoE ({c.n_experts} experts, top_k {c.top_k}, "
-          f"{c.n_shared_experts} shared, expert_hidden {c.expert_hidden}, expert_init={config['expert_init']}); "
-          f"{dense.num_params()[0] / 1e6:.2f}M parameters -> {total / 1e6:.2f}M, {active / 1e6:.2f}M active")
+    print(f"router={c.router}: {n_moe} of {c.n_layer} layers MoE "
+          f"({c.n_experts} experts, top_k {c.top_k}, "
+          f"{c.n_shared_experts} shared, expert_hidden {c.expert_hidden}, "
+          f"expert_init={config['expert_init']}); "
+          f"{dense.num_params()[0] / 1e6:.2f}M parameters -> {total / 1e6:.2f}M, "
+          f"{active / 1e6:.2f}M active")
     diff, scale = logit_diff(dense, model)
     why = not_preserved(c, config['expert_noise'], config['router_init_std'])
     print(f"function check on 2 x 32 random tokens: max |logits - dense logits| = {diff:.2e} "
