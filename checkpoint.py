@@ -122,6 +122,30 @@ def save_checkpoint(out_dir, ckpt, previous='keep'):
         torch.save(ckpt, f)
 
 
+def save_run(out_dir, ckpt, previous, first=False, keep_copy=False):
+    """train.py's checkpoint: save_checkpoint, then, for a run's first, one line saying what its
+    size is made of; keep_copy: also out_dir/iter_N/ckpt.pt, a hard link (no second copy on disk)
+    -> the path of ckpt.pt. OSError as save_checkpoint's"""
+    save_checkpoint(out_dir, ckpt, previous)
+    path = os.path.join(out_dir, CKPT)
+    if first:
+        opt = ckpt.get('optimizer') or {}
+        mb = sum(t.numel() * t.element_size() for s in opt.values() for t in s.values()
+                 if torch.is_tensor(t)) / 1e6
+        what = (f"of which {mb:,.1f} MB optimizer state, needed only to resume "
+                f"(--save_optimizer=False saves the weights only)")
+        if 'optimizer' not in ckpt:
+            what = "the weights only (save_optimizer=False): it cannot be resumed"
+        print(f"checkpoint {path}: {os.path.getsize(path) / 1e6:,.1f} MB, {what}")
+    if keep_copy:
+        kept = os.path.join(out_dir, f"iter_{ckpt['iter_num']}", CKPT)
+        os.makedirs(os.path.dirname(kept), exist_ok=True)
+        if os.path.exists(kept):
+            os.remove(kept)
+        os.link(path, kept)
+    return path
+
+
 def read_checkpoint(path, device='cpu'):
     """a checkpoint file, checked whole: readable, train.py's layout, weights that fit its own
     model_args and are finite; else ValueError saying what is wrong with it (one line). model_args

@@ -1010,6 +1010,21 @@ def set_progress(model, frac):
 # expert parallelism outside the layer: whole-model tensors, gradients, statistics
 
 
+def expert_groups(ep_size):
+    """(this rank's EP group, its expert data-parallel group) in the default process group: EP
+    groups of ep_size consecutive ranks; expert data-parallel groups of the ranks holding the same
+    experts. Every rank creates every group, as torch.distributed requires."""
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    ep_group = expert_dp_group = None
+    for g in range(world_size // ep_size):
+        group = dist.new_group(list(range(g * ep_size, (g + 1) * ep_size)))
+        ep_group = group if rank // ep_size == g else ep_group
+    for j in range(ep_size):
+        group = dist.new_group(list(range(j, world_size, ep_size)))
+        expert_dp_group = group if rank % ep_size == j else expert_dp_group
+    return ep_group, expert_dp_group
+
+
 def is_expert(name):
     """a routed expert's parameter (or its optimizer state): sharded over the EP group"""
     return '.experts.' in name
@@ -1032,8 +1047,8 @@ def local_tensor(name, t, ep_size, rank):
 
 
 def clip_grad_norm(model, max_norm, ep_size=1, ep_group=None, expert_dp_group=None):
-    """with ep_size > 1, expert grads first summed over the ranks holding the same experts (scaled so
-    the step equals one process's); the true global gradient norm (dense grads counted once, each
+    """with ep_size > 1, expert grads first summed over the ranks holding the same experts (scaled
+    so the step equals one process's); the true global gradient norm (dense grads counted once, each
     expert once over the EP group), clipped to max_norm when max_norm > 0"""
     device = next(model.parameters()).device
     dense, expert = torch.zeros((), device=device), torch.zeros((), device=device)
@@ -1059,7 +1074,8 @@ def clip_grad_norm(model, max_norm, ep_size=1, ep_group=None, expert_dp_group=No
 
 def log_stats(layers):
     """load CV and dropped fraction averaged over the MoE layers, and each layer's load CV and load
-    per expert (assignments since the last log), from counts summed over all ranks; the counts reset"""
+    per expert (assignments since the last log), from counts summed over all ranks; the counts
+    reset"""
     for m in layers:
         if dist.is_initialized():
             dist.all_reduce(m.load)
@@ -1071,5 +1087,6 @@ def log_stats(layers):
         return {}
     means = {k: sum(s[k] for s in stats) / len(stats)
              for k in ('load_cv', 'dropped', 'experts_per_token')}
-    per_layer = {'layer_load_cv': [s['load_cv'] for s in stats], 'layer_load': [s['load'] for s in stats]}
+    per_layer = {'layer_load_cv': [s['load_cv'] for s in stats],
+                 'layer_load': [s['load'] for s in stats]}
     return {**means, **per_layer}

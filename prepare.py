@@ -357,6 +357,24 @@ def prepare(cfg, quiet=False):
     return out_dir, meta
 
 
+def training_data(data_dir, vocab_size=None, block_size=1):
+    """meta.json of a prepared data set that a model of vocab_size can train on with sequences of
+    block_size tokens; else ValueError, one line naming the problem and the fix"""
+    if not os.path.exists(os.path.join(data_dir, "meta.json")):
+        raise ValueError(f"no prepared data at {data_dir}: "
+                         f"run python prepare.py (see README) or set --dataset")
+    meta = load_meta(data_dir)
+    # whole tokens, as many as meta says, all below the vocabulary
+    check_data(data_dir, meta, vocab_size or meta["vocab_size"])
+    for split in ("train", "val"):
+        if meta[f"{split}_tokens"] <= block_size:
+            n = meta[f"{split}_tokens"]
+            raise ValueError(f"the {split} split of {data_dir} has {n} tokens, "
+                             f"fewer than block_size+1={block_size + 1}: "
+                             f"lower block_size or prepare more text")
+    return meta
+
+
 def prepare_default(out_root="data"):
     """The default data set (tiny Shakespeare from assets/, characters), as `python prepare.py`
     makes it, quietly -> its folder (train.py's first run on a fresh clone)"""

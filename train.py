@@ -34,11 +34,11 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import moe
-from checkpoint import CKPT, open_log, resume, save_checkpoint
+from checkpoint import CKPT, open_log, resume, save_run
 from cli import DTYPES, autocast, fail, on_interrupt, parse, pick_device, pick_dtype, settings_of
 from model import GPT, GPTConfig
 from model import settings as model_settings
-from prepare import DEFAULT_DATASET, check_data, load_meta, prepare_default
+from prepare import DEFAULT_DATASET, prepare_default, training_data
 
 # -----------------------------------------------------------------------------
 # settings and their defaults
@@ -232,14 +232,7 @@ if gradient_accumulation_steps % world_size:
     fail(f"gradient_accumulation_steps={gradient_accumulation_steps} is not divisible by "
          f"the world size {world_size}")
 local_accum = gradient_accumulation_steps // world_size
-# EP groups: consecutive ranks; expert data parallel groups: the ranks holding the same experts
-ep_group = expert_dp_group = None
-for g in range(world_size // ep_size if ddp else 0):
-    group = dist.new_group(list(range(g * ep_size, (g + 1) * ep_size)))
-    ep_group = group if rank // ep_size == g else ep_group
-for j in range(ep_size if ddp else 0):
-    group = dist.new_group(list(range(j, world_size, ep_size)))
-    expert_dp_group = group if rank % ep_size == j else expert_dp_group
+ep_group, expert_dp_group = moe.expert_groups(ep_size) if ddp else (None, None)
 device_type = 'cuda' if use_cuda else 'cpu'
 dtype_name, why = pick_dtype(dtype, device_type)
 config['dtype'] = dtype_name  # config.json records what runs
@@ -266,18 +259,10 @@ if dataset == DEFAULT_DATASET:
         prepare_default()
     if ddp:
         dist.barrier()
-if not os.path.exists(os.path.join(data_dir, 'meta.json')):
-    fail(f"no prepared data at {data_dir}: run python prepare.py (see README) or set --dataset")
 try:
-    meta = load_meta(data_dir)
-    # whole tokens, as many as meta says, all below the vocabulary
-    check_data(data_dir, meta, (model_args or meta)['vocab_size'])
+    meta = training_data(data_dir, model_args and model_args['vocab_size'], block_size)
 except ValueError as e:
     fail(e)
-for split in ('train', 'val'):
-    if meta[f'{split}_tokens'] <= block_size:
-        fail(f"the {split} split of {data_dir} has {meta[f'{split}_tokens']} tokens, fewer than "
-             f"block_size+1={block_size + 1}: lower block_size or prepare more text")
 
 
 def get_batch(split, batch_ids):
@@ -414,30 +399,14 @@ def save():
                 rng=rng, scaler=scaler.state_dict())
     if not save_optimizer:
         del ckpt['optimizer']  # init_from=resume refuses such a checkpoint, saying why
-    path = os.path.join(out_dir, CKPT)
     try:
-        save_checkpoint(out_dir, ckpt, 'keep' if saves else first_previous)
+        path = save_run(out_dir, ckpt, 'keep' if saves else first_previous, first=not saves,
+                        keep_copy=keep_checkpoints)
     except OSError as e:
         fail(f"cannot write a checkpoint in {out_dir} ({e}): free space or fix the folder's "
              f"permissions; " + intact("no checkpoint was written yet"))
-    if not saves:
-        # this run's first checkpoint: what its size is made of
-        mb = sum(t.numel() * t.element_size() for s in opt.values() for t in s.values()
-                 if torch.is_tensor(t)) / 1e6
-        what = (f"of which {mb:,.1f} MB optimizer state, needed only to resume "
-                f"(--save_optimizer=False saves the weights only)")
-        if not save_optimizer:
-            what = "the weights only (save_optimizer=False): it cannot be resumed"
-        print(f"checkpoint {path}: {os.path.getsize(path) / 1e6:,.1f} MB, {what}")
     saves += 1
     status.update(checkpoint=path, checkpoint_iter=iter_num)
-    if keep_checkpoints:
-        # a hard link: no second copy on disk
-        kept = os.path.join(out_dir, f'iter_{iter_num}', CKPT)
-        os.makedirs(os.path.dirname(kept), exist_ok=True)
-        if os.path.exists(kept):
-            os.remove(kept)
-        os.link(path, kept)
 
 
 shown = 0.0  # when the last progress line was printed
