@@ -340,7 +340,8 @@ def rng_state():
 if init_from == 'resume':
     state = optimizer.state_dict()
     order = [names[p] for g in optimizer.param_groups for p in g['params']]
-    state['state'] = {i: {k: moe.local_tensor(n, v, ep_size, rank) for k, v in ckpt['optimizer'][n].items()}
+    state['state'] = {i: {k: moe.local_tensor(n, v, ep_size, rank)
+                          for k, v in ckpt['optimizer'][n].items()}
                       for i, n in enumerate(order) if n in ckpt['optimizer']}
     optimizer.load_state_dict(state)
     # the same world: every rank continues its random streams
@@ -587,7 +588,8 @@ while True:
             if wandb_log:
                 # scalars; the per-layer lists as one value per layer
                 scalars = {k: v for k, v in row.items() if not isinstance(v, list)}
-                layers = {f'load_cv/layer{j}': v for j, v in enumerate(row.get('layer_load_cv', []))}
+                layer_cv = enumerate(row.get('layer_load_cv', []))
+                layers = {f'load_cv/layer{j}': v for j, v in layer_cv}
                 wandb.log(scalars | layers, step=iter_num)
 
 if ddp:
