@@ -32,18 +32,16 @@ DTYPES = dict(float32=torch.float32, bfloat16=torch.bfloat16, float16=torch.floa
 # the command line
 
 
-def convert(key, text, default, where):
-    """the value of `--key=text` for a setting whose default is `default`"""
-    if isinstance(default, str):
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            value = text
-        return value if isinstance(value, str) else text
+def convert(text, default):
+    """the value of `--key=text` for a setting whose default is `default`: a Python literal, or the
+    text itself (always, for a text setting, unless it is a quoted string)"""
     try:
-        return ast.literal_eval(text)
+        value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
-        return text  # a plain string: the type check says what was expected
+        return text
+    if isinstance(default, str) and not isinstance(value, str):
+        return text
+    return value
 
 
 def parse(defaults, argv, extra=(), positional=None):
@@ -113,7 +111,7 @@ def parse(defaults, argv, extra=(), positional=None):
                 raise ValueError(f"'{arg}' needs a value: write {arg}=VALUE")
             text = argv[i]
             i += 1
-        put(key, convert(key, text, default, f"--{key}"), f"--{key}")
+        put(key, convert(text, default), f"--{key}")
     return config, given
 
 

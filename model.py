@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moe import MoE, ROUTERS, Experts, activation, router_knobs
+from moe import MoE, ROUTERS, Experts, activation, moe_layers, router_knobs
 
 
 def setting(default, kind, knob=False):
@@ -278,7 +278,7 @@ class GPT(nn.Module):
             nn.init.normal_(module.c_fc, mean=0.0, std=0.02)
 
     def moe_layers(self):
-        return [b.mlp for b in self.transformer.h if isinstance(b.mlp, MoE)]
+        return moe_layers(self)
 
     def forward(self, idx, targets=None, cache=None, with_aux=False):
         """logits (B, S, vocab) for every position; loss = cross-entropy + weighted aux losses (None

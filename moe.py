@@ -80,12 +80,16 @@ class Router(nn.Module):
     options = {}
     # training knobs and their defaults (a run from a checkpoint may change them)
     knobs = {}
-    # True: moe.end_step hands after_step the step's counts (one all-reduce for every such layer)
-    learns_after_step = False
 
     @classmethod
     def settings(cls):
         return {**cls.options, **cls.knobs}
+
+    @classmethod
+    def learns_after_step(cls):
+        """whether it overrides after_step: moe.end_step all-reduces the step's counts only for
+        such routers' layers"""
+        return cls.after_step.__func__ is not Router.after_step.__func__
 
     def __init__(self, config):
         super().__init__()
@@ -106,9 +110,9 @@ class Router(nn.Module):
 
     @classmethod
     def after_step(cls, routers, counts, tokens):
-        """after each optimizer step, when learns_after_step: routers, the routers of this class in
-        the model, one per layer; counts (L, E) each layer's FFN assignments per expert and tokens
-        (L,) its tokens, over the step's training forwards and every rank"""
+        """after each optimizer step, for a router that overrides it: routers, the routers of this
+        class in the model, one per layer; counts (L, E) each layer's FFN assignments per expert
+        and tokens (L,) its tokens, over the step's training forwards and every rank"""
 
 
 class SoftmaxRouter(Router):
@@ -284,7 +288,6 @@ class DeepSeekRouter(Router):
     options = dict(n_group=1, topk_group=1)
     # the bias step u
     knobs = dict(bias_update_rate=1e-3)
-    learns_after_step = True
 
     def __init__(self, config):
         super().__init__(config)
@@ -415,7 +418,6 @@ class ReMoERouter(Router):
     # lambda_0, the L1 coefficient at the start (ReMoE: 1e-8);
     # lambda's multiplicative step toward sparsity 1 - top_k/E (ReMoE: 1.2)
     knobs = dict(remoe_l1_init=1e-8, remoe_l1_alpha=1.2)
-    learns_after_step = True
 
     def __init__(self, config):
         super().__init__(config)
@@ -972,11 +974,11 @@ def set_expert_parallel(model, group):
 
 def end_step(model, group=None, update=True):
     """after each optimizer step (update=False: a skipped one): the routers that learn after each
-    step (learns_after_step) get the step's assignment counts of each of their layers, summed over
-    every rank in one all-reduce (Router.after_step); then every layer counts the next step afresh
+    step (those that override Router.after_step) get the step's assignment counts of each of their
+    layers, summed over every rank in one all-reduce; then every layer counts the next step afresh
     (the 'global' balance scope too: Megatron's reset_global_aux_loss_tracker)"""
     layers = moe_layers(model)
-    learners = [m for m in layers if m.router.learns_after_step]
+    learners = [m for m in layers if m.router.learns_after_step()]
     if update and learners:
         # (L, E+1) each layer's counts per expert, then its tokens
         c = torch.stack([torch.cat([m.step_counts, m.step_tokens[None]]) for m in learners])

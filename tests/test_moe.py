@@ -662,7 +662,6 @@ class PlainRouter(moe.Router):
 
 class CountingRouter(PlainRouter):
     """records what end_step hands it"""
-    learns_after_step = True
     seen = []
 
     @classmethod
@@ -696,7 +695,7 @@ def test_router_without_hooks_trains_end_to_end(monkeypatch):
 
 
 def test_end_step_hands_after_step_every_layers_counts(monkeypatch):
-    """learns_after_step: after_step gets the routers of its class, one per layer, with each layer's
+    """a router that overrides after_step gets the routers of its class, one per layer, with each layer's
     assignments per expert and tokens of the step's training forwards (by hand: expert_load of the ids
     the router chose); a skipped step (update=False) hands nothing, and every layer counts afresh"""
     monkeypatch.setitem(moe.ROUTERS, 'counting', CountingRouter)
