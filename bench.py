@@ -14,8 +14,9 @@ Speed and memory of the MoE layer and of a training step, as ratios measured in 
 - memory: peak of forward + backward against a dense MLP with the same total parameters, each in a
   fresh process (CPU: peak resident set from /proc; CUDA: max_memory_allocated).
 - step: a training step of a small GPT, MoE against dense with the same active parameters; the MoE
-  routes with force_balance (as Megatron's and torchtitan's benchmarks) so the step measures the
-  layer, not what a router learned. compile: torch.compile(layer) against eager.
+  routes with the router's own choices (what a run gets) and with force_balance (as Megatron's and
+  torchtitan's benchmarks: the step measures the layer, not what a router learned).
+  compile: torch.compile(layer) against eager.
 - The numbers and their machines: docs/performance.md.
 """
 import os
@@ -46,14 +47,14 @@ DEFAULTS = dict(
     ep=False,  # under torchrun: a training step at ep_size 1 and ep_size = world
     memory_probe='',  # internal: one memory measurement (dense, grouped, loop) in this process
 )
-SECTIONS = ('layer', 'memory', 'step', 'compile')
+# the allowed values of the settings (cli.problem); --settings is checked below
+LIMITS = dict(tokens='>= 1', d='>= 1', settings='text', dtype=('auto', 'float32', 'bfloat16'),
+              reps='>= 1', only=('', 'layer', 'memory', 'step', 'compile'), device='text',
+              memory_probe=('', 'dense', 'grouped', 'loop'))
+SECTIONS = LIMITS['only'][1:]
 
 with cli.errors('bench.py'):
-    args = types.SimpleNamespace(**cli.configure(DEFAULTS, sys.argv[1:]))
-    if args.dtype not in ('auto', 'float32', 'bfloat16'):
-        raise ValueError(f"--dtype={args.dtype} is not one of auto, float32, bfloat16")
-    if args.only not in ('', *SECTIONS):
-        raise ValueError(f"--only={args.only} is not one of {', '.join(SECTIONS)}")
+    args = types.SimpleNamespace(**cli.configure(DEFAULTS, sys.argv[1:], limits=LIMITS))
     try:
         settings = [tuple(int(v) for v in s.split(',')) for s in args.settings.split()]
     except ValueError:
@@ -223,19 +224,23 @@ def memory_bench():
 
 
 def step_bench():
-    """tokens/s of a training step: MoE GPT against the dense GPT with the same active parameters"""
+    """tokens/s of a training step: MoE GPT (the router's own choices, and force_balance) against
+    the dense GPT with the same active parameters, the three interleaved"""
     B, S, L = 8, 256, 4
     print(f"\nstep: training step (forward, backward, AdamW) of a {L}-layer llama-flavour GPT, "
-          f"d={args.d}, {B}x{S} tokens, median of {args.reps} interleaved steps\n{machine()}")
-    print("| E | k | expert_hidden | dense tokens/s | moe tokens/s | moe / dense |")
-    print("|---|---|---|---|---|---|")
+          f"d={args.d}, {B}x{S} tokens, median of {args.reps} interleaved steps; moe: softmax "
+          f"top-k with the router's choices, forced: the same with force_balance\n{machine()}")
+    print("| E | k | expert_hidden | dense tokens/s | moe tokens/s | moe / dense | forced tokens/s "
+          "| forced / dense |")
+    print("|---|---|---|---|---|---|---|---|")
     for E, k, h in settings:
         models, opts = {}, {}
-        for name, router in (('dense', 'dense'), ('moe', 'softmax')):
+        for name, router, forced in (('dense', 'dense', False), ('moe', 'softmax', False),
+                                     ('forced', 'softmax', True)):
             torch.manual_seed(0)
             c = GPTConfig(arch='llama', block_size=S, vocab_size=8192, n_layer=L, n_head=8,
                           n_embd=args.d, bias=False, router=router, n_experts=E, top_k=k,
-                          expert_hidden=h, mlp_hidden=k * h, force_balance=True)
+                          expert_hidden=h, mlp_hidden=k * h, force_balance=forced)
             models[name] = GPT(c).to(device)
             opts[name] = models[name].configure_optimizers(0.1, 1e-4, (0.9, 0.99), device_type)
         x = torch.randint(0, 8192, (B, S), device=device)
@@ -254,8 +259,9 @@ def step_bench():
                 if r >= 2:
                     times[name].append(time.perf_counter() - t)
         tps = {n: B * S / statistics.median(v) for n, v in times.items()}
-        ratio = tps['moe'] / tps['dense']
-        print(f"| {E} | {k} | {h} | {tps['dense']:,.0f} | {tps['moe']:,.0f} | {ratio:.2f} |")
+        print(f"| {E} | {k} | {h} | {tps['dense']:,.0f} | {tps['moe']:,.0f} | "
+              f"{tps['moe'] / tps['dense']:.2f} | {tps['forced']:,.0f} | "
+              f"{tps['forced'] / tps['dense']:.2f} |")
 
 
 def compile_bench():

@@ -6,7 +6,8 @@ tokenizer, files written atomically.
   eval.json. ckpt.pt holds the whole model whatever the expert parallelism it was trained with
   (model_args has ep_size 1).
 - Every file is written atomically: a temporary file, fsync, then a rename, so a crash or a full
-  disk never leaves half a file and the earlier version stays whole (tests/test_faults.py kills and
+  disk never leaves half a file and the earlier version stays whole; the temporary file is removed,
+  and a full disk is an OSError, not torch.save's RuntimeError (tests/test_faults.py kills and
   fills the disk).
 - The checkpoint saved before the current one stays as ckpt.prev.pt (a hard link, no copy): train.py
   init_from=resume falls back to it when ckpt.pt cannot be used, and says so.
@@ -119,7 +120,22 @@ def save_checkpoint(out_dir, ckpt, previous='keep'):
             os.remove(prev)
 
     with atomic_file(path, 'wb', before_rename=move_previous) as f:
-        torch.save(ckpt, f)
+        try:
+            torch.save(ckpt, f)
+        except RuntimeError as e:
+            # torch's zip writer turns a failed write (a full disk) into RuntimeError('unexpected
+            # pos ...'): the OSError under it is the problem
+            cause = write_error(e)
+            if cause is None:
+                raise
+            raise cause from None
+
+
+def write_error(e):
+    """the OSError that an exception was raised while handling (its __context__ chain), or None"""
+    while e is not None and not isinstance(e, OSError):
+        e = e.__context__
+    return e
 
 
 def save_run(out_dir, ckpt, previous, first=False, keep_copy=False):

@@ -8,6 +8,12 @@ How every script starts: its command line, its device and dtype, and its one-lin
   (eval.py's run folders) gets its bare arguments there instead of config files, and its list
   settings take one value per `--key` (argparse's append). A key must be a setting and keep its
   type: a typo is an error, not a new name.
+- Each script declares its settings' allowed values once, next to them, as a table (LIMITS): a
+  range ('>= 1', '> 0', '[0, 1)'), a tuple of choices, a kind of path ('run', 'file', 'writable',
+  ...) or 'text'. parse checks each value given (on the command line or in a config file), and
+  every path, before the script does any work; a default outside its range is the script's own
+  "unset" (eval.py's limit=0: every document). tests/test_arguments.py walks every table and fails
+  on a setting without one.
 - `dtype='auto'` picks bfloat16 only where the hardware runs bf16 matmuls fast: a CUDA GPU of
   compute capability 8.0 or more, or a CPU with AMX or AVX-512 BF16. An AVX2-only CPU emulates bf16
   about 100x slower than fp32 (docs/performance.md). Evaluation passes the dtype it wants; autocast
@@ -17,7 +23,10 @@ How every script starts: its command line, its device and dtype, and its one-lin
   around a script's main. Ctrl-C is one line too (`on_interrupt`), on every rank of a torchrun job.
 """
 import ast
+import math
+import operator
 import os
+import re
 import signal
 import sys
 import traceback
@@ -44,12 +53,12 @@ def convert(text, default):
     return value
 
 
-def parse(defaults, argv, extra=(), positional=None):
+def parse(defaults, argv, extra=(), positional=None, limits=None):
     """(config, given): defaults (name -> value) updated by argv left to right, and {key: where} for
     each key that argv set (the last place wins; a config file's assignment counts even when it
     repeats the current value). extra: another stage's keys, accepted without a type check.
     positional: the name of the list setting that takes the bare arguments (else they are config
-    files)."""
+    files). limits: each setting's allowed values (check), checked for the keys given."""
     config, given = dict(defaults), {}
 
     def put(key, value, where):
@@ -112,12 +121,13 @@ def parse(defaults, argv, extra=(), positional=None):
             text = argv[i]
             i += 1
         put(key, convert(text, default), f"--{key}")
+    check(config, limits or {}, given)
     return config, given
 
 
-def configure(defaults, argv, extra=(), positional=None):
+def configure(defaults, argv, extra=(), positional=None, limits=None):
     """parse's config alone"""
-    return parse(defaults, argv, extra, positional)[0]
+    return parse(defaults, argv, extra, positional, limits)[0]
 
 
 def run_config_file(path, config, put):
@@ -172,6 +182,96 @@ def settings_of(path):
         elif not isinstance(node, (ast.Import, ast.ImportFrom, ast.Expr, ast.FunctionDef)):
             break
     return out
+
+# -----------------------------------------------------------------------------
+# allowed values: a setting's limit is a range, a tuple of choices, a kind of path or 'text'
+
+RANGE = re.compile(r'(>=|>|<=|<) *(\S+)$')  # '>= 1'
+INTERVAL = re.compile(r'([\[(]) *([^,]+), *([^\])]+?) *([\])])$')  # '[0, 1)'
+OPS = {'>=': operator.ge, '>': operator.gt, '<=': operator.le, '<': operator.lt}
+# named choices: every script's dtype setting
+CHOICES = dict(dtype=('auto', *DTYPES))
+# a kind of path -> (whether a value is one, what it must be)
+PATHS = dict(
+    path=(os.path.exists, "does not exist"),
+    file=(os.path.isfile, "must be a file that exists"),
+    folder=(os.path.isdir, "must be a folder that exists"),
+    run=(lambda p: os.path.isfile(os.path.join(p, 'ckpt.pt')),
+         "must be a run folder, one holding ckpt.pt (train.py's out_dir or upcycle.py's)"),
+    writable=(lambda p: writable(p) is None, "cannot be written"),
+)
+
+
+def in_range(value, limit):
+    """whether a number is inside a range ('>= 1', '> 0', '<= 1', '< 1', '[0, 1)', '(0, 1]')"""
+    m = RANGE.match(limit)
+    if m:
+        return OPS[m.group(1)](value, float(m.group(2)))
+    m = INTERVAL.match(limit)
+    if not m:
+        raise ValueError(f"limit {limit!r} is not a range, a kind of path or 'text'")
+    low, high = float(m.group(2)), float(m.group(3))
+    above = value > low if m.group(1) == '(' else value >= low
+    return above and (value < high if m.group(4) == ')' else value <= high)
+
+
+def range_words(limit):
+    """'>= 1' -> 'at least 1', '> 0' -> 'above 0', '[0, 1)' -> 'in [0, 1)'"""
+    m = RANGE.match(limit)
+    if not m:
+        return f"in {limit}"
+    words = {'>=': 'at least', '>': 'above', '<=': 'at most', '<': 'below'}
+    return f"{words[m.group(1)]} {m.group(2)}"
+
+
+def writable(path):
+    """why a folder cannot be made or written at path, or None: it is a file, or the nearest
+    folder that exists above it is not writable"""
+    if os.path.exists(path) and not os.path.isdir(path):
+        return f"{path} is a file, not a folder"
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"{parent} is a file, not a folder"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{parent} is not writable"
+    return None
+
+
+def problem(key, value, limit):
+    """why value is not allowed for setting key (one line without where it was set), or None.
+    limit: a range of numbers, a tuple of choices or the name of one (CHOICES), a kind of path
+    (PATHS: '' = unset is allowed) or 'text' (anything); a list is checked item by item"""
+    if isinstance(value, list):
+        return next((p for p in (problem(key, v, limit) for v in value) if p), None)
+    limit = CHOICES.get(limit, limit)
+    if isinstance(limit, tuple):
+        if value in limit:
+            return None
+        return f"{key}={value!r} is not one of {', '.join(map(repr, limit))}"
+    if limit == 'text' or (limit in PATHS and value == ''):
+        return None
+    if limit in PATHS:
+        ok, must = PATHS[limit]
+        if ok(value):
+            return None
+        why = writable(value) if limit == 'writable' else None
+        return f"{key}={value!r} {must}" + (f" ({why}): choose another folder" if why else "")
+    if not math.isfinite(value) or not in_range(value, limit):
+        return f"{key}={value!r} must be {range_words(limit)}"
+    return None
+
+
+def check(config, limits, given):
+    """ValueError (one line) for the first setting outside its limit (problem): of the settings
+    given (key -> where it was set), and of every path, given or not (a default path must exist
+    too); settings without a limit are not checked"""
+    defaults = [k for k, limit in limits.items() if limit in PATHS and k not in given]
+    for key in [k for k in given if k in limits] + [k for k in defaults if k in config]:
+        why = problem(key, config[key], limits[key])
+        if why:
+            raise ValueError(f"{why} ({given.get(key, 'the default')})")
 
 # -----------------------------------------------------------------------------
 # errors
@@ -247,6 +347,7 @@ def auto_dtype(device_type):
     hardware runs bf16 matmuls fast, else float32"""
     if device_type == 'cuda':
         name = torch.cuda.get_device_name()
+        # native bf16 only (compute capability >= 8.0): V100 and T4 would emulate it, slowly
         if torch.cuda.is_bf16_supported(including_emulation=False):
             return 'bfloat16', f'{name} runs bf16'
         return 'float32', f'{name} has no native bf16'
@@ -260,6 +361,26 @@ def auto_dtype(device_type):
         return 'bfloat16', f'the CPU has {fast[0]} (fast bf16 matmuls)'
     return 'float32', ('the CPU has neither AMX nor AVX-512 BF16 '
                        '(bf16 matmuls would be far slower than fp32)')
+
+
+# dense bf16 / fp16 tensor-core peak FLOP/s of a GPU model, for MFU: half the BF16 "with sparsity"
+# figures of NVIDIA's data sheets (H100: SXM 1,979, PCIe 1,513, NVL 1,671 TFLOPS; H200: SXM 1,979,
+# NVL 1,671; A100, SXM and PCIe: 624), rounded down
+GPU_PEAKS = {'A100': 312e12, 'A100 PCIe': 312e12, 'H100': 989e12, 'H100 PCIe': 756e12,
+             'H100 NVL': 835e12, 'H200': 989e12, 'H200 NVL': 835e12}
+
+
+def gpu_model(name):
+    """a CUDA device name's model: its chip and a PCIe or NVL variant ('NVIDIA H100 80GB HBM3' ->
+    'H100', 'NVIDIA H100 NVL' -> 'H100 NVL', 'NVIDIA A100-PCIE-40GB' -> 'A100 PCIe')"""
+    words = name.removeprefix('NVIDIA ').replace('-', ' ').split()
+    tail = {w.upper() for w in words[1:]}
+    return ' '.join(words[:1] + [v for v in ('PCIe', 'NVL') if v.upper() in tail])
+
+
+def gpu_peak(name):
+    """GPU_PEAKS of the device name's model, matched exactly; 0.0 (no MFU) for another model"""
+    return GPU_PEAKS.get(gpu_model(name), 0.0)
 
 
 def pick_dtype(dtype, device_type):

@@ -12,6 +12,8 @@ Zero-shot tasks through lm-eval, perplexity, and routing analysis of our checkpo
 - Scores match lm-eval's own `hf` model on the same weights (requests sorted by length,
   right-padded, one forward per batch, log-softmax in float32, left-truncated to block_size), so
   they sit next to any published lm-eval number (tests/test_eval.py: loglikelihoods within 1e-4).
+  The default dtype is float32 on every machine, so one command gives one table everywhere; bf16
+  autocast (faster, approximate) only when asked with --dtype, and eval.json records it.
 - Offline (--data_dir), a task is lm-eval's own YAML with only the dataset swapped for the local
   file, laid out as the Hugging Face dataset the YAML names: prompts, metrics and the official
   document counts stay lm-eval's.
@@ -56,35 +58,38 @@ DEFAULTS = dict(
     runs=[],  # run folders holding ckpt.pt (with --compare: holding eval.json)
     tasks='',  # comma-separated lm-eval task names; 'all' = every local task (LOCAL_TASKS)
     data_dir='',  # read the tasks from local files (../shared/data/tasks); '' = from the hub
-    limit=0,  # score only the first N documents of each task; 0 = all of them
+    limit=0,  # score only the first N >= 1 documents of each task; unset (0) = all of them
     batch_size=16,  # sequences per forward
     device='auto',  # 'auto' = cuda where torch sees a GPU, else cpu
-    dtype='auto',  # auto (bfloat16 where the hardware runs it fast), float32, bfloat16, float16
+    # float32: lm-eval's hf model's numbers on every machine; bfloat16, float16 (autocast) or auto
+    # (bfloat16 where the hardware runs it fast) are faster and approximate
+    dtype='float32',
     tokenizer='',  # where the checkpoint names none: gpt2, char, hf:..., gguf:...; '' = its own
     ppl=[],  # perplexity on a prepared data folder (its val.bin) or a text file; repeatable
-    stride=0,  # perplexity windows start every STRIDE tokens; 0 = block_size (no overlap)
-    ppl_windows=0,  # score N windows of each --ppl source, evenly spaced (a sample); 0 = all
+    stride=0,  # perplexity windows start every STRIDE >= 1 tokens; unset (0) = block_size
+    ppl_windows=0,  # score N >= 1 windows of each --ppl source, evenly spaced; unset (0) = all
     analyze=False,  # routing statistics, Drop-Top-1 and a load heatmap
     checkpoints=False,  # the runs are checkpoints of one run, oldest first: change rate, saturation
     compare=False,  # one markdown table from the runs' eval.json files
     plot=False,  # training curves, expert load over training, eval heatmaps: PNGs next to the runs
 )
+# the allowed values of the settings (cli.problem); the run folders and --ppl sources are checked
+# before any work by the mode that reads them (check_inputs, compare_table, plot_runs)
+LIMITS = dict(runs='text', tasks='text', data_dir='folder', limit='>= 1', batch_size='>= 1',
+              device='text', dtype='dtype', tokenizer='text', ppl='text', stride='>= 1',
+              ppl_windows='>= 1')
 # the settings eval.json records (null where left unset)
 RECORDED = ('limit', 'batch_size', 'device', 'dtype', 'data_dir', 'stride', 'ppl_windows')
 
 
 def parse_args(argv):
     """the settings of a command line: DEFAULTS updated by argv, checked (ValueError, one line)"""
-    c, _ = cli.parse(DEFAULTS, argv, positional='runs')
+    c, given = cli.parse(DEFAULTS, argv, positional='runs', limits=LIMITS)
     if not c['runs']:
         raise ValueError("no run folder given: python eval.py out/RUN --tasks piqa (or --ppl FILE)")
-    if c['dtype'] not in ('auto', *cli.DTYPES):
-        raise ValueError(f"--dtype={c['dtype']} is not one of auto, {', '.join(cli.DTYPES)}")
-    if c['batch_size'] < 1:
-        raise ValueError(f"--batch_size={c['batch_size']}: give 1 or more")
-    for key in ('limit', 'stride', 'ppl_windows'):
-        if c[key] < 0:
-            raise ValueError(f"--{key}={c[key]}: give 0 or more (0 = unset)")
+    if 'limit' in given and not c['tasks']:
+        raise ValueError("--limit counts the documents of each task, and no --tasks are given: "
+                         "drop --limit (--ppl_windows samples a --ppl source)")
     return c
 
 # -----------------------------------------------------------------------------
@@ -426,6 +431,20 @@ def routing_metrics(ids, weights, n_experts):
                 negative=(negative / (ids >= 0).sum().clamp_min(1)).item())
 
 
+def traced_routing(run_dir, n_experts):
+    """the routing traces train.py and sample.py wrote in run_dir (routing_trace*.pt,
+    moe.save_trace) -> {'trace:<file stem>': [routing_metrics per MoE layer over every traced
+    forward]}"""
+    out = {}
+    for path in sorted(Path(run_dir).glob('routing_trace*.pt')):
+        layers = moe.load_trace(path)
+        out[f'trace:{path.stem}'] = [
+            routing_metrics(torch.cat([r['ids'] for r in recs]),
+                            torch.cat([r['weights'] for r in recs]), n_experts) | dict(dropped=None)
+            for recs in layers if recs]
+    return out
+
+
 def change_rate(ids_a, ids_b):
     """share of top-k slots whose expert differs, slot by slot on the sorted ids (N, k) of the same
     tokens"""
@@ -643,6 +662,8 @@ def evaluate_run(run_dir, specs, task_manager, c, device, dtype, analyze, comman
         out['routing'][t] = [routing_metrics(i, w, E) | dict(dropped=dropped[t][j])
                              for j, (i, w) in enumerate(zip(ids, weights))]
         sels[t] = [i.short() for i in ids]
+    # the run folder's routing traces, as more tasks (no dropped fraction: a trace holds none)
+    out['routing'] |= traced_routing(run_dir, E)
     # Drop-Top-1 needs two or more slots per token (K >= top_k)
     if min(s.shape[1] for per_layer in sels.values() for s in per_layer) > 1:
         out['drop_top1'] = {}

@@ -7,8 +7,11 @@ tokenizer files and generation_config.json.
     # our own code even where a native class is exact
     python export.py out/RUN --out_dir hf/RUN --remote_code
 
-- A native class (GPT2LMHeadModel, LlamaForCausalLM, MixtralForCausalLM,
-  GraniteMoeSharedForCausalLM) only where transformers computes exactly our function (native_arch).
+- A native class (GPT2LMHeadModel, LlamaForCausalLM, MixtralForCausalLM, OlmoeForCausalLM,
+  Qwen2MoeForCausalLM, Qwen3MoeForCausalLM, GraniteMoeForCausalLM, GraniteMoeSharedForCausalLM,
+  SolarOpenForCausalLM, Dots1ForCausalLM, Glm4MoeForCausalLM) only where transformers computes
+  exactly our function (native_arch): an imported model goes back to its own class, the deepseek
+  router's expert_bias as e_score_correction_bias (tests/test_import.py).
   Any GPTConfig field a native class does not express, away from its default, means remote code;
   tests/test_export.py flips each such field, and loads every export back with from_pretrained to
   compare its logits with ours.
@@ -54,6 +57,8 @@ SETTINGS = dict(
     # tokenizer spec where the checkpoint names none: gpt2, char, hf:..., gguf:...
     tokenizer='',
 )
+# the allowed values of the settings (cli.problem); out_dir must not exist yet (export)
+LIMITS = dict(run='run', out_dir='writable', tokenizer='text')
 
 # -----------------------------------------------------------------------------
 # which architecture: a native transformers class where it is exact, else remote code
@@ -62,6 +67,7 @@ SETTINGS = dict(
 # expresses them), and the training-only ones (dropout, the aux losses' coefficients and scope): no
 # change in eval mode
 EXPRESSED = {'arch', 'block_size', 'vocab_size', 'n_layer', 'n_head', 'n_kv_head', 'n_embd',
+             'head_dim',
              'mlp_hidden', 'bias', 'tie_embeddings', 'rope_theta', 'norm_eps', 'router',
              'n_experts', 'top_k', 'moe_every',
              'moe_first_dense', 'expert_hidden', 'n_shared_experts', 'shared_scale', 'routed_scale',
@@ -69,32 +75,60 @@ EXPRESSED = {'arch', 'block_size', 'vocab_size', 'n_layer', 'n_head', 'n_kv_head
              'dropout', 'aux_loss_coef', 'z_loss_coef', 'balance_scope'}
 # and the 'system' fields: how the model runs, not what it computes
 MAPPED = EXPRESSED | set(settings(kind='system'))
+# the fields that some native classes express beyond MAPPED
+GRANITE = {'attn_scale', 'embed_scale', 'residual_scale', 'logit_divisor'}
+NATIVE_EXTRA = dict(olmoe={'qk_norm'}, qwen3_moe={'qk_norm', 'dense_layers'},
+                    qwen2_moe={'qkv_bias', 'dense_layers', 'shared_hidden', 'shared_gate'},
+                    granitemoe=GRANITE, granitemoeshared=GRANITE | {'shared_hidden'},
+                    solar_open={'shared_hidden'}, dots1={'qk_norm', 'shared_hidden'},
+                    glm4_moe={'qk_norm', 'qkv_bias', 'rotary_dim', 'shared_hidden'})
 
 
 def native_arch(c):
-    """'gpt2', 'llama', 'mixtral' or 'granitemoeshared' where
-    transformers has exactly this model, else None.
-    Any other GPTConfig field away from its default (an option added later: a gated shared expert,
-    forced balance, ...) means remote code, which is exact whatever the option does."""
-    if any(getattr(c, f.name) != f.default for f in fields(c) if f.name not in MAPPED):
-        return None
+    """'gpt2', 'llama', 'mixtral', 'olmoe', 'qwen2_moe', 'qwen3_moe', 'granitemoe',
+    'granitemoeshared', 'solar_open', 'dots1' or 'glm4_moe' where transformers has exactly this
+    model, else None.
+    Any other GPTConfig field away from its default (an option added later: forced balance, ...)
+    means remote code, which is exact whatever the option does."""
+    away = {f.name for f in fields(c) if f.name not in MAPPED and getattr(c, f.name) != f.default}
     if c.router == 'dense':
-        return c.arch
-    softmax_renorm = (c.arch == 'llama' and c.router == 'softmax' and not c.router_options
-                      and c.router_renorm
-                      and c.moe_every == 1 and c.moe_first_dense == 0 and c.capacity_factor == 0
-                      and c.routed_scale == 1 and not c.bias)
-    if softmax_renorm and c.n_shared_experts == 0:
-        return 'mixtral'
-    # GraniteMoeShared: softmax of the top-k logits = renormalised top-k probabilities, plus an
-    # ungated shared SwiGLU MLP
-    if softmax_renorm and c.shared_scale == 1:
-        return 'granitemoeshared'
+        # GPT-2 has no head width of its own
+        plain = c.arch == 'llama' or c.head_dim * c.n_head == c.n_embd
+        return c.arch if plain and not away else None
+    # softmax, top-k, no drops, routed output unscaled: every class below
+    softmax = (c.arch == 'llama' and c.router == 'softmax' and not c.router_options
+               and c.moe_first_dense == 0 and c.capacity_factor == 0 and c.routed_scale == 1
+               and not c.bias)
+    # every layer MoE, top-k renormalised
+    every_renorm = softmax and c.router_renorm and c.moe_every == 1 and not c.dense_layers
+    S, qk = c.n_shared_experts, c.qk_norm
+    # DeepSeek-V3's router and ungated shared experts of n_shared_experts * expert_hidden, every
+    # layer after the dense prefix MoE
+    deepseek = (c.arch == 'llama' and c.router == 'deepseek' and c.capacity_factor == 0
+                and not c.bias and c.moe_every == 1 and not c.dense_layers and S >= 1
+                and c.shared_scale == 1 and c.shared_hidden in (0, S * c.expert_hidden))
+    candidates = dict(
+        mixtral=every_renorm and S == 0,
+        # softmax of the top-k logits = renormalised top-k probabilities
+        granitemoe=every_renorm and S == 0,
+        # plus an ungated shared SwiGLU MLP
+        granitemoeshared=every_renorm and S >= 1 and c.shared_scale == 1,
+        olmoe=softmax and c.moe_every == 1 and not c.dense_layers and S == 0 and qk == 'full',
+        qwen3_moe=softmax and S == 0 and qk == 'head',
+        # one gated shared expert
+        qwen2_moe=softmax and S == 1 and c.shared_gate and c.shared_scale == 1 and qk == 'none',
+        solar_open=deepseek and c.moe_first_dense == 0 and qk == 'none',
+        dots1=deepseek and qk == 'head',
+        glm4_moe=deepseek and qk in ('none', 'head'))
+    for kind, fits in candidates.items():
+        if fits and away <= NATIVE_EXTRA.get(kind, set()):
+            return kind
     return None
 
 
 def hf_config(c, kind, eot):
     """the transformers config of a native export"""
+    import transformers
     from transformers import GPT2Config, LlamaConfig, MixtralConfig
     if kind == 'gpt2':
         return GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd,
@@ -104,7 +138,8 @@ def hf_config(c, kind, eot):
                           layer_norm_epsilon=c.norm_eps, tie_word_embeddings=c.tie_embeddings,
                           bos_token_id=eot, eos_token_id=eot)
     common = dict(vocab_size=c.vocab_size, hidden_size=c.n_embd, num_hidden_layers=c.n_layer,
-                  num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head, hidden_act='silu',
+                  num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head,
+                  head_dim=c.head_dim, hidden_act='silu',
                   max_position_embeddings=c.block_size, rms_norm_eps=c.norm_eps,
                   tie_word_embeddings=c.tie_embeddings,
                   rope_parameters=dict(rope_type='default', rope_theta=c.rope_theta),
@@ -114,15 +149,47 @@ def hf_config(c, kind, eot):
                            mlp_bias=c.bias)
     experts = dict(intermediate_size=c.expert_hidden, num_local_experts=c.n_experts,
                    num_experts_per_tok=c.top_k, router_aux_loss_coef=c.aux_loss_coef)
-    if kind == 'granitemoeshared':
-        from transformers import GraniteMoeSharedConfig
-        # its multipliers set to what Llama does
-        return GraniteMoeSharedConfig(**common, **experts,
-                                      shared_intermediate_size=c.expert_hidden * c.n_shared_experts,
-                                      embedding_multiplier=1.0, logits_scaling=1.0,
-                                      residual_multiplier=1.0,
-                                      attention_multiplier=(c.n_embd // c.n_head) ** -0.5)
+    shared = c.shared_hidden or c.expert_hidden * c.n_shared_experts
+    if kind.startswith('granitemoe'):
+        granite = dict(embedding_multiplier=c.embed_scale, logits_scaling=c.logit_divisor,
+                       residual_multiplier=c.residual_scale,
+                       attention_multiplier=c.attn_scale or c.head_dim ** -0.5)
+        if kind == 'granitemoe':
+            return transformers.GraniteMoeConfig(**common, **experts, **granite)
+        return transformers.GraniteMoeSharedConfig(**common, **experts, **granite,
+                                                   shared_intermediate_size=shared)
+    if kind == 'olmoe':
+        return transformers.OlmoeConfig(**common, **experts, norm_topk_prob=c.router_renorm)
+    if kind.startswith('qwen'):
+        cls = transformers.Qwen2MoeConfig if kind == 'qwen2_moe' else transformers.Qwen3MoeConfig
+        extra = dict(qkv_bias=c.qkv_bias, shared_expert_intermediate_size=shared) \
+            if kind == 'qwen2_moe' else dict(attention_bias=False)
+        dense = [int(i) for i in c.dense_layers.split(',') if i]
+        return cls(**common, **extra, intermediate_size=c.mlp_hidden,
+                   moe_intermediate_size=c.expert_hidden, num_experts=c.n_experts,
+                   num_experts_per_tok=c.top_k, norm_topk_prob=c.router_renorm,
+                   decoder_sparse_step=c.moe_every, mlp_only_layers=dense,
+                   router_aux_loss_coef=c.aux_loss_coef)
+    if kind in ('solar_open', 'dots1', 'glm4_moe'):
+        cls = dict(solar_open=transformers.SolarOpenConfig, dots1=transformers.Dots1Config,
+                   glm4_moe=transformers.Glm4MoeConfig)[kind]
+        extra = dict(sliding_window=None) if kind == 'dots1' else {}
+        if kind == 'glm4_moe':
+            rotary = (c.rotary_dim or c.head_dim) / c.head_dim
+            extra = dict(attention_bias=c.qkv_bias, use_qk_norm=c.qk_norm == 'head',
+                         rope_parameters=dict(rope_type='default', rope_theta=c.rope_theta,
+                                              partial_rotary_factor=rotary))
+        return cls(**{**common, **extra}, intermediate_size=c.mlp_hidden,
+                   moe_intermediate_size=c.expert_hidden, n_routed_experts=c.n_experts,
+                   num_experts_per_tok=c.top_k, n_shared_experts=c.n_shared_experts,
+                   n_group=c.router_options['n_group'], topk_group=c.router_options['topk_group'],
+                   routed_scaling_factor=c.routed_scale, norm_topk_prob=c.router_renorm,
+                   first_k_dense_replace=c.moe_first_dense)
     return MixtralConfig(**common, **experts, sliding_window=None)
+
+# the module holding the shared experts as gate_proj, up_proj and down_proj Linears
+LINEAR_SHARED = dict(qwen2_moe='shared_expert', solar_open='shared_experts', dots1='shared_experts',
+                     glm4_moe='shared_experts')
 
 
 def hf_state_dict(model, kind):
@@ -141,17 +208,32 @@ def hf_state_dict(model, kind):
     names = {'ln_1': 'input_layernorm', 'ln_2': 'post_attention_layernorm',
              'attn.q_proj': 'self_attn.q_proj',
              'attn.k_proj': 'self_attn.k_proj', 'attn.v_proj': 'self_attn.v_proj',
-             'attn.c_proj': 'self_attn.o_proj', 'mlp.c_proj': 'mlp.down_proj'}
-    moe = 'mlp.' if kind == 'mixtral' else 'block_sparse_moe.'
-    moe_names = {'router.gate.weight':
-                     f'{moe}gate.weight' if kind == 'mixtral' else f'{moe}router.weight',
+             'attn.c_proj': 'self_attn.o_proj', 'mlp.c_proj': 'mlp.down_proj',
+             'attn.q_norm': 'self_attn.q_norm', 'attn.k_norm': 'self_attn.k_norm',
+             'mlp.shared_gate': 'mlp.shared_expert_gate'}
+    granite = kind.startswith('granitemoe')
+    moe = 'block_sparse_moe.' if granite else 'mlp.'
+    moe_names = {'router.gate.weight': f'{moe}router.weight' if granite else f'{moe}gate.weight',
                  'experts.c_fc': f'{moe}experts.gate_up_proj',
                  'experts.c_proj': f'{moe}experts.down_proj',
                  'shared.c_fc': 'shared_mlp.input_linear.weight',
                  'shared.c_proj': 'shared_mlp.output_linear.weight'}
     for k, v in sd.items():
         m = re.fullmatch(r'transformer\.h\.(\d+)\.mlp\.'
-                         r'(router\.gate\.weight|experts\.c_\w+|shared\.c_\w+)', k)
+                         r'(router\.gate\.weight|router\.expert_bias|experts\.c_\w+'
+                         r'|shared\.c_\w+)', k)
+        if m and m[2] == 'router.expert_bias':
+            # DeepSeek-V3's correction bias: a buffer of the router
+            out[f'model.layers.{m[1]}.mlp.gate.e_score_correction_bias'] = v
+            continue
+        if m and kind in LINEAR_SHARED and m[2].startswith('shared'):
+            # a shared expert held as Linears: [gate; up] split
+            theirs = f'model.layers.{m[1]}.mlp.{LINEAR_SHARED[kind]}.'
+            if m[2] == 'shared.c_fc':
+                out[theirs + 'gate_proj.weight'], out[theirs + 'up_proj.weight'] = v[0].chunk(2)
+            else:
+                out[theirs + 'down_proj.weight'] = v[0]
+            continue
         if m:
             # MoE: experts in the same stacked layout ([gate; up] rows
             # as gate_up_proj); one shared MLP
@@ -421,7 +503,8 @@ def export(run_dir, out_dir, remote_code=False, tokenizer=None):
 
 def main(argv=None):
     with errors('export.py'):
-        config, _ = parse(SETTINGS, sys.argv[1:] if argv is None else argv, positional='run')
+        config, _ = parse(SETTINGS, sys.argv[1:] if argv is None else argv, positional='run',
+                          limits=LIMITS)
         if len(config['run']) != 1:
             raise ValueError(f"give one checkpoint folder (a folder holding ckpt.pt), "
                              f"not {len(config['run'])}: "

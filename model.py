@@ -2,14 +2,18 @@
 A GPT language model with optional Mixture-of-Experts layers, in two block flavours:
 - gpt2:  LayerNorm, learned positions, GELU MLP with biases, tied embeddings (loads HF GPT-2)
 - llama: RMSNorm, rotary positions, SwiGLU MLP, grouped-query attention, tied or untied embeddings
-         (loads Llama-family checkpoints such as SmolLM2)
-Which layers are MoE is a config rule (moe_every, moe_first_dense); the MoE layer lives in moe.py.
+         (loads Llama-family checkpoints such as SmolLM2); with the options of the MoE models
+         upcycle.py imports (head_dim, qk_norm, qkv_bias, rotary_dim, Granite's multipliers:
+         docs/import.md)
+Which layers are MoE is a config rule (moe_every, moe_first_dense, dense_layers); the MoE layer
+lives in moe.py.
 
 Decisions:
 - GPTConfig is the one declaration of every model setting, each marked with its kind and whether it
   is a training knob; train.py, upcycle.py, export.py and study.py derive their lists from it.
 - forward returns the aux losses (with_aux=True), averaged over the MoE layers so that a coefficient
-  means the same at any depth; nothing is left on the model for a caller to read.
+  means the same at any depth (Megatron and ReMoE sum them, LibMoE averages: docs/routers.md);
+  nothing is left on the model for a caller to read.
 - AdamW is fused on CPU too: several times faster there (docs/performance.md).
 """
 import math
@@ -19,18 +23,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moe import MoE, ROUTERS, Experts, activation, moe_layers, router_knobs
+from moe import MoE, ROUTERS, Experts, activation, moe_layers, router_knobs, router_limits
 
 
-def setting(default, kind, knob=False):
+def setting(default, kind, knob=False, limit=None):
     """a field of GPTConfig. kind: 'arch' (the dense architecture: a dense source fixes it when
     upcycling), 'moe' (the MoE layers), 'system' (how the model runs, not what it computes: never
     taken from a checkpoint). knob: a training knob, which a run started from a checkpoint may
     change; every other field of a checkpoint's model is fixed by it (train.py refuses a
-    contradiction)"""
+    contradiction). limit: its allowed values, as the scripts check them (cli.problem)"""
+    meta = dict(kind=kind, knob=knob, limit=limit)
     if isinstance(default, dict):
-        return field(default_factory=dict, metadata=dict(kind=kind, knob=knob))
-    return field(default=default, metadata=dict(kind=kind, knob=knob))
+        return field(default_factory=dict, metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
@@ -38,56 +43,78 @@ class GPTConfig:
     """every model setting, declared once; train.py, upcycle.py, export.py and study.py derive their
     lists from these fields and their marks (settings()), and from each router's options and knobs
     (moe.py)"""
-    arch: str = setting('gpt2', 'arch')  # 'gpt2' or 'llama'
-    block_size: int = setting(1024, 'arch')
-    vocab_size: int = setting(50304, 'arch')
-    n_layer: int = setting(12, 'arch')
-    n_head: int = setting(12, 'arch')
+    arch: str = setting('gpt2', 'arch', limit=('gpt2', 'llama'))  # 'gpt2' or 'llama'
+    block_size: int = setting(1024, 'arch', limit='>= 1')
+    vocab_size: int = setting(50304, 'arch', limit='>= 1')
+    n_layer: int = setting(12, 'arch', limit='>= 1')
+    n_head: int = setting(12, 'arch', limit='>= 1')
     # llama grouped-query attention: key/value heads (0 = n_head)
-    n_kv_head: int = setting(0, 'arch')
-    n_embd: int = setting(768, 'arch')
+    n_kv_head: int = setting(0, 'arch', limit='>= 0')
+    n_embd: int = setting(768, 'arch', limit='>= 1')
     # dense MLP hidden size (0 = 4 * n_embd)
-    mlp_hidden: int = setting(0, 'arch')
-    dropout: float = setting(0.0, 'arch', knob=True)
+    mlp_hidden: int = setting(0, 'arch', limit='>= 0')
+    dropout: float = setting(0.0, 'arch', knob=True, limit='[0, 1)')
     # biases in Linears and LayerNorms
     bias: bool = setting(True, 'arch')
+    # biases on the query, key and value projections only (Qwen2-MoE); `bias` sets them too
+    qkv_bias: bool = setting(False, 'arch')
+    # width of an attention head (0 = n_embd / n_head; Qwen3 sets it apart)
+    head_dim: int = setting(0, 'arch', limit='>= 0')
+    # the dims of each head that rotary rotates, the first ones (0 = all; GLM-4.5: half)
+    rotary_dim: int = setting(0, 'arch', limit='>= 0')
+    # RMSNorm of queries and keys before rotary: 'none', 'full' (over all heads' width together,
+    # OLMoE) or 'head' (over each head, Qwen3)
+    qk_norm: str = setting('none', 'arch', limit=('none', 'full', 'head'))
+    # Granite's multipliers: the attention scale (0 = head_dim ** -0.5), the embeddings' factor,
+    # each residual branch's factor, and the divisor of the logits
+    attn_scale: float = setting(0.0, 'arch', limit='>= 0')
+    embed_scale: float = setting(1.0, 'arch', limit='> 0')
+    residual_scale: float = setting(1.0, 'arch', limit='> 0')
+    logit_divisor: float = setting(1.0, 'arch', limit='> 0')
     tie_embeddings: bool = setting(True, 'arch')
-    rope_theta: float = setting(10000.0, 'arch')
-    norm_eps: float = setting(1e-5, 'arch')
-    # 'dense' (no MoE) or a name in moe.ROUTERS
+    rope_theta: float = setting(10000.0, 'arch', limit='> 0')
+    norm_eps: float = setting(1e-5, 'arch', limit='> 0')
+    # 'dense' (no MoE) or a name in moe.ROUTERS (its choices: limits())
     router: str = setting('dense', 'moe')
-    n_experts: int = setting(8, 'moe')
-    top_k: int = setting(2, 'moe')
+    n_experts: int = setting(8, 'moe', limit='>= 1')
+    top_k: int = setting(2, 'moe', limit='>= 1')
     # layer i (counted after the dense prefix) is MoE when (i + 1) % moe_every == 0
-    moe_every: int = setting(1, 'moe')
+    moe_every: int = setting(1, 'moe', limit='>= 1')
     # the first N layers stay dense
-    moe_first_dense: int = setting(0, 'moe')
+    moe_first_dense: int = setting(0, 'moe', limit='>= 0')
     # expert hidden size (0 = mlp_hidden); smaller for fine-grained experts
-    expert_hidden: int = setting(0, 'moe')
+    expert_hidden: int = setting(0, 'moe', limit='>= 0')
+    # the routed experts' width (0 = n_embd): tokens projected down before dispatch and the
+    # weighted sum up after the combine (Megatron moe_latent_size)
+    moe_latent_size: int = setting(0, 'moe', limit='>= 0')
+    # layers that stay dense whatever the rule above says, e.g. '0,3' (Qwen2-MoE's mlp_only_layers)
+    dense_layers: str = setting('', 'moe', limit='text')
     # always-on experts of size expert_hidden, added to the routed output (DeepSeekMoE)
-    n_shared_experts: int = setting(0, 'moe')
-    shared_scale: float = setting(1.0, 'moe')
+    n_shared_experts: int = setting(0, 'moe', limit='>= 0')
+    # their width together (0 = n_shared_experts * expert_hidden; Qwen2-MoE sets it apart)
+    shared_hidden: int = setting(0, 'moe', limit='>= 0')
+    shared_scale: float = setting(1.0, 'moe', limit='>= 0')
     # weight of the routed experts' output (DeepSeek-V3: 2.5)
-    routed_scale: float = setting(1.0, 'moe')
+    routed_scale: float = setting(1.0, 'moe', limit='>= 0')
     # divide the top-k weights by their sum
     router_renorm: bool = setting(True, 'moe')
     # 0 = dropless; else each expert takes ceil(cf * k * T / E) assignments in training
-    capacity_factor: float = setting(0.0, 'moe', knob=True)
+    capacity_factor: float = setting(0.0, 'moe', knob=True, limit='>= 0')
     # capacity at evaluation (0 = dropless: eval-time drops inflate the loss)
-    eval_capacity_factor: float = setting(0.0, 'moe', knob=True)
-    aux_loss_coef: float = setting(0.01, 'moe', knob=True)
-    z_loss_coef: float = setting(0.001, 'moe', knob=True)
+    eval_capacity_factor: float = setting(0.0, 'moe', knob=True, limit='>= 0')
+    aux_loss_coef: float = setting(0.01, 'moe', knob=True, limit='>= 0')
+    z_loss_coef: float = setting(0.001, 'moe', knob=True, limit='>= 0')
     # the balance loss over 'batch', 'sequence' (DeepSeek-V3) or 'global' (the step, every rank;
     # Qwen3)
-    balance_scope: str = setting('batch', 'moe', knob=True)
+    balance_scope: str = setting('batch', 'moe', knob=True, limit=('batch', 'sequence', 'global'))
     # benchmarking: any router's choices replaced by balanced round-robin ids (torchtitan)
     force_balance: bool = setting(False, 'moe', knob=True)
     # Qwen2-MoE: sigmoid(w . x) scales the shared experts' output
     shared_gate: bool = setting(False, 'moe')
     # 'auto', 'grouped' (F.grouped_mm) or 'loop' (one matmul per expert): the same math
-    expert_impl: str = setting('auto', 'system')
+    expert_impl: str = setting('auto', 'system', limit=('auto', 'grouped', 'loop'))
     # expert parallelism: experts sharded over this many ranks
-    ep_size: int = setting(1, 'system')
+    ep_size: int = setting(1, 'system', limit='>= 1')
     # the chosen router's own settings (moe.Router.options and .knobs)
     router_options: dict = setting({}, 'moe')
 
@@ -97,15 +124,25 @@ class GPTConfig:
         if self.router != 'dense' and self.router not in ROUTERS:
             raise ValueError(f"unknown router '{self.router}': "
                              f"choose one of dense, {', '.join(ROUTERS)}")
-        if self.n_embd % self.n_head or self.n_head % (self.n_kv_head or self.n_head):
-            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}, "
-                             f"and n_head by n_kv_head={self.n_kv_head}")
+        if (self.n_embd % self.n_head and not self.head_dim) \
+                or self.n_head % (self.n_kv_head or self.n_head):
+            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head} "
+                             f"(or set head_dim), and n_head by n_kv_head={self.n_kv_head}")
+        if self.qk_norm not in ('none', 'full', 'head'):
+            raise ValueError(f"qk_norm={self.qk_norm!r}: use 'none', 'full' or 'head'")
         if self.balance_scope not in ('batch', 'sequence', 'global'):
             raise ValueError(f"balance_scope={self.balance_scope!r}: "
                              f"use 'batch', 'sequence' or 'global'")
         if self.shared_gate and not self.n_shared_experts:
             raise ValueError("shared_gate=True gates the shared experts: set n_shared_experts >= 1")
         self.n_kv_head = self.n_kv_head or self.n_head
+        self.head_dim = self.head_dim or self.n_embd // self.n_head
+        try:
+            dense = [int(i) for i in self.dense_layers.split(',') if i.strip()]
+        except ValueError:
+            raise ValueError(f"dense_layers={self.dense_layers!r}: "
+                             f"give layer indices separated by commas, e.g. '0,3'")
+        self.dense_layers = ','.join(map(str, dense))
         self.mlp_hidden = self.mlp_hidden or 4 * self.n_embd
         self.expert_hidden = self.expert_hidden or self.mlp_hidden
         defaults = ROUTERS[self.router].settings() if self.router in ROUTERS else {}
@@ -113,7 +150,8 @@ class GPTConfig:
 
     def is_moe(self, i):
         j = i - self.moe_first_dense
-        return self.router != 'dense' and j >= 0 and (j + 1) % self.moe_every == 0
+        return (self.router != 'dense' and j >= 0 and (j + 1) % self.moe_every == 0
+                and str(i) not in self.dense_layers.split(','))
 
 
 def settings(kind=None, knob=None):
@@ -126,6 +164,13 @@ def settings(kind=None, knob=None):
 def knobs():
     """every training knob: the GPTConfig fields so marked and every router's knobs"""
     return settings(knob=True) + list(router_knobs())
+
+
+def limits():
+    """every model setting's allowed values (cli.problem): GPTConfig's marks, the router's choices
+    (dense and the registry, as it is now) and every router's own limits (moe.py)"""
+    marked = {f.name: f.metadata['limit'] for f in fields(GPTConfig) if f.metadata['limit']}
+    return {**marked, 'router': ('dense', *ROUTERS), **router_limits()}
 
 
 class RMSNorm(nn.Module):
@@ -144,8 +189,8 @@ def norm(config):
 
 
 def rotary(config):
-    """cos, sin (block_size, head_dim) as Hugging Face Llama"""
-    hd = config.n_embd // config.n_head
+    """cos, sin (block_size, rotated dims) as Hugging Face Llama"""
+    hd = config.rotary_dim or config.head_dim
     inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd)
     freqs = torch.outer(torch.arange(config.block_size, dtype=torch.float32), inv_freq)  # (S, hd/2)
     emb = torch.cat([freqs, freqs], dim=-1)
@@ -153,8 +198,12 @@ def rotary(config):
 
 
 def apply_rotary(x, cos, sin):
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+    """x (..., hd) with its first cos.shape[-1] dims rotated, the others passed through"""
+    r = cos.shape[-1]
+    x_rot = x[..., :r]
+    x1, x2 = x_rot.chunk(2, dim=-1)
+    y = x_rot * cos + torch.cat([-x2, x1], dim=-1) * sin
+    return y if r == x.shape[-1] else torch.cat([y, x[..., r:]], dim=-1)
 
 
 class LayerKV:
@@ -176,16 +225,26 @@ class LayerKV:
 class Attention(nn.Module):
     def __init__(self, config):
         super().__init__()
-        d, hd = config.n_embd, config.n_embd // config.n_head
+        d, hd = config.n_embd, config.head_dim
         self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
         self.arch, self.dropout = config.arch, config.dropout
+        # the widths of q and of k (v)
+        q_width, kv_width = self.n_head * hd, self.n_kv_head * hd
+        qkv_bias = config.bias or config.qkv_bias
         if config.arch == 'gpt2':
-            self.c_attn = nn.Linear(d, 3 * d, bias=config.bias)
+            self.c_attn = nn.Linear(d, 3 * q_width, bias=qkv_bias)
         else:
-            self.q_proj = nn.Linear(d, d, bias=config.bias)
-            self.k_proj = nn.Linear(d, self.n_kv_head * hd, bias=config.bias)
-            self.v_proj = nn.Linear(d, self.n_kv_head * hd, bias=config.bias)
-        self.c_proj = nn.Linear(d, d, bias=config.bias)
+            self.q_proj = nn.Linear(d, q_width, bias=qkv_bias)
+            self.k_proj = nn.Linear(d, kv_width, bias=qkv_bias)
+            self.v_proj = nn.Linear(d, kv_width, bias=qkv_bias)
+        self.c_proj = nn.Linear(q_width, d, bias=config.bias)
+        self.qk_norm = config.qk_norm
+        if self.qk_norm != 'none':
+            full = self.qk_norm == 'full'
+            self.q_norm = RMSNorm(q_width if full else hd, config.norm_eps)
+            self.k_norm = RMSNorm(kv_width if full else hd, config.norm_eps)
+        # None: SDPA's head_dim ** -0.5
+        self.scale = config.attn_scale or None
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, rope, kv=None):
@@ -193,12 +252,16 @@ class Attention(nn.Module):
         None)"""
         B, S, d = x.shape
         if self.arch == 'gpt2':
-            q, k, v = self.c_attn(x).split(d, dim=2)
+            q, k, v = self.c_attn(x).chunk(3, dim=2)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.qk_norm == 'full':
+            q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(B, S, self.n_head, -1).transpose(1, 2)  # (B, H, S, hd)
         k = k.view(B, S, self.n_kv_head, -1).transpose(1, 2)  # (B, Hkv, S, hd)
         v = v.view(B, S, self.n_kv_head, -1).transpose(1, 2)
+        if self.qk_norm == 'head':
+            q, k = self.q_norm(q), self.k_norm(k)
         if self.arch == 'llama':
             cos, sin = rope[0][:S].to(q.dtype), rope[1][:S].to(q.dtype)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
@@ -210,8 +273,9 @@ class Attention(nn.Module):
                 mask = torch.ones(S, P + S, dtype=torch.bool, device=x.device).tril(diagonal=P)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=P == 0 and S > 1,
                                            dropout_p=self.dropout if self.training else 0.0,
+                                           scale=self.scale,
                                            enable_gqa=self.n_kv_head != self.n_head)
-        return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, S, d)))
+        return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, S, -1)))
 
 
 class MLP(nn.Module):
@@ -233,13 +297,14 @@ class Block(nn.Module):
         self.ln_1, self.attn, self.ln_2 = norm(config), Attention(config), norm(config)
         self.mlp = MoE(config, config.expert_hidden) if moe else MLP(config)
         self.dropout = nn.Dropout(config.dropout)
+        self.residual_scale = config.residual_scale
 
     def forward(self, x, rope, kv=None, prev=None):
         """prev: the previous MoE layer's aux['state'], for this layer's router (MoE++'s gating
         residual)"""
-        x = x + self.attn(self.ln_1(x), rope, kv)
+        x = x + self.residual_scale * self.attn(self.ln_1(x), rope, kv)
         h, aux = self.mlp(self.ln_2(x), prev)
-        return x + self.dropout(h), aux
+        return x + self.residual_scale * self.dropout(h), aux
 
 
 class GPT(nn.Module):
@@ -291,7 +356,7 @@ class GPT(nn.Module):
         if P + S > self.config.block_size:
             raise ValueError(f"sequence of length {P + S} is longer than "
                              f"block_size={self.config.block_size}")
-        x = self.transformer.wte(idx)  # (B, S, d)
+        x = self.transformer.wte(idx) * self.config.embed_scale  # (B, S, d)
         if self.config.arch == 'gpt2':
             x = x + self.transformer.wpe(torch.arange(P, P + S, device=idx.device))
         x = self.transformer.drop(x)
@@ -303,7 +368,7 @@ class GPT(nn.Module):
             if aux:
                 auxes.append(aux)
                 prev = aux['state']
-        logits = self.lm_head(self.transformer.ln_f(x))
+        logits = self.lm_head(self.transformer.ln_f(x)) / self.config.logit_divisor
         aux = {}
         if auxes:
             aux = {k: sum(a[k] for a in auxes) / len(auxes) for k in ('balance', 'z', 'router')}
@@ -359,23 +424,27 @@ class GPT(nn.Module):
         peak_flops"""
         c = self.config
         n = self.num_params()[1] - (self.transformer.wpe.weight.numel() if c.arch == 'gpt2' else 0)
-        flops_per_token = 6 * n + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * seq_len
+        flops_per_token = 6 * n + 12 * c.n_layer * c.n_head * c.head_dim * seq_len
         return flops_per_token * seq_len * fwdbwd_per_iter / dt / peak_flops
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, kv_cache=True):
-        """nanoGPT's sampling loop. kv_cache: the keys and values of the tokens seen so far are
-        kept, so each new token costs a forward of one position (total cost linear in the length)
-        while the sequence fits in block_size; past it every step runs the last block_size tokens,
-        as without the cache. The cached path routes each new token in a forward of its own: with a
-        capacity factor its drops can differ."""
+        """nanoGPT's sampling loop; temperature 0 is greedy (the most likely token). kv_cache: the
+        keys and values of the tokens seen so far are kept, so each new token costs a forward of one
+        position (total cost linear in the length) while the sequence fits in block_size; past it
+        every step runs the last block_size tokens, as without the cache. The cached path routes
+        each new token in a forward of its own: with a capacity factor its drops can differ."""
         cache = [LayerKV() for _ in self.transformer.h] if kv_cache else None
         for _ in range(max_new_tokens):
             if cache is not None and idx.size(1) <= self.config.block_size:
                 # the new tokens only
-                logits = self(idx[:, len(cache[0]):], cache=cache)[0][:, -1, :] / temperature
+                logits = self(idx[:, len(cache[0]):], cache=cache)[0][:, -1, :]
             else:
-                logits = self(idx[:, -self.config.block_size:])[0][:, -1, :] / temperature
+                logits = self(idx[:, -self.config.block_size:])[0][:, -1, :]
+            if temperature == 0:
+                idx = torch.cat((idx, logits.argmax(-1, keepdim=True)), dim=1)
+                continue
+            logits = logits / temperature
             if top_k is not None:
                 v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
                 logits[logits < v[:, [-1]]] = -float('inf')

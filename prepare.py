@@ -49,6 +49,10 @@ DEFAULTS = dict(
     out_root='data',  # the folder that holds NAME/
     val_fraction=0.1,  # share of the documents (or of a single file) for val
 )
+# the allowed values of the settings (cli.problem); the tokenizer's spec is checked by prepare
+LIMITS = dict(input='path', hf_dataset='text', hf_config='text', hf_split='text',
+              text_field='text', tokenizer='text', name='text', out_root='writable',
+              val_fraction='(0, 1)')
 # tiny Shakespeare, xz-compressed: sha256 86c4e6aa...65ed once decompressed, as char-rnn's input.txt
 SHAKESPEARE = Path(__file__).resolve().parent / "assets" / "tinyshakespeare.txt.xz"
 DEFAULT_DATASET = "shakespeare_char"  # what the defaults make (train.py's default dataset)
@@ -382,7 +386,8 @@ def prepare_default(out_root="data"):
 
 
 def main(argv=None):
-    cfg, _ = parse(DEFAULTS, sys.argv[1:] if argv is None else argv, positional="input")
+    cfg, _ = parse(DEFAULTS, sys.argv[1:] if argv is None else argv, positional="input",
+                   limits=LIMITS)
     out_dir, meta = prepare(cfg)
     print(f"{out_dir}: vocab {meta['vocab_size']:,} ({meta['dtype']}), "
           f"train {meta['train_tokens']:,} tokens, val {meta['val_tokens']:,} tokens")

@@ -67,9 +67,9 @@ TRACKS = ('all', 'scratch', 'upcycle')
 
 
 def short(path):
-    """a path as the commands write it: relative to the repository
-    (where they run) when it is next to it"""
-    path = Path(path).resolve()
+    """a path as the commands write it: relative to the repository (where they run) when it is next
+    to it, its links as spelled (../shared may be a link to the data elsewhere)"""
+    path = Path(os.path.abspath(path))
     return Path(os.path.relpath(path, REPO)) if path.is_relative_to(REPO.parent) else path
 
 
@@ -188,6 +188,9 @@ SCALES = {
         tasks=['copa'], limit=4, upcycle_eval=dict(batch_size=4), upcycle_configs=list(CONFIGS),
         expected=dict(scratch=10, upcycle=15)),
 }
+# the allowed values of the settings (cli.problem); --scale is required (parse_args)
+LIMITS = dict(scale=tuple(SCALES), track=TRACKS, only='text', source='path', out='writable',
+              results='writable')
 
 
 def flags(settings):
@@ -643,12 +646,10 @@ def report(scale, results, prep_steps, command, results_dir, elapsed):
 
 def parse_args(argv):
     """the settings of a command line (SETTINGS, checked); ValueError (one line) for a bad one"""
-    config = parse(SETTINGS, argv)[0]
+    config = parse(SETTINGS, argv, limits=LIMITS)[0]
     if config['scale'] not in SCALES:
         raise ValueError(f"--scale={config['scale']!r}: "
                          f"choose one of {', '.join(SCALES)} (--scale cpu)")
-    if config['track'] not in TRACKS:
-        raise ValueError(f"--track={config['track']!r}: choose one of {', '.join(TRACKS)}")
     return config
 
 
@@ -674,14 +675,14 @@ def run_study(args, command):
                          f"(SmolLM2-135M), or pass --source=<.gguf file or Hugging Face folder>"
                          + (f"; {source} does not exist" if source else ''))
     missing = [str(p) for p in SCALES[args['scale']]['corpus'] + [WIKITEXT, TASKS_DIR]
-               if not Path(p).exists()]
+               if not (REPO / p).exists()]
     if missing:
         raise ValueError(f"missing {', '.join(missing)}: "
                          f"the study reads the shared data next to the repository "
                          f"(../shared/data)")
-    root = short(Path(args['out']).resolve() / args['scale'])
+    root = short(Path(args['out']) / args['scale'])
     prep, runs = plan(args['scale'], tracks, only, root,
-                      str(short(Path(source).resolve())) if source else '')
+                      str(short(source)) if source else '')
     every_run = len(plan(args['scale'], ['scratch', 'upcycle'], [], root, '')[1])
 
     def results_dir(finished):

@@ -20,12 +20,14 @@ $ torchrun --standalone --nproc_per_node=2 train.py configs/sigmoid.py --ep_size
 - A non-finite loss or gradient norm skips the step whole; max_bad_steps in a row stop the run, the
   last checkpoint intact; Ctrl-C prints where that checkpoint is (tests/test_faults.py).
 """
+import atexit
 import json
 import math
 import os
 import sys
 import time
 import warnings
+from contextlib import ExitStack
 from dataclasses import asdict
 
 import numpy as np
@@ -35,8 +37,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import moe
 from checkpoint import CKPT, open_log, resume, save_run
-from cli import DTYPES, autocast, fail, on_interrupt, parse, pick_device, pick_dtype, settings_of
+from cli import (DTYPES, autocast, fail, gpu_peak, on_interrupt, parse, pick_device, pick_dtype,
+                 settings_of)
 from model import GPT, GPTConfig
+from model import limits as model_limits
 from model import settings as model_settings
 from prepare import DEFAULT_DATASET, prepare_default, training_data
 
@@ -52,6 +56,13 @@ always_save_checkpoint = False  # save at every evaluation, not only when val lo
 keep_checkpoints = False  # also keep each checkpoint as out_dir/iter_N/ckpt.pt (eval.py --checkpoints)
 save_optimizer = True  # False: the weights only (a third of the size), enough for all but resume
 init_from = 'scratch'  # 'scratch', 'resume' (from out_dir) or a checkpoint folder (e.g. upcycle.py's)
+# routing trace: every MoE layer's routing of the first N training iterations, to
+# out_dir/routing_trace_rank{r}.pt (moe.save_trace), with each router's probabilities if asked
+routing_trace = 0
+routing_trace_scores = False
+# a folder whose routing_trace_rank{r}.pt the training forwards replay (its ids, this router's
+# weights for them), forward by forward
+routing_replay = ''
 wandb_log = False  # also log to Weights & Biases (pip install wandb; imported only when on)
 wandb_project = 'nanomoe'
 wandb_run_name = 'run'
@@ -69,6 +80,14 @@ n_embd = 128
 mlp_hidden = 0  # dense MLP hidden size (0 = 4 * n_embd)
 dropout = 0.0
 bias = False
+qkv_bias = False  # biases on q, k, v only (Qwen2-MoE)
+head_dim = 0  # attention head width (0 = n_embd / n_head)
+rotary_dim = 0  # the first dims of each head that rotary rotates (0 = all; GLM-4.5: half)
+qk_norm = 'none'  # RMSNorm of q and k: 'none', 'full' (all heads together, OLMoE) or 'head' (Qwen3)
+attn_scale = 0.0  # attention scale (0 = head_dim ** -0.5; Granite's attention_multiplier)
+embed_scale = 1.0  # factor of the embeddings (Granite's embedding_multiplier)
+residual_scale = 1.0  # factor of each residual branch (Granite's residual_multiplier)
+logit_divisor = 1.0  # the logits are divided by it (Granite's logits_scaling)
 tie_embeddings = True
 rope_theta = 10000.0
 norm_eps = 1e-05
@@ -78,8 +97,11 @@ n_experts = 8
 top_k = 2
 moe_every = 1  # every n-th layer is MoE (2 = every other layer)
 moe_first_dense = 0  # the first N layers stay dense
+dense_layers = ''  # layers that stay dense whatever the rule, e.g. '0,3' (Qwen2-MoE)
 expert_hidden = 0  # expert hidden size (0 = mlp_hidden); smaller for fine-grained experts
+moe_latent_size = 0  # the routed experts' width (0 = n_embd; Megatron's latent MoE)
 n_shared_experts = 0  # always-on shared experts (DeepSeekMoE)
+shared_hidden = 0  # the shared experts' width together (0 = n_shared_experts * expert_hidden)
 shared_scale = 1.0  # weight of the shared experts' output
 routed_scale = 1.0  # weight of the routed experts' output (DeepSeek-V3: 2.5)
 router_renorm = True  # divide the top-k weights by their sum
@@ -101,6 +123,10 @@ hyper_k_min = 1  # hyper: the schedule's first k
 n_group = 1  # deepseek: expert groups of group-limited top-k
 topk_group = 1  # deepseek: the groups a token may use
 bias_update_rate = 0.001  # deepseek: the expert bias step u (0 freezes the bias)
+bias_recentre = False  # deepseek: the step's bias increment re-centred to mean 0 (torchtitan)
+score_function = 'sigmoid'  # deepseek: 'sigmoid' (V3) or 'sqrtsoftplus' (V4)
+qb_score_function = 'softmax'  # quantile: the weights' 'softmax', 'sigmoid' or 'sqrtsoftplus'
+qb_ema = 0.0  # quantile: beta's EMA factor (0 = the step's estimate)
 null_reward = 1e-05  # tcmoe: reward for routing to a null slot (skipping compute)
 moepp_gate_residual = True  # moepp: logits + W_r (the previous MoE layer's logits)
 moepp_tau = 0.75  # moepp: balance-loss factor of the zero / copy / constant experts
@@ -130,44 +156,40 @@ compile = False  # torch.compile the model
 seed = 1337
 deterministic = False  # deterministic kernels (GPU runs repeat bit for bit, somewhat slower)
 max_bad_steps = 5  # stop after this many steps in a row with a non-finite loss or gradient norm
-peak_flops = 0.0  # per-device peak FLOP/s for MFU; 0 = known for A100/H100/H200 in bf16/fp16 only
+peak_flops = 0.0  # per-device peak FLOP/s for MFU; 0 = cli.GPU_PEAKS (A100/H100/H200, bf16/fp16)
 expert_impl = 'auto'  # 'grouped' (one F.grouped_mm), 'loop' (a matmul per expert), or 'auto'
 ep_size = 1  # expert parallelism: ranks that share one set of experts
 # -----------------------------------------------------------------------------
 DEFAULTS = settings_of(__file__)
 # a router added to moe.py but not listed above still gets its settings, with moe.py's defaults
 DEFAULTS |= {k: v for k, v in moe.router_settings().items() if k not in DEFAULTS}
+# the allowed values of the settings above that are not the model's (cli.problem); the model's are
+# declared with GPTConfig's fields and the routers' settings (model.limits())
+LIMITS = dict(
+    out_dir='writable', eval_interval='>= 1', log_interval='>= 1', progress_interval='>= 0',
+    eval_iters='>= 1', init_from='text', wandb_project='text', wandb_run_name='text',
+    dataset='text', gradient_accumulation_steps='>= 1', batch_size='>= 1', learning_rate='> 0',
+    max_iters='>= 0', weight_decay='>= 0', beta1='[0, 1)', beta2='[0, 1)', grad_clip='>= 0',
+    router_lr_scale='>= 0', warmup_iters='>= 0', lr_decay_iters='>= 0', min_lr='>= 0',
+    device='text', dtype='dtype', seed='[0, 4294967296)', max_bad_steps='>= 1', peak_flops='>= 0',
+    routing_trace='>= 0', routing_replay='text',
+)
 # this machine's settings: resume never takes them from the checkpoint
 MACHINE = ('init_from', 'out_dir', 'device', 'compile', *model_settings('system'))
 
 
 def config_problem(c):
-    """the first value outside its range, as one line (cli.parse checks the types)"""
-    at_least_1 = ('batch_size', 'block_size', 'gradient_accumulation_steps', 'eval_interval',
-                  'log_interval', 'eval_iters', 'n_layer', 'n_head', 'n_embd', 'n_experts', 'top_k',
-                  'moe_every', 'ep_size', 'max_bad_steps')
-    at_least_0 = ('max_iters', 'warmup_iters', 'lr_decay_iters', 'min_lr', 'weight_decay',
-                  'grad_clip', 'router_lr_scale', 'n_kv_head', 'mlp_hidden', 'moe_first_dense',
-                  'expert_hidden', 'n_shared_experts', 'capacity_factor', 'aux_loss_coef', 'z_loss_coef',
-                  'peak_flops', 'progress_interval')
-    choices = dict(arch=('gpt2', 'llama'), router=('dense', *moe.ROUTERS), dtype=(*DTYPES, 'auto'),
-                   balance_scope=('batch', 'sequence', 'global'))
-    problems = [f"{k}={c[k]} must be at least 1" for k in at_least_1 if c[k] < 1]
-    problems += [f"{k}={c[k]} must not be negative" for k in at_least_0 if c[k] < 0]
-    problems += [f"{k}={c[k]} must be in [0, 1)" for k in ('dropout', 'beta1', 'beta2')
-                 if not 0 <= c[k] < 1]
-    if not c['learning_rate'] > 0:
-        problems.append(f"learning_rate={c['learning_rate']} must be positive")
-    problems += [f"{k}={c[k]!r} is not one of {', '.join(map(repr, allowed))}"
-                 for k, allowed in choices.items() if c[k] not in allowed]
+    """what the ranges of single settings (LIMITS, checked by cli.parse) do not catch, as one
+    line"""
     if c['min_lr'] > c['learning_rate']:
-        problems.append(f"min_lr={c['min_lr']} is above learning_rate={c['learning_rate']}: "
-                        f"set --min_lr (e.g. learning_rate / 10)")
-    return problems[0] if problems else None
+        return (f"min_lr={c['min_lr']} is above learning_rate={c['learning_rate']}: "
+                f"set --min_lr (e.g. learning_rate / 10)")
+    return None
 
 
 try:
-    config, given = parse(DEFAULTS, sys.argv[1:])  # given: key -> where it was set
+    # given: key -> where it was set
+    config, given = parse(DEFAULTS, sys.argv[1:], limits={**model_limits(), **LIMITS})
 except ValueError as e:
     fail(e)
 ckpt = ckpt_path = model_args = None
@@ -197,12 +219,14 @@ except ValueError as e:
 use_cuda = device_name.startswith('cuda')
 ddp = int(os.environ.get('RANK', -1)) != -1
 if ddp:
-    dist.init_process_group(backend='nccl' if use_cuda else 'gloo')
-    rank, world_size = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ['LOCAL_RANK'])
     device_name = f'cuda:{local_rank}' if use_cuda else 'cpu'
     if use_cuda:
+        # the device first: NCCL binds its communicator to device_id at once
         torch.cuda.set_device(device_name)
+    dist.init_process_group(backend='nccl' if use_cuda else 'gloo',
+                            device_id=torch.device(device_name) if use_cuda else None)
+    rank, world_size = dist.get_rank(), dist.get_world_size()
 else:
     rank, local_rank, world_size = 0, 0, 1
 master = rank == 0
@@ -240,10 +264,9 @@ if why and master:
     print(f"dtype auto -> {dtype_name}: {why}")
 ctx = autocast(device_type, dtype_name)
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
-# MFU against peak_flops, else the dense bf16/fp16 peak of a known GPU (vendor data sheets)
-peaks = {'H100 PCIe': 756e12, 'H100': 989e12, 'H200': 989e12, 'A100': 312e12}
+# MFU against peak_flops, else the dense bf16/fp16 peak of a known GPU model (cli.GPU_PEAKS)
 gpu = torch.cuda.get_device_name(device_name) if use_cuda and dtype_name != 'float32' else ''
-peak = peak_flops or next((v for k, v in peaks.items() if k in gpu), 0.0)
+peak = peak_flops or gpu_peak(gpu)
 if master:
     print(f"tokens per iteration: {tokens_per_iter:,} ({world_size} processes, ep_size {ep_size}, "
           f"device {device_name})")
@@ -271,7 +294,11 @@ def get_batch(split, batch_ids):
     x = torch.stack([torch.from_numpy(data[i:i + block_size].astype(np.int64)) for i in batch_ids])
     y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + block_size].astype(np.int64))
                      for i in batch_ids])
-    return x.to(device_name), y.to(device_name)
+    if use_cuda:
+        # pinned pages: the copy runs asynchronously, no host sync per micro-batch
+        return (x.pin_memory().to(device_name, non_blocking=True),
+                y.pin_memory().to(device_name, non_blocking=True))
+    return x, y
 
 
 def sample_offsets(split, n, generator_seed):
@@ -357,6 +384,14 @@ total_params, active_params = model.num_params()
 if master:
     print(f"parameters: {total_params / 1e6:.2f}M total, "
           f"{active_params / 1e6:.2f}M active per token")
+for m in raw_model.moe_layers()[:1]:
+    # the experts' path on this device and dtype, and why (the same in every MoE layer)
+    try:
+        grouped, why = m.experts.path(torch.device(device_name), DTYPES[dtype_name])
+    except ValueError as e:
+        fail(e)
+    if master:
+        print(f"experts: {'grouped_mm' if grouped else 'loop'} ({why})")
 if compile:
     model = torch.compile(model)
 if ddp:
@@ -404,8 +439,9 @@ def save():
         path = save_run(out_dir, ckpt, 'keep' if saves else first_previous, first=not saves,
                         keep_copy=keep_checkpoints)
     except OSError as e:
-        fail(f"cannot write a checkpoint in {out_dir} ({e}): free space or fix the folder's "
-             f"permissions; " + intact("no checkpoint was written yet"))
+        fail(f"cannot write a checkpoint in {out_dir} ({e}): free space on its disk, or set "
+             f"--out_dir to a folder on another disk (or fix its permissions); "
+             + intact("no checkpoint was written yet"))
     saves += 1
     status.update(checkpoint=path, checkpoint_iter=iter_num)
 
@@ -488,11 +524,38 @@ def log(row):
 
 
 moe_layers = raw_model.moe_layers()
+# the training forwards' routing trace and replay (moe.routing); evaluations take neither
+trace = [[] for _ in moe_layers] if routing_trace else None
+replay = None
+if routing_replay:
+    replay_path = os.path.join(routing_replay, f'routing_trace_rank{rank}.pt')
+    if not os.path.isfile(replay_path):
+        fail(f"routing_replay={routing_replay!r} has no {os.path.basename(replay_path)}: give the "
+             f"out_dir of a run with routing_trace > 0 on as many processes")
+    replay = moe.load_trace(replay_path)
+tracing = ExitStack()
+# closed on every exit (an error's too), so the layers are restored before the interpreter ends
+atexit.register(tracing.close)
+if trace is not None or replay is not None:
+    try:
+        tracing.enter_context(moe.routing(raw_model, trace=trace, replay=replay,
+                                          scores=routing_trace_scores))
+    except ValueError as e:
+        fail(e)
+
+
+def save_trace():
+    """the trace so far to out_dir; tracing stops"""
+    tracing.close()
+    moe.save_trace(os.path.join(out_dir, f'routing_trace_rank{rank}.pt'), trace)
+
+
 bad_steps = skipped_steps = 0  # steps with a non-finite loss or gradient norm: in a row, in all
 t0 = time.time()
 while True:
     if iter_num % eval_interval == 0 or iter_num == max_iters:
-        losses = estimate_loss()
+        with moe.routing(raw_model):
+            losses = estimate_loss()
         if master:
             print(f"step {iter_num}: train loss {losses['train']:.4f}, "
                   f"val loss {losses['val']:.4f}")
@@ -549,6 +612,9 @@ while True:
     optimizer.zero_grad(set_to_none=True)
     iter_num += 1
     status['iter'] = iter_num
+    if trace is not None and iter_num == routing_trace:
+        save_trace()
+        trace = None
     if bad_steps:
         loss_now, norm_now = step_loss[0].item(), grad_norm.item()
         if master:
@@ -592,5 +658,8 @@ while True:
                 layers = {f'load_cv/layer{j}': v for j, v in layer_cv}
                 wandb.log(scalars | layers, step=iter_num)
 
+if trace is not None:
+    # a run shorter than routing_trace: what it recorded
+    save_trace()
 if ddp:
     dist.destroy_process_group()

@@ -16,4 +16,3 @@ eval_interval = 250
 eval_iters = 100
 dtype = 'bfloat16'
 compile = True
-peak_flops = 989e12  # H100 SXM bf16 dense

@@ -37,6 +37,10 @@ CASES = {
     'remoe': dict(router='remoe', top_k=2),  # a variable number of experts per token (UNUSED slots)
     'topp': dict(router='topp', top_k=2, n_shared_experts=1, shared_gate=True),
     'expert_choice': dict(router='expert_choice', top_k=2),
+    'sqrtsoftplus': dict(router='deepseek', top_k=2, routed_scale=1.5,
+                         router_options=dict(score_function='sqrtsoftplus')),
+    'quantile': dict(router='quantile', top_k=2, router_options=dict(qb_score_function='sigmoid')),
+    'latent': dict(router='softmax', top_k=2, moe_latent_size=8, n_shared_experts=1, arch='llama'),
 }
 
 
@@ -69,6 +73,8 @@ def reference_layer(case):
             layer.router.gate.weight[:, :E] = 4 * torch.eye(E)
         if isinstance(layer.router, moe.DeepSeekRouter):
             layer.router.expert_bias.normal_(0, 0.05)
+        if isinstance(layer.router, moe.QuantileRouter):
+            layer.router.qb_beta.normal_(0, 0.3)
     return layer
 
 
@@ -162,6 +168,44 @@ def global_balance(router, rank, world):
     return dict(bad=bad, errors=errors)
 
 
+def autocast_exchange(ep, group, rank):
+    """bf16 autocast (train.py's): the EP layer exchanges its tokens and their weights in bf16, the compute dtype,
+    not the norm's fp32 (every all_to_all_single of floating tensors is recorded), and gives the one-process layer's
+    output, input gradient and local expert gradients to the bf16 tolerance of test_moe.py's bf16 test"""
+    ep_rank = dist.get_rank(group)
+    ref = reference_layer('softmax_bias')
+    layer = moe.MoE(make_config('softmax_bias', ep), H)
+    layer.load_state_dict({k: (v.chunk(ep)[ep_rank].clone() if k.startswith('experts.') else v)
+                           for k, v in ref.state_dict().items()})
+    moe.set_expert_parallel(layer, group)
+    sent = []
+    exchange = dist.all_to_all_single
+
+    def recording(out, x, *args, **kwargs):
+        if x.is_floating_point():
+            sent.append(str(x.dtype))
+        return exchange(out, x, *args, **kwargs)
+
+    x_ref, x_ep = tokens('softmax_bias', rank), tokens('softmax_bias', rank)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        y_ref, _ = run(ref, x_ref, 'softmax_bias', rank)
+        moe.dist.all_to_all_single = recording
+        try:
+            y_ep, _ = run(layer, x_ep, 'softmax_bias', rank)
+        finally:
+            moe.dist.all_to_all_single = exchange
+    full = ref.experts.c_fc.grad.clone()
+    dist.all_reduce(full, group=group)
+    pairs = {'output': (y_ep.float(), y_ref.float()), 'grad input': (x_ep.grad, x_ref.grad),
+             'grad experts.c_fc': (layer.experts.c_fc.grad, full.chunk(ep)[ep_rank])}
+    bad, errors = [], {}
+    for key, (got, want) in pairs.items():
+        errors[key] = (got - want).abs().max().item()
+        if not torch.allclose(got, want, rtol=3e-2, atol=3e-2):
+            bad.append(f'{key}: max abs diff {errors[key]:.3g}')
+    return dict(bad=bad, errors=errors, sent=sent, dtype=str(y_ep.dtype))
+
+
 def main():
     out = Path(sys.argv[1])
     dist.init_process_group('gloo', timeout=timedelta(seconds=60))
@@ -176,6 +220,11 @@ def main():
             except Exception:
                 results[f'{case}/ep{ep}'] = dict(bad=['exception: ' + traceback.format_exc()])
             dist.barrier()
+        try:
+            results[f'autocast_bf16/ep{ep}'] = autocast_exchange(ep, group, rank)
+        except Exception:
+            results[f'autocast_bf16/ep{ep}'] = dict(bad=['exception: ' + traceback.format_exc()])
+        dist.barrier()
     for router in ('softmax', 'topp'):
         try:
             results[f'global_balance_{router}/dp{world}'] = global_balance(router, rank, world)

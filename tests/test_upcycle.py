@@ -268,3 +268,10 @@ def test_smollm2_gguf_upcycled_equals_transformers(monkeypatch, smollm2):
     print(f"SmolLM2 GGUF: max |dense - transformers| {(ours - ref).abs().max().item():.2e}, "
           f"max |upcycled - transformers| {diff:.2e}, logit scale {scale:.1f}, loss {loss:.2f}")
     assert diff < 1e-3 * scale
+
+
+def test_latent_experts_are_refused_in_one_line(source):
+    """latent experts have no dense weights to copy: a ValueError naming the setting, not an assertion"""
+    dense = source[3]
+    with pytest.raises(ValueError, match='moe_latent_size=16: .* leave it 0'):
+        upcycle.upcycle_model(dense, dict(router='softmax', n_experts=4, top_k=2, moe_latent_size=16))
