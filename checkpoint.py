@@ -30,6 +30,8 @@ from model import GPT, GPTConfig, knobs, settings
 from prepare import load_tokenizer
 
 CKPT, PREVIOUS = 'ckpt.pt', 'ckpt.prev.pt'  # a run folder's checkpoint and the one saved before it
+# a sharded checkpoint (train.py save_sharded): a folder of each rank's rows, and the one before it
+SHARDS, PREVIOUS_SHARDS = 'ckpt_shards', 'ckpt_shards.prev'
 
 # -----------------------------------------------------------------------------
 # atomic writes
@@ -174,6 +176,11 @@ def read_checkpoint(path, device='cpu'):
         # a truncated zip, a bad pickle, random bytes: all the same to the reader
         raise ValueError(f"{path} cannot be read, it is truncated or corrupted "
                          f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]})")
+    return checked(ckpt, path)
+
+
+def checked(ckpt, path):
+    """ckpt, a checkpoint read from path, if it is whole (see read_checkpoint), else ValueError"""
     if not (isinstance(ckpt, dict) and isinstance(ckpt.get('model'), dict)
             and isinstance(ckpt.get('model_args'), dict)):
         raise ValueError(f"{path} is not a checkpoint of train.py or upcycle.py "
@@ -200,12 +207,16 @@ def read_checkpoint(path, device='cpu'):
 
 
 def load_checkpoint(ckpt_dir, device='cpu', fallback=False):
-    """(checkpoint, path, note) of ckpt_dir/ckpt.pt, checked by read_checkpoint. When it cannot be
-    used: with fallback, the previous checkpoint ckpt_dir/ckpt.prev.pt, and note (a warning line)
-    says so; else ValueError, one line naming the file and the fix."""
+    """(checkpoint, path, note) of ckpt_dir/ckpt.pt, checked by read_checkpoint, or of its sharded
+    checkpoint ckpt_dir/ckpt_shards/ where that is newer. When it cannot be used: with fallback, the
+    previous checkpoint (ckpt.prev.pt, ckpt_shards.prev/), and note (a warning line) says so; else
+    ValueError, one line naming the file and the fix."""
     path, prev = os.path.join(ckpt_dir, CKPT), os.path.join(ckpt_dir, PREVIOUS)
+    if newer(os.path.join(ckpt_dir, SHARDS, META), path):
+        path, prev = os.path.join(ckpt_dir, SHARDS), os.path.join(ckpt_dir, PREVIOUS_SHARDS)
+    read = read_shards if path.endswith(SHARDS) else read_checkpoint
     try:
-        return read_checkpoint(path, device), path, None
+        return read(path, device), path, None
     except ValueError as e:
         problem = e
     if not os.path.exists(prev):
@@ -218,11 +229,99 @@ def load_checkpoint(ckpt_dir, device='cpu', fallback=False):
         raise ValueError(f"{problem}: the previous checkpoint is {prev}; to use it, copy it over "
                          f"{CKPT} (train.py init_from=resume falls back to it by itself)")
     try:
-        ckpt = read_checkpoint(prev, device)
+        ckpt = read(prev, device)
     except ValueError as e:
         raise ValueError(f"{problem}, and the previous checkpoint too: {e}: train again")
     return ckpt, prev, (f"warning: {problem}; falling back to the previous checkpoint {prev} "
                         f"(iteration {ckpt.get('iter_num', '?')})")
+
+
+# -----------------------------------------------------------------------------
+# sharded checkpoints: each rank's rows of every tensor, without a gather (fsdp.py)
+
+META = 'meta.pt'  # a sharded checkpoint's everything but the tensors' rows (rank 0 writes it)
+
+
+def newer(path, than):
+    """path exists and is newer than `than` (or `than` does not exist)"""
+    return os.path.exists(path) and (not os.path.exists(than)
+                                     or os.path.getmtime(path) >= os.path.getmtime(than))
+
+
+def save_shards(out_dir, ckpt, rank, barrier):
+    """out_dir/ckpt_shards/: every rank's rank{r}.pt (ckpt's model and optimizer entries of this
+    rank, fsdp.shard_entry's dicts or None) and rank 0's meta.pt (the rest of ckpt), written in a
+    temporary folder that then takes the place of the last one, which becomes ckpt_shards.prev/.
+    barrier: torch.distributed's, so that no rank reads a folder before it is whole. Every rank
+    calls it -> the path of the folder"""
+    final = os.path.join(out_dir, SHARDS)
+    tmp, prev = final + '.tmp', os.path.join(out_dir, PREVIOUS_SHARDS)
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    barrier()
+    drop = lambda entries: {n: e for n, e in entries.items() if e is not None}  # noqa: E731
+    mine = dict(model=drop(ckpt['model']))
+    if 'optimizer' in ckpt:
+        mine['optimizer'] = {n: drop(s) for n, s in ckpt['optimizer'].items()}
+    with atomic_file(os.path.join(tmp, f'rank{rank}.pt'), 'wb') as f:
+        torch.save(mine, f)
+    barrier()
+    if rank == 0:
+        meta = {k: v for k, v in ckpt.items() if k not in ('model', 'optimizer')}
+        meta['with_optimizer'] = 'optimizer' in ckpt
+        with atomic_file(os.path.join(tmp, META), 'wb') as f:
+            torch.save(meta, f)
+        if os.path.exists(final):
+            shutil.rmtree(prev, ignore_errors=True)
+            os.replace(final, prev)
+        os.replace(tmp, final)
+        fsync_dir(out_dir)
+    barrier()
+    return final
+
+
+def assemble(pieces, where):
+    """the whole tensor from its ranks' entries (dicts of start, stop, rows, t)"""
+    pieces = sorted(pieces, key=lambda e: e['start'])
+    if pieces[0]['rows'] == 0:
+        # a 0-d tensor (an optimizer's step): whole on rank 0
+        return pieces[0]['t']
+    covered = 0
+    for e in pieces:
+        if e['start'] != covered and e['stop'] > e['start']:
+            raise ValueError(f"{where}: rows {covered}-{e['start']} are missing")
+        covered = max(covered, e['stop'])
+    if covered != pieces[0]['rows']:
+        raise ValueError(f"{where}: rows {covered}-{pieces[0]['rows']} are missing")
+    return torch.cat([e['t'] for e in pieces if e['stop'] > e['start']])
+
+
+def read_shards(folder, device='cpu'):
+    """a sharded checkpoint folder as the checkpoint ckpt.pt would hold (whole tensors), checked
+    as read_checkpoint checks one; the rank files are memory-mapped, so a tensor's rows are read
+    when it is assembled"""
+    try:
+        meta = torch.load(os.path.join(folder, META), map_location=device, weights_only=True)
+        ranks = [torch.load(os.path.join(folder, f'rank{r}.pt'), map_location=device,
+                            weights_only=True, mmap=True)
+                 for r in range(len(meta['rng']))]
+    except Exception as e:
+        raise ValueError(f"{folder} cannot be read, a rank's file is missing, truncated or "
+                         f"corrupted ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]})")
+    model, optimizer = {}, {}
+    for r in ranks:
+        for n, e in r['model'].items():
+            model.setdefault(n, []).append(e)
+        for n, s in r.get('optimizer', {}).items():
+            for k, e in s.items():
+                optimizer.setdefault(n, {}).setdefault(k, []).append(e)
+    ckpt = {k: v for k, v in meta.items() if k != 'with_optimizer'}
+    ckpt['model'] = {n: assemble(p, f"{folder} {n}") for n, p in model.items()}
+    if meta['with_optimizer']:
+        ckpt['optimizer'] = {n: {k: assemble(p, f"{folder} {n} {k}") for k, p in s.items()}
+                             for n, s in optimizer.items()}
+    return checked(ckpt, folder)
 
 
 def load_model(out_dir, device='cpu'):
@@ -364,3 +463,18 @@ def open_log(out_dir, resume_iter=None, again=False):
     with atomic_file(path) as f:
         f.writelines(kept)
     return open(path, 'a')
+
+
+if __name__ == '__main__':
+    # python checkpoint.py OUT_DIR: a sharded checkpoint (OUT_DIR/ckpt_shards/) -> OUT_DIR/ckpt.pt
+    import sys
+    if len(sys.argv) != 2 or not os.path.isdir(os.path.join(sys.argv[1], SHARDS)):
+        sys.exit(f"usage: python checkpoint.py OUT_DIR, where OUT_DIR/{SHARDS}/ is a sharded "
+                 f"checkpoint of train.py --save_sharded=True")
+    try:
+        ckpt = read_shards(os.path.join(sys.argv[1], SHARDS))
+        save_checkpoint(sys.argv[1], ckpt)
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: {e}")
+    print(f"{os.path.join(sys.argv[1], CKPT)}: iter {ckpt['iter_num']}, the whole model "
+          f"({len(ckpt['model'])} tensors) from {len(ckpt['rng'])} ranks' shards")

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from moe import MoE, ROUTERS, Experts, activation, moe_layers, router_knobs, router_limits
 
@@ -115,6 +116,9 @@ class GPTConfig:
     expert_impl: str = setting('auto', 'system', limit=('auto', 'grouped', 'loop'))
     # expert parallelism: experts sharded over this many ranks
     ep_size: int = setting(1, 'system', limit='>= 1')
+    # 'block': each block's activations are recomputed in the backward (torch.utils.checkpoint)
+    # instead of kept; the routing is counted once (moe.recomputing)
+    activation_checkpointing: str = setting('none', 'system', limit=('none', 'block'))
     # the chosen router's own settings (moe.Router.options and .knobs)
     router_options: dict = setting({}, 'moe')
 
@@ -298,10 +302,18 @@ class Block(nn.Module):
         self.mlp = MoE(config, config.expert_hidden) if moe else MLP(config)
         self.dropout = nn.Dropout(config.dropout)
         self.residual_scale = config.residual_scale
+        self.recompute = config.activation_checkpointing == 'block'
 
     def forward(self, x, rope, kv=None, prev=None):
         """prev: the previous MoE layer's aux['state'], for this layer's router (MoE++'s gating
-        residual)"""
+        residual). With activation checkpointing a training forward keeps only the block's inputs
+        and runs again in the backward (inside the block, so FSDP's gather stays around both, as
+        torchtitan places it)"""
+        if self.recompute and kv is None and torch.is_grad_enabled():
+            return checkpoint(self.run, x, rope, kv, prev, use_reentrant=False)
+        return self.run(x, rope, kv, prev)
+
+    def run(self, x, rope, kv=None, prev=None):
         x = x + self.residual_scale * self.attn(self.ln_1(x), rope, kv)
         h, aux = self.mlp(self.ln_2(x), prev)
         return x + self.residual_scale * self.dropout(h), aux

@@ -1029,6 +1029,8 @@ class MoE(nn.Module):
         self._drop_top1, self._records = False, None
         # routing trace and replay, switched on and off by moe.routing only
         self._trace, self._scores, self._replay = None, False, None
+        # the ids replayed in the last forward (a recomputation takes them again)
+        self._replayed = None
         # load: since the last reset_stats; step_counts: since the last end_step
         for name in ('load', 'step_counts'):
             self.register_buffer(name, torch.zeros(config.n_experts), persistent=False)
@@ -1046,14 +1048,20 @@ class MoE(nn.Module):
         next MoE layer's router"""
         B, S, d = x.shape
         x_TD = x.reshape(-1, d)
+        # activation checkpointing's second run of a forward that has counted: it counts, records
+        # and draws nothing new (its statistics, trace, replayed ids and global counts are the
+        # first run's)
+        again = recomputing()
         with torch.autocast(x.device.type, enabled=False):
             r = self.router(x_TD.float(), prev)
         ids_TK, w_TK = r.ids, r.weights
         if self._replay is not None:
             # a recorded routing: its ids, the current router's weights for them
-            ids_TK = next(self._replay).to(x.device)
+            if not again:
+                self._replayed = next(self._replay).to(x.device)
+            ids_TK = self._replayed
             w_TK = self.router.replay_weights(r, ids_TK)
-        if self._trace is not None:
+        if self._trace is not None and not again:
             kept = dict(ids=ids_TK.detach().cpu(), weights=w_TK.detach().float().cpu())
             if self._scores:
                 kept['scores'] = r.probs.detach().cpu()
@@ -1089,25 +1097,27 @@ class MoE(nn.Module):
                 s = torch.sigmoid(self.shared_gate(x_TD)) * s
             y = y + self.shared_scale * s
         training_step = self.training and torch.is_grad_enabled()
-        self.record_stats(ids_TK, w_TK, load_E, dropped, training_step and not recomputing(),
-                          r.step)
+        if not again:
+            self.record_stats(ids_TK, w_TK, load_E, dropped, training_step, r.step)
         counted_TK = ids_TK if r.balance_ids is None or self.force_balance else r.balance_ids
-        balance = self.balance(r.probs, counted_TK, B, r.balance_weight, training_step)
+        balance = self.balance(r.probs, counted_TK, B, r.balance_weight, training_step, again)
         z = x.new_zeros((), dtype=torch.float32) if r.logits is None else z_loss(r.logits)
         aux = dict(balance=balance, z=z, router=r.loss, state=r.state)
         return y.to(x.dtype).view(B, S, d), aux
 
-    def balance(self, probs, ids, B, weight, training_step):
+    def balance(self, probs, ids, B, weight, training_step, again=False):
         """the balance loss in this layer's scope: 'batch' (f and P over the micro-batch),
         'sequence' (DeepSeek-V3: per sequence, averaged), 'global' (Megatron's global_aux_loss: f
         from the counts of this step's micro-batches so far summed over balance_group's ranks, P
-        local; in training steps only, else 'batch'). docs/routers.md"""
+        local; in training steps only, else 'batch'). again: a recomputation, whose counts are
+        already in. docs/routers.md"""
         if self.balance_scope == 'global' and training_step:
-            # (n,) this micro-batch's assignments
-            c = assignment_counts(ids, probs.shape[1])[0]
-            if self.balance_group is not None:
-                dist.all_reduce(c, group=self.balance_group)
-            self.balance_counts = c if self.balance_counts is None else self.balance_counts + c
+            if not again:
+                # (n,) this micro-batch's assignments
+                c = assignment_counts(ids, probs.shape[1])[0]
+                if self.balance_group is not None:
+                    dist.all_reduce(c, group=self.balance_group)
+                self.balance_counts = c if self.balance_counts is None else self.balance_counts + c
             return balance_loss(probs, ids, 1, weight, counts=self.balance_counts)
         return balance_loss(probs, ids, B if self.balance_scope == 'sequence' else 1, weight)
 
@@ -1223,10 +1233,10 @@ class MoE(nn.Module):
 
 def recomputing():
     """whether this forward runs inside a backward pass: torch.utils.checkpoint's recomputation
-    (use_reentrant=False, torch's advice) of a forward that has already counted. Megatron counts
-    where grad is enabled, right for its checkpoint's no-grad first forward; torchtitan counts both
-    forwards (optimizer.py halves the counts under activation checkpointing). use_reentrant=True
-    (a no-grad first forward, the recomputation inside the backward) counts nothing."""
+    (use_reentrant=False, torch's advice, as model.Block runs it) of a forward that has already
+    counted. Megatron counts where grad is enabled, right for its checkpoint's no-grad first
+    forward; torchtitan counts both forwards (optimizer.py halves the counts under activation
+    checkpointing)."""
     return torch._C._current_graph_task_id() != -1
 
 
@@ -1389,29 +1399,36 @@ def local_tensor(name, t, ep_size, rank):
     return t.chunk(ep_size)[rank % ep_size].clone()
 
 
-def clip_grad_norm(model, max_norm, ep_size=1, ep_group=None, expert_dp_group=None):
-    """with ep_size > 1, expert grads first summed over the ranks holding the same experts (scaled
-    so the step equals one process's); the true global gradient norm (dense grads counted once, each
-    expert once over the EP group), clipped to max_norm when max_norm > 0"""
+def clip_grad_norm(model, max_norm, ep_size=1, ep_group=None, expert_dp_group=None,
+                   sharded=False):
+    """the true global gradient norm (every parameter counted once over all ranks), clipped to
+    max_norm when max_norm > 0. Under DDP with ep_size > 1, expert grads are first summed over the
+    ranks holding the same experts (scaled so the step equals one process's), then dense grads count
+    once and each expert once over the EP group. sharded (FSDP): every gradient is already reduced
+    and each element lives on one rank, so the local shards' squares sum over all ranks"""
     device = next(model.parameters()).device
     dense, expert = torch.zeros((), device=device), torch.zeros((), device=device)
+    grads = []  # this rank's gradient tensors (an FSDP shard's local part)
     for n, p in model.named_parameters():
         if p.grad is None:
             continue
-        if ep_size > 1 and is_expert(n):
-            dist.all_reduce(p.grad, group=expert_dp_group)
-            p.grad.div_(dist.get_world_size())
-            expert += p.grad.float().square().sum()
+        g = p.grad.to_local() if sharded else p.grad
+        grads.append(g)
+        if ep_size > 1 and is_expert(n) and not sharded:
+            dist.all_reduce(g, group=expert_dp_group)
+            g.div_(dist.get_world_size())
+            expert += g.float().square().sum()
         else:
-            dense += p.grad.float().square().sum()
-    if ep_size > 1:
+            dense += g.float().square().sum()
+    if sharded:
+        dist.all_reduce(dense)
+    elif ep_size > 1:
         dist.all_reduce(expert, group=ep_group)
     norm = (dense + expert).sqrt()
     if max_norm > 0:
         scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-        for p in model.parameters():
-            if p.grad is not None:
-                p.grad.mul_(scale)
+        for g in grads:
+            g.mul_(scale)
     return norm
 
 

@@ -35,8 +35,9 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import fsdp
 import moe
-from checkpoint import CKPT, open_log, resume, save_run
+from checkpoint import CKPT, open_log, resume, save_run, save_shards
 from cli import (DTYPES, autocast, fail, gpu_peak, on_interrupt, parse, pick_device, pick_dtype,
                  settings_of)
 from model import GPT, GPTConfig
@@ -159,6 +160,11 @@ max_bad_steps = 5  # stop after this many steps in a row with a non-finite loss 
 peak_flops = 0.0  # per-device peak FLOP/s for MFU; 0 = cli.GPU_PEAKS (A100/H100/H200, bf16/fp16)
 expert_impl = 'auto'  # 'grouped' (one F.grouped_mm), 'loop' (a matmul per expert), or 'auto'
 ep_size = 1  # expert parallelism: ranks that share one set of experts
+# several processes: 'ddp' (every rank holds the whole model) or 'fsdp' (parameters, gradients and
+# AdamW state sharded over the ranks, torch's FSDP2, composed with ep_size: fsdp.py)
+parallel = 'ddp'
+activation_checkpointing = 'none'  # 'block': each block's activations recomputed in the backward
+save_sharded = False  # fsdp: each rank saves its own shards to out_dir/ckpt_shards/ (no gather)
 # -----------------------------------------------------------------------------
 DEFAULTS = settings_of(__file__)
 # a router added to moe.py but not listed above still gets its settings, with moe.py's defaults
@@ -172,10 +178,11 @@ LIMITS = dict(
     max_iters='>= 0', weight_decay='>= 0', beta1='[0, 1)', beta2='[0, 1)', grad_clip='>= 0',
     router_lr_scale='>= 0', warmup_iters='>= 0', lr_decay_iters='>= 0', min_lr='>= 0',
     device='text', dtype='dtype', seed='[0, 4294967296)', max_bad_steps='>= 1', peak_flops='>= 0',
-    routing_trace='>= 0', routing_replay='text',
+    routing_trace='>= 0', routing_replay='text', parallel=('ddp', 'fsdp'),
 )
 # this machine's settings: resume never takes them from the checkpoint
-MACHINE = ('init_from', 'out_dir', 'device', 'compile', *model_settings('system'))
+MACHINE = ('init_from', 'out_dir', 'device', 'compile', 'parallel', 'save_sharded',
+           *model_settings('system'))
 
 
 def config_problem(c):
@@ -246,9 +253,14 @@ def interrupted():
 
 
 on_interrupt(interrupted)
-if dtype == 'float16' and ep_size > 1:
-    fail("dtype=float16 with ep_size > 1 is not supported (the loss scaler's overflow check would "
-         "differ between ranks): use bfloat16")
+if dtype == 'float16' and (ep_size > 1 or parallel == 'fsdp'):
+    fail(f"dtype=float16 with {'ep_size > 1' if ep_size > 1 else 'parallel=fsdp'} is not supported "
+         f"(the loss scaler's overflow check would differ between ranks): use bfloat16")
+# FSDP: one process is a layout of one (nothing to shard)
+sharded = ddp and parallel == 'fsdp'
+if save_sharded and not sharded:
+    fail("save_sharded=True saves each rank's FSDP shards: run several processes with "
+         "--parallel=fsdp, or drop save_sharded")
 if world_size % ep_size:
     fail(f"world size {world_size} is not divisible by ep_size={ep_size}: "
          f"run with a multiple of {ep_size} processes or change ep_size")
@@ -256,8 +268,12 @@ if gradient_accumulation_steps % world_size:
     fail(f"gradient_accumulation_steps={gradient_accumulation_steps} is not divisible by "
          f"the world size {world_size}")
 local_accum = gradient_accumulation_steps // world_size
-ep_group, expert_dp_group = moe.expert_groups(ep_size) if ddp else (None, None)
 device_type = 'cuda' if use_cuda else 'cpu'
+if sharded:
+    dense_mesh, expert_mesh, ep_group, expert_dp_group = fsdp.meshes(device_type, world_size,
+                                                                     ep_size)
+else:
+    ep_group, expert_dp_group = moe.expert_groups(ep_size) if ddp else (None, None)
 dtype_name, why = pick_dtype(dtype, device_type)
 config['dtype'] = dtype_name  # config.json records what runs
 if why and master:
@@ -268,8 +284,9 @@ tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 gpu = torch.cuda.get_device_name(device_name) if use_cuda and dtype_name != 'float32' else ''
 peak = peak_flops or gpu_peak(gpu)
 if master:
-    print(f"tokens per iteration: {tokens_per_iter:,} ({world_size} processes, ep_size {ep_size}, "
-          f"device {device_name})")
+    layout = f", {parallel}" if ddp else ''
+    print(f"tokens per iteration: {tokens_per_iter:,} ({world_size} processes{layout}, "
+          f"ep_size {ep_size}, device {device_name})")
 
 # -----------------------------------------------------------------------------
 # data
@@ -348,13 +365,15 @@ except ValueError as e:
 # read_checkpoint has checked the names and shapes: a mismatch here is a bug
 model.load_state_dict({k: moe.local_tensor(k, v, ep_size, rank) for k, v in state.items()})
 torch.manual_seed(seed + rank)
-model.to(device_name)
 if ep_size > 1:
     moe.set_expert_parallel(model, ep_group)
 if ddp:
     # balance_scope='global' sums the assignment counts over every rank (each holds other tokens)
     moe.set_balance_group(model, dist.group.WORLD)
+# FSDP moves each rank's shards to the device (the whole model never is there)
+model = fsdp.shard(model, dense_mesh, expert_mesh) if sharded else model.to(device_name)
 names = {p: n for n, p in model.named_parameters()}
+params = {n: p for p, n in names.items()}
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type,
                                        router_lr_scale)
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype_name == 'float16'))
@@ -367,7 +386,7 @@ def rng_state():
 if init_from == 'resume':
     state = optimizer.state_dict()
     order = [names[p] for g in optimizer.param_groups for p in g['params']]
-    state['state'] = {i: {k: moe.local_tensor(n, v, ep_size, rank)
+    state['state'] = {i: {k: fsdp.part(n, v, params[n], ep_size, rank)
                           for k, v in ckpt['optimizer'][n].items()}
                       for i, n in enumerate(order) if n in ckpt['optimizer']}
     optimizer.load_state_dict(state)
@@ -394,7 +413,7 @@ for m in raw_model.moe_layers()[:1]:
         print(f"experts: {'grouped_mm' if grouped else 'loop'} ({why})")
 if compile:
     model = torch.compile(model)
-if ddp:
+if ddp and not sharded:
     experts = [n for n, p in model.named_parameters() if moe.is_expert(n)] if ep_size > 1 else []
     # expert grads are reduced by hand
     DDP._set_params_and_buffers_to_ignore_for_model(model, experts)
@@ -419,25 +438,38 @@ def intact(otherwise):
     return otherwise
 
 
+def saved(name, t):
+    """what a checkpoint keeps of a tensor: the whole model's, on rank 0's CPU (every rank takes
+    part in the gathers), or with save_sharded this rank's rows (fsdp.shard_entry)"""
+    if save_sharded:
+        return fsdp.shard_entry(name, t, ep_size, rank)
+    t = fsdp.whole(name, t, ep_size, ep_group)
+    return t.cpu() if master else None
+
+
 def save():
-    """out_dir/ckpt.pt with the whole model whatever the ep_size (rank 0 writes it)"""
+    """out_dir/ckpt.pt with the whole model whatever the layout (rank 0 writes it); with
+    save_sharded each rank's rows to out_dir/ckpt_shards/ instead"""
     global saves
-    state = {n: moe.full_tensor(n, t, ep_size, ep_group) for n, t in raw_model.state_dict().items()}
-    opt = {names[p]: {k: moe.full_tensor(names[p], v, ep_size, ep_group) for k, v in s.items()}
+    state = {n: saved(n, t) for n, t in raw_model.state_dict().items()}
+    opt = {names[p]: {k: saved(names[p], v) for k, v in s.items()}
            for p, s in optimizer.state.items() if save_optimizer}
     rng = [rng_state()] * world_size
     if ddp:
         dist.all_gather_object(rng, rng_state())
-    if not master:
-        return
     ckpt = dict(model=state, optimizer=opt, model_args={**asdict(raw_model.config), 'ep_size': 1},
                 iter_num=iter_num, best_val_loss=best_val_loss, config=config, tokenizer=tokenizer,
                 rng=rng, scaler=scaler.state_dict())
     if not save_optimizer:
         del ckpt['optimizer']  # init_from=resume refuses such a checkpoint, saying why
     try:
-        path = save_run(out_dir, ckpt, 'keep' if saves else first_previous, first=not saves,
-                        keep_copy=keep_checkpoints)
+        if save_sharded:
+            path = save_shards(out_dir, ckpt, rank, dist.barrier)
+        elif master:
+            path = save_run(out_dir, ckpt, 'keep' if saves else first_previous, first=not saves,
+                            keep_copy=keep_checkpoints)
+        else:
+            return
     except OSError as e:
         fail(f"cannot write a checkpoint in {out_dir} ({e}): free space on its disk, or set "
              f"--out_dir to a folder on another disk (or fix its permissions); "
@@ -584,7 +616,7 @@ while True:
     step_started = time.time()
     for micro_step, batch_ids in enumerate(train_offsets(iter_num)):
         x, y = get_batch('train', batch_ids)
-        if ddp:
+        if ddp and not sharded:
             model.require_backward_grad_sync = micro_step == local_accum - 1
         with ctx:
             _, loss, aux = model(x, y, with_aux=True)
@@ -596,7 +628,8 @@ while True:
         done = f"micro-step {micro_step + 1}/{local_accum} of this rank done"
         progress(f"iter {iter_num}: {done}", step_started)
     scaler.unscale_(optimizer)
-    grad_norm = moe.clip_grad_norm(raw_model, grad_clip, ep_size, ep_group, expert_dp_group)
+    grad_norm = moe.clip_grad_norm(raw_model, grad_clip, ep_size, ep_group, expert_dp_group,
+                                   sharded=sharded)
     # a non-finite loss or gradient norm on any rank: skip the step
     # (float16's loss scaler skips its own overflows)
     bad = ~torch.isfinite(step_loss[0]) | (~torch.isfinite(grad_norm) & (not scaler.is_enabled()))
