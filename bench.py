@@ -4,6 +4,7 @@ Speed and memory of the MoE layer and of a training step, as ratios measured in 
     python bench.py --dtype=float32        # every section (default auto: bf16 where it runs fast)
     python bench.py --only=layer --reps=15  # one section: layer, memory, step, compile
     torchrun --standalone --nproc_per_node=2 bench.py --ep   # ep_size 1 and 2, all_to_all share
+    python bench.py --only=sharding --reps=2  # DDP, FSDP, FSDP + EP, each with activation checkpointing
 
 - Ratios, not times: a machine is noisy and differs from the next, so every table compares paths run
   side by side in one process (timings interleaved, the median of --reps kept), and the machine is
@@ -17,6 +18,10 @@ Speed and memory of the MoE layer and of a training step, as ratios measured in 
   routes with the router's own choices (what a run gets) and with force_balance (as Megatron's and
   torchtitan's benchmarks: the step measures the layer, not what a router learned).
   compile: torch.compile(layer) against eager.
+- sharding: per rank of 2 processes (gloo), the peak resident set, the bytes of parameters, gradients
+  and AdamW state it holds, and tokens/s, for DDP, FSDP and FSDP with ep_size 2, each without and
+  with activation checkpointing, each in fresh processes; for train.py's default model with the
+  sigmoid router and for SmolLM2-135M's architecture upcycled to 4 experts.
 - The numbers and their machines: docs/performance.md.
 """
 import os
@@ -26,6 +31,7 @@ import subprocess
 import sys
 import time
 import types
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -46,11 +52,12 @@ DEFAULTS = dict(
     device='auto',  # 'auto' = cuda where torch sees a GPU, else cpu
     ep=False,  # under torchrun: a training step at ep_size 1 and ep_size = world
     memory_probe='',  # internal: one memory measurement (dense, grouped, loop) in this process
+    layout='',  # internal, under torchrun: one sharding measurement, 'LAYOUT,RECOMPUTE,MODEL'
 )
 # the allowed values of the settings (cli.problem); --settings is checked below
 LIMITS = dict(tokens='>= 1', d='>= 1', settings='text', dtype=('auto', 'float32', 'bfloat16'),
-              reps='>= 1', only=('', 'layer', 'memory', 'step', 'compile'), device='text',
-              memory_probe=('', 'dense', 'grouped', 'loop'))
+              reps='>= 1', only=('', 'layer', 'memory', 'step', 'compile', 'sharding'),
+              device='text', memory_probe=('', 'dense', 'grouped', 'loop'), layout='text')
 SECTIONS = LIMITS['only'][1:]
 
 with cli.errors('bench.py'):
@@ -284,6 +291,124 @@ def compile_bench():
               f"{t['compiled'] / t['eager']:.2f} | {first:.0f} |")
 
 
+# the sharding section's models: train.py's default with configs/sigmoid.py, and SmolLM2-135M's
+# architecture upcycled to 4 experts (8 would need 2 x 14 GB under DDP, more than a 24 GB machine)
+SHARDING_MODELS = dict(
+    default=dict(n_layer=4, n_head=4, n_embd=128, block_size=128, vocab_size=65, bias=False,
+                 router='sigmoid', n_experts=8, top_k=2, batch=16),
+    smollm2_4x=dict(arch='llama', n_layer=30, n_head=9, n_kv_head=3, n_embd=576, mlp_hidden=1536,
+                    block_size=128, vocab_size=49152, bias=False, router='sigmoid', n_experts=4,
+                    top_k=2, batch=2),
+)
+LAYOUTS = ('ddp', 'fsdp', 'fsdp_ep')
+# LibMoE-sized upcycled models whose memory per GPU the sharding section computes from the bytes per
+# parameter it measures: (name, llama-flavour GPTConfig fields)
+PHI35 = dict(n_layer=32, n_head=32, n_embd=3072, mlp_hidden=8192, vocab_size=32064,
+             tie_embeddings=False)
+SMOLLM2_17B = dict(n_layer=24, n_head=32, n_embd=2048, mlp_hidden=8192, vocab_size=49152)
+LIBMOE_MODELS = (('Phi-3.5-mini upcycled, 4 experts (LibMoE v1)', PHI35 | dict(n_experts=4)),
+                 ('Phi-3.5-mini upcycled, 6 experts top-3 (LibMoE v2)',
+                  PHI35 | dict(n_experts=6, top_k=3)),
+                 ('SmolLM2-1.7B upcycled, 8 experts', SMOLLM2_17B | dict(n_experts=8)))
+
+
+def layout_probe(spec):
+    """under torchrun: training steps of one model in one layout -> rank 0 prints, per rank, the
+    peak resident bytes, the bytes of parameters, gradients and AdamW state held, and tokens/s"""
+    import json
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    import fsdp
+    layout, recompute, name = spec.split(',')
+    dist.init_process_group('gloo')
+    rank, world = dist.get_rank(), dist.get_world_size()
+    kw = dict(SHARDING_MODELS[name])
+    B, S = kw.pop('batch'), kw['block_size']
+    ep = world if layout == 'fsdp_ep' else 1
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**kw, ep_size=ep, activation_checkpointing=recompute))
+    if layout == 'ddp':
+        warnings.filterwarnings('ignore', '`broadcast_buffers` is deprecated')
+        trained = DDP(model, broadcast_buffers=False)
+    else:
+        dense_mesh, expert_mesh, ep_group, _ = fsdp.meshes('cpu', world, ep)
+        if ep > 1:
+            moe.set_expert_parallel(model, ep_group)
+        trained = fsdp.shard(model, dense_mesh, expert_mesh)
+    opt = model.configure_optimizers(0.1, 1e-4, (0.9, 0.99), 'cpu')
+    x = torch.randint(0, kw['vocab_size'], (B, S), generator=torch.Generator().manual_seed(rank))
+    with open('/proc/self/clear_refs', 'w') as f:
+        f.write('5')
+    times = []
+    for i in range(args.reps + 1):
+        t = time.perf_counter()
+        with cli.autocast('cpu', dtype_name):
+            _, loss = trained(x, x)
+        loss.backward()
+        opt.step()
+        if i == args.reps:
+            # parameters, gradients and AdamW state of this rank (an FSDP shard's local part)
+            held = sum(fsdp.local(v).nbytes for p in model.parameters()
+                       for v in (p, p.grad, *opt.state[p].values())
+                       if v is not None and torch.is_tensor(v))
+        opt.zero_grad(set_to_none=True)
+        if i:
+            times.append(time.perf_counter() - t)
+    mine = [resident('VmHWM'), held, B * S / statistics.median(times)]
+    every = [None] * world
+    dist.all_gather_object(every, mine)
+    if rank == 0:
+        print(json.dumps(every))
+    dist.destroy_process_group()
+
+
+def sharding_bench():
+    import json
+    print(f"\nsharding: per rank of 2 processes (gloo), {args.reps} timed training steps "
+          f"(forward, backward, AdamW), each layout in fresh processes\n{machine()}")
+    print("| model | layout | activation checkpointing | peak resident MB (max rank) | "
+          "parameters + grads + AdamW MB (rank 0) | tokens/s per rank | tokens/s / DDP's |")
+    print("|---|---|---|---|---|---|---|")
+    held = {}  # layout -> bytes of parameters, gradients and AdamW state per rank
+    for name in SHARDING_MODELS:
+        ddp_speed = None
+        for layout in LAYOUTS:
+            for recompute in ('none', 'block'):
+                cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone',
+                       '--nproc_per_node=2', __file__, f'--layout={layout},{recompute},{name}',
+                       f'--reps={args.reps}', f'--dtype={dtype_name}', '--device=cpu']
+                env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+                out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
+                every = json.loads(out.stdout.strip().splitlines()[-1])
+                speed = statistics.mean(r[2] for r in every)
+                ddp_speed = ddp_speed or speed
+                print(f"| {name} | {layout} | {recompute} | "
+                      f"{max(r[0] for r in every) / 2 ** 20:,.0f} | {every[0][1] / 2 ** 20:,.0f} | "
+                      f"{speed:,.0f} | {speed / ddp_speed:.2f} |", flush=True)
+                if name == 'default' and recompute == 'none':
+                    held[layout] = sum(r[1] for r in every) / len(every)
+    # bytes per parameter and rank as measured on the default model, applied to LibMoE's sizes
+    kw = dict(SHARDING_MODELS['default'])
+    kw.pop('batch')
+    n = sum(p.numel() for p in GPT(GPTConfig(**kw)).parameters())
+    ddp_b, fsdp_b = held['ddp'] / n, held['fsdp'] * 2 / n
+    print(f"\nmeasured: {ddp_b:.1f} bytes per parameter on every DDP rank; {fsdp_b:.1f} bytes per "
+          f"parameter over the FSDP ranks together ({held['fsdp_ep'] * 2 / n:.1f} with ep_size 2)."
+          f"\nComputed from them (weights, gradients, AdamW state; no activations), per GPU of 4:")
+    print("| model | parameters | DDP | DDP + ep_size 4 | FSDP (+ EP) over 4 |")
+    print("|---|---|---|---|---|")
+    for title, fields in LIBMOE_MODELS:
+        with torch.device('meta'):
+            m = GPT(GPTConfig(arch='llama', bias=False, router='softmax', **fields))
+        total = sum(p.numel() for p in m.parameters())
+        experts = sum(p.numel() for layer in m.moe_layers() for p in layer.experts.parameters())
+        E = fields['n_experts']
+        ep = 4 if E % 4 == 0 else 2
+        with_ep = (f"{ddp_b * (total - experts + experts / ep) / 1e9:,.0f} GB"
+                   + ('' if ep == 4 else f" (ep_size 2: {E} % 4 != 0)"))
+        print(f"| {title} | {total / 1e9:.1f}B | {ddp_b * total / 1e9:,.0f} GB | {with_ep} | "
+              f"{fsdp_b * total / 4 / 1e9:,.0f} GB |")
+
+
 def ep_bench():
     """one training step of a small sigmoid MoE at ep_size 1 and ep_size = world, and the
     all_to_all share"""
@@ -336,11 +461,13 @@ if __name__ == '__main__':
     torch.set_num_threads(int(os.environ.get('OMP_NUM_THREADS', torch.get_num_threads())))
     if args.memory_probe:
         print(memory_probe(args.memory_probe))
+    elif args.layout:
+        layout_probe(args.layout)
     elif args.ep:
         ep_bench()
     else:
         sections = dict(layer=layer_bench, memory=memory_bench, step=step_bench,
-                        compile=compile_bench)
+                        compile=compile_bench, sharding=sharding_bench)
         for name, fn in sections.items():
             if args.only in ('', name):
                 fn()

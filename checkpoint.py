@@ -30,7 +30,7 @@ from model import GPT, GPTConfig, knobs, settings
 from prepare import load_tokenizer
 
 CKPT, PREVIOUS = 'ckpt.pt', 'ckpt.prev.pt'  # a run folder's checkpoint and the one saved before it
-# a sharded checkpoint (train.py save_sharded): a folder of each rank's rows, and the one before it
+# a sharded checkpoint (train.py save_sharded): a folder of each rank's blocks, and the one before it
 SHARDS, PREVIOUS_SHARDS = 'ckpt_shards', 'ckpt_shards.prev'
 
 # -----------------------------------------------------------------------------
@@ -237,9 +237,9 @@ def load_checkpoint(ckpt_dir, device='cpu', fallback=False):
 
 
 # -----------------------------------------------------------------------------
-# sharded checkpoints: each rank's rows of every tensor, without a gather (fsdp.py)
+# sharded checkpoints: each rank's block of every tensor, without a gather (fsdp.py)
 
-META = 'meta.pt'  # a sharded checkpoint's everything but the tensors' rows (rank 0 writes it)
+META = 'meta.pt'  # a sharded checkpoint's everything but the tensors' blocks (rank 0 writes it)
 
 
 def newer(path, than):
@@ -250,7 +250,7 @@ def newer(path, than):
 
 def save_shards(out_dir, ckpt, rank, barrier):
     """out_dir/ckpt_shards/: every rank's rank{r}.pt (ckpt's model and optimizer entries of this
-    rank, fsdp.shard_entry's dicts or None) and rank 0's meta.pt (the rest of ckpt), written in a
+    rank: fsdp.shard_entry's blocks, or None) and rank 0's meta.pt (the rest of ckpt), written in a
     temporary folder that then takes the place of the last one, which becomes ckpt_shards.prev/.
     barrier: torch.distributed's, so that no rank reads a folder before it is whole. Every rank
     calls it -> the path of the folder"""
@@ -282,24 +282,25 @@ def save_shards(out_dir, ckpt, rank, barrier):
 
 
 def assemble(pieces, where):
-    """the whole tensor from its ranks' entries (dicts of start, stop, rows, t)"""
-    pieces = sorted(pieces, key=lambda e: e['start'])
-    if pieces[0]['rows'] == 0:
+    """the whole tensor from its ranks' entries (dicts of index, shape, t: fsdp.shard_entry)"""
+    shape = pieces[0]['shape']
+    if not shape:
         # a 0-d tensor (an optimizer's step): whole on rank 0
         return pieces[0]['t']
-    covered = 0
+    whole = torch.empty(shape, dtype=pieces[0]['t'].dtype)
+    filled = 0
     for e in pieces:
-        if e['start'] != covered and e['stop'] > e['start']:
-            raise ValueError(f"{where}: rows {covered}-{e['start']} are missing")
-        covered = max(covered, e['stop'])
-    if covered != pieces[0]['rows']:
-        raise ValueError(f"{where}: rows {covered}-{pieces[0]['rows']} are missing")
-    return torch.cat([e['t'] for e in pieces if e['stop'] > e['start']])
+        whole[tuple(slice(a, b) for a, b in e['index'])] = e['t']
+        filled += e['t'].numel()
+    if filled != whole.numel():
+        raise ValueError(f"{where}: {whole.numel() - filled} of its {whole.numel()} values are "
+                         f"missing")
+    return whole
 
 
 def read_shards(folder, device='cpu'):
     """a sharded checkpoint folder as the checkpoint ckpt.pt would hold (whole tensors), checked
-    as read_checkpoint checks one; the rank files are memory-mapped, so a tensor's rows are read
+    as read_checkpoint checks one; the rank files are memory-mapped, so a tensor's blocks are read
     when it is assembled"""
     try:
         meta = torch.load(os.path.join(folder, META), map_location=device, weights_only=True)

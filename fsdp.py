@@ -10,9 +10,11 @@ moe.py's expert parallelism. train.py --parallel=fsdp uses it; docs/training.md#
 - fully_shard per block, then on the whole model (embeddings, final norm, head). Parameters stay
   float32 and are gathered so; bf16 is autocast's, as under DDP: FSDP's bf16 param_dtype would cast
   the routers' weights, whose math is float32 for every router (docs/routers.md).
-- Every sharding here cuts dim 0 into torch.chunk's pieces (FSDP2's Shard(0), EP's E / ep_size
-  experts), so a rank's part of a tensor is a range of rows of the whole model's: rows() says which,
-  and checkpoint.py's sharded format stores each rank's rows with their range.
+- FSDP cuts a tensor along one dimension into torch.chunk's pieces: dim 0 (FSDP2's default), but
+  dim 1 for the stacked experts (torchtitan's choice), whose dim 0 counts experts, often fewer than
+  the ranks (a shared expert has one; ep_size 8 leaves one per rank). EP cuts dim 0 into E / ep_size
+  experts. So a rank's part of a tensor is a block of the whole model's: index() says which, and
+  checkpoint.py's sharded format stores each rank's block with its place.
 """
 import torch
 from torch.distributed.device_mesh import init_device_mesh
@@ -37,48 +39,55 @@ def shard(model, dense_mesh, expert_mesh=None):
     """fully_shard model in place: the routed experts of each MoE layer over expert_mesh (with
     expert parallelism), each block and then the whole model over dense_mesh"""
     world_size = dense_mesh.size()
+    stacked = {p for m in model.modules() if isinstance(m, moe.Experts) for p in m.parameters()}
+
+    def placement(p):
+        # (E, out, in) and (E, out): along out
+        return Shard(1) if p in stacked else Shard(0)
+
     for block in model.transformer.h:
         if expert_mesh is not None and isinstance(block.mlp, moe.MoE):
-            fully_shard(block.mlp.experts, mesh=expert_mesh)
+            fully_shard(block.mlp.experts, mesh=expert_mesh, shard_placement_fn=placement)
             # summed over edp, divided by every rank: the mean over the world's tokens
             block.mlp.experts.set_gradient_divide_factor(world_size)
             # gloo has no PREMUL_SUM (NCCL's fused scaling): a sum, then the division
             block.mlp.experts.set_force_sum_reduction_for_comms(expert_mesh.device_type == 'cpu')
-        fully_shard(block, mesh=dense_mesh)
-    fully_shard(model, mesh=dense_mesh)
+        fully_shard(block, mesh=dense_mesh, shard_placement_fn=placement)
+    fully_shard(model, mesh=dense_mesh, shard_placement_fn=placement)
     return model
 
 
 def local(t):
-    """this rank's part of a tensor: an FSDP shard's local rows, else t"""
+    """this rank's part of a tensor: an FSDP shard's local block, else t"""
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def rows(name, t, ep_size=1, ep_rank=0):
-    """(start, stop, whole): the rows [start, stop) of the whole model's tensor `name` (of `whole`
-    rows) that t, this rank's part of it, holds"""
-    if t.dim() == 0:
-        return 0, 0, 0
-    n = t.shape[0]  # a DTensor's shape is the one over its mesh
-    start, stop = 0, n
+def index(name, t, ep_size=1, ep_rank=0):
+    """(ranges, shape): the block of the whole model's tensor `name` (of that shape) that t, this
+    rank's part of it, holds, as a (start, stop) per dimension"""
+    shape = list(t.shape)  # a DTensor's shape is the one over its mesh
+    ranges = [(0, n) for n in shape]
     if isinstance(t, DTensor):
-        assert tuple(t.placements) == (Shard(0),), t.placements
-        size, coord = t.device_mesh.size(), t.device_mesh.get_local_rank()
-        chunk = -(-n // size)  # torch.chunk's
-        start, stop = min(coord * chunk, n), min((coord + 1) * chunk, n)
-    if ep_size > 1 and moe.is_expert(name):
-        return start + ep_rank * n, stop + ep_rank * n, n * ep_size
-    return start, stop, n
+        (placement,) = t.placements
+        d, size, coord = placement.dim, t.device_mesh.size(), t.device_mesh.get_local_rank()
+        chunk = -(-shape[d] // size)  # torch.chunk's
+        ranges[d] = (min(coord * chunk, shape[d]), min((coord + 1) * chunk, shape[d]))
+    if ep_size > 1 and moe.is_expert(name) and shape:
+        n = shape[0]
+        ranges[0] = (ranges[0][0] + ep_rank * n, ranges[0][1] + ep_rank * n)
+        shape[0] = n * ep_size
+    assert [b - a for a, b in ranges] == list(local(t).shape), (name, ranges, local(t).shape)
+    return ranges, shape
 
 
 def shard_entry(name, t, ep_size=1, rank=0):
-    """a sharded checkpoint's entry of this rank's part t of tensor `name`: its rows (on the CPU)
-    and where they lie in the whole model's; None where t is whole on every rank and rank 0 writes
-    it"""
+    """a sharded checkpoint's entry of this rank's part t of tensor `name`: the block it holds (on
+    the CPU) and its place in the whole model's; None where t is whole on every rank and rank 0
+    writes it"""
     if not isinstance(t, DTensor) and not (ep_size > 1 and moe.is_expert(name)) and rank:
         return None
-    start, stop, n = rows(name, t, ep_size, rank % ep_size)
-    return dict(start=start, stop=stop, rows=n, t=local(t).detach().cpu())
+    ranges, shape = index(name, t, ep_size, rank % ep_size)
+    return dict(index=ranges, shape=shape, t=local(t).detach().cpu())
 
 
 def whole(name, t, ep_size=1, ep_group=None):

@@ -440,7 +440,7 @@ def intact(otherwise):
 
 def saved(name, t):
     """what a checkpoint keeps of a tensor: the whole model's, on rank 0's CPU (every rank takes
-    part in the gathers), or with save_sharded this rank's rows (fsdp.shard_entry)"""
+    part in the gathers), or with save_sharded this rank's block (fsdp.shard_entry)"""
     if save_sharded:
         return fsdp.shard_entry(name, t, ep_size, rank)
     t = fsdp.whole(name, t, ep_size, ep_group)
@@ -449,7 +449,7 @@ def saved(name, t):
 
 def save():
     """out_dir/ckpt.pt with the whole model whatever the layout (rank 0 writes it); with
-    save_sharded each rank's rows to out_dir/ckpt_shards/ instead"""
+    save_sharded each rank's blocks to out_dir/ckpt_shards/ instead"""
     global saves
     state = {n: saved(n, t) for n, t in raw_model.state_dict().items()}
     opt = {names[p]: {k: saved(names[p], v) for k, v in s.items()}

@@ -126,5 +126,6 @@ def test_the_machine_settings_are_the_documented_ones():
     from model import settings
     text = (REPO / 'docs' / 'training.md').read_text()
     listed = re.findall(r'`(\w+)`', text.split("except the machine's (", 1)[1].split(')', 1)[0])
-    assert sorted(listed) == sorted(['init_from', 'out_dir', 'device', 'compile', *settings('system')])
+    assert sorted(listed) == sorted(['init_from', 'out_dir', 'device', 'compile', 'parallel', 'save_sharded',
+                                     *settings('system')])
     assert set(listed) <= set(train_settings())
