@@ -41,6 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 # -----------------------------------------------------------------------------
 # routers
@@ -247,8 +248,10 @@ class CosineRouter(Router):
             self.tau = o['router_temperature']
             # P: d -> router_dim
             self.gate = nn.Linear(d, dim, bias=False)
-            # M, rescaled to norm 1.5 at each forward
+            # M, held at norm 1.5: rescaled here and after each optimizer step (after_step)
             self.expert_emb = nn.Parameter(torch.randn(E, dim))
+            with torch.no_grad():
+                self.expert_emb.mul_(1.5 / self.expert_emb.norm(dim=-1, keepdim=True))
         else:
             # rows W_e; the bias is added to the probabilities
             self.gate = nn.Linear(d, E, bias=True)
@@ -262,10 +265,12 @@ class CosineRouter(Router):
 
     def forward(self, x, prev=None):
         if self.variant == 'xmoe':
-            # X-MoE: the expert embeddings are set back to norm 1.5 in place, outside autograd
-            with torch.no_grad():
-                self.expert_emb.mul_(1.5 / self.expert_emb.norm(dim=-1, keepdim=True))
-            logits = self.scores(self.gate(x), self.expert_emb)  # (T, E)
+            # X-MoE sets M back to norm 1.5 in place, outside autograd, before each forward; here
+            # after each optimizer step (the only change between forwards), so that no forward
+            # writes a parameter (FSDP gathers a copy for it). The forward takes M at norm 1.5 by
+            # a detached scale, which is 1 in training
+            M = self.expert_emb * (1.5 / self.expert_emb.norm(dim=-1, keepdim=True)).detach()
+            logits = self.scores(self.gate(x), M)  # (T, E)
             p = (logits / self.tau).softmax(-1)
             v, ids = p.topk(self.top_k, dim=-1)
         else:
@@ -275,6 +280,17 @@ class CosineRouter(Router):
             v, ids = (p + self.gate.bias).topk(self.top_k, dim=-1)
         # a softmax over the k selected values
         return Routing(ids=ids, weights=v.softmax(-1), probs=p, logits=None)
+
+
+    @classmethod
+    @torch.no_grad()
+    def after_step(cls, routers, step):
+        for router in routers:
+            if router.variant == 'xmoe':
+                # rows whole on every rank (an FSDP shard holds whole rows)
+                M = router.expert_emb
+                M = M.to_local() if isinstance(M, DTensor) else M
+                M.mul_(1.5 / M.norm(dim=-1, keepdim=True))
 
 
 class PerturbedCosineRouter(CosineRouter):
@@ -1402,29 +1418,34 @@ def local_tensor(name, t, ep_size, rank):
 def clip_grad_norm(model, max_norm, ep_size=1, ep_group=None, expert_dp_group=None,
                    sharded=False):
     """the true global gradient norm (every parameter counted once over all ranks), clipped to
-    max_norm when max_norm > 0. Under DDP with ep_size > 1, expert grads are first summed over the
-    ranks holding the same experts (scaled so the step equals one process's), then dense grads count
-    once and each expert once over the EP group. sharded (FSDP): every gradient is already reduced
-    and each element lives on one rank, so the local shards' squares sum over all ranks"""
+    max_norm when max_norm > 0. With ep_size > 1 the gradients of experts held by hand (not FSDP's)
+    are first summed over the ranks holding the same experts (scaled so the step equals one
+    process's); each counts once over the EP group, a dense one once. sharded (FSDP): an FSDP
+    gradient is already reduced and each element lives on one rank, so the local shards' squares
+    sum over all ranks"""
     device = next(model.parameters()).device
-    dense, expert = torch.zeros((), device=device), torch.zeros((), device=device)
+    # sums of squares: replicated (DDP, one process), EP-local experts, FSDP shards
+    dense, expert, shards = (torch.zeros((), device=device) for _ in range(3))
     grads = []  # this rank's gradient tensors (an FSDP shard's local part)
     for n, p in model.named_parameters():
         if p.grad is None:
             continue
-        g = p.grad.to_local() if sharded else p.grad
-        grads.append(g)
-        if ep_size > 1 and is_expert(n) and not sharded:
+        g = p.grad
+        if isinstance(g, DTensor):
+            g = g.to_local()
+            shards += g.float().square().sum()
+        elif ep_size > 1 and is_expert(n):
             dist.all_reduce(g, group=expert_dp_group)
             g.div_(dist.get_world_size())
             expert += g.float().square().sum()
         else:
             dense += g.float().square().sum()
+        grads.append(g)
     if sharded:
-        dist.all_reduce(dense)
-    elif ep_size > 1:
+        dist.all_reduce(shards)
+    if ep_size > 1:
         dist.all_reduce(expert, group=ep_group)
-    norm = (dense + expert).sqrt()
+    norm = (dense + expert + shards).sqrt()
     if max_norm > 0:
         scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
         for g in grads:

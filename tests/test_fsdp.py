@@ -4,13 +4,14 @@ the global balance scope the DDP run's at the same world size; checkpoints move 
 process, DDP, FSDP, FSDP with expert parallelism, sharded); each rank's shards hold about 1/world of the
 whole; and a recomputed forward counts nothing twice (the layer's counters against the run without
 recomputation)."""
+import json
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import REPO, SCHEDULE, TINY, config
+from conftest import REPO, SCHEDULE, TINY, child_env, config, launcher, run_command
 from test_ep import assert_same_losses, close
 
 sys.path.insert(0, str(REPO))
@@ -33,6 +34,22 @@ def assert_same_stats(run, ref):
 
 def load(run):
     return torch.load(run.out_dir / 'ckpt.pt', map_location='cpu', weights_only=True)
+
+# -----------------------------------------------------------------------------
+# every router, one forward and backward
+
+
+def test_every_router_sharded_gives_the_whole_models_loss_and_gradients(tmp_path):
+    """tests/fsdp_worker.py at 2 processes: every router, capacity, a gated shared expert, expert
+    parallelism under FSDP (with recomputation) against the whole model in one process"""
+    cmd = [*launcher(2), str(REPO / 'tests' / 'fsdp_worker.py'), str(tmp_path)]
+    rc, out, err = run_command(cmd, tmp_path, child_env(), timeout=240)
+    assert rc == 0, out + err
+    for r in range(2):
+        results = json.loads((tmp_path / f'rank{r}.json').read_text())
+        assert set(moe.ROUTERS) < set(results) and len(results) == len(moe.ROUTERS) + 4
+        bad = {case: problems for case, problems in results.items() if problems}
+        assert not bad, bad
 
 # -----------------------------------------------------------------------------
 # training

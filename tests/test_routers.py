@@ -4,8 +4,10 @@ from the source file named in each reference (not from moe.py): the ids, the com
 probabilities, the z-loss logits, and the gradient of the router's own parameters through the combine weights
 alone. Then hand-computed cases: tcmoe's normalisation and signed combine, MoE++'s gating residual and
 heterogeneous balance loss, Drop-Top-1 and the margin on signed weights, HyperRouter's k schedule, the z-loss per
-router. fp32, CPU, tiny sizes: a few seconds in all.
+router, the routers' own losses (zero in eval, averaged over the MoE layers, absent from train.py's evaluation),
+deepseek's balance and bias counts, MoE++'s constant vector. fp32, CPU, tiny sizes; two short train.py runs.
 """
+import json
 import math
 import sys
 from pathlib import Path
@@ -188,10 +190,18 @@ def test_router_equals_transcription_of_its_source(case):
     x = torch.randn(T, D)
     n_out = E + 3 if name == 'moepp' else (2 * E + k if name == 'tcmoe' else E)
     prev = torch.randn(T, E + 3, requires_grad=True) if name == 'moepp' else None  # the previous MoE layer's logits
+    unheld = None
+    if options.get('cosine_variant') == 'xmoe':
+        # M off its norm 1.5: the forward's values still the source's (checked below); training holds M at
+        # 1.5 after each step (after_step), where the gradients are the source's too
+        unheld = router(x, prev).weights.detach()
+        type(router).after_step([router], None)
     P = {n: p.detach().clone().requires_grad_(p.requires_grad) for n, p in router.named_parameters()}
     P.update({n: b.clone() for n, b in router.named_buffers()})
     r = router(x, prev)
     ids, w, probs, logits = ref(P, x, E, k, prev)
+    if unheld is not None:
+        torch.testing.assert_close(unheld, w, atol=1e-6, rtol=1e-5)
     assert torch.equal(r.ids, ids), case
     torch.testing.assert_close(r.weights, w, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(r.probs, probs, atol=1e-6, rtol=1e-5)
@@ -226,6 +236,10 @@ def test_router_equals_transcription_of_its_source(case):
         assert (plain != r.ids).any(), 'weak test: the gate bias changes no selection'
         assert router.gate.bias.requires_grad and g[params.index('gate.bias')].abs().sum() > 0
     if name == 'cosine' and options['cosine_variant'] == 'xmoe':
+        # held at norm 1.5 after each optimizer step, as the source's forward sets it
+        with torch.no_grad():
+            router.expert_emb.mul_(2.0)
+        type(router).after_step([router], None)
         torch.testing.assert_close(router.expert_emb.norm(dim=-1), torch.full((E,), 1.5))
 
 
@@ -510,6 +524,89 @@ def test_router_losses_are_zero_in_eval(router):
     assert (abs(torch.as_tensor(aux['router']).item()) > 1e-3) == own
     assert (abs(loss.item() - ce.item()) > 1e-3) == own
 
+
+
+def source_router_loss(router, x, W, E, k, options):
+    """one MoE layer's own training loss from its router's input x (T, d) and gate W, written from the sources:
+    topp: coef * mean_t H(softmax(Wx)) (Huang et al. 2024, the dynamic loss); tcmoe: -reward * mean_t (the null
+    slots' p), p = softmax(Wx + [0]*E + [-1]*E + [-10]*k) (LibMoE moe_tcmoe.py); remoe: ReMoE router.py's
+    load-balanced L1, sum_e relu(Wx)_e.sum(0) * (relu > 0).sum(0) * E * lambda / (T * T * k)"""
+    logits = x @ W.t()
+    T = x.shape[0]
+    if router == 'topp':
+        p = logits.softmax(-1)
+        return options['topp_entropy_coef'] * -(p * p.log()).sum(-1).mean()
+    if router == 'tcmoe':
+        p = (logits + torch.tensor([0.0] * E + [-1.0] * E + [-10.0] * k)).softmax(-1)
+        return -options['null_reward'] * p[:, 2 * E:].sum(-1).mean()
+    probs = torch.relu(logits)
+    return (probs.sum(0) * (probs > 0).sum(0)).sum() * (E * options['remoe_l1_init'] / (T * T * k))
+
+
+@pytest.mark.parametrize('router', ['topp', 'tcmoe', 'remoe'])
+def test_router_losses_are_the_mean_over_the_moe_layers(router):
+    """GPT.forward in training: the router loss is the mean over the MoE layers of each layer's term, computed here
+    from each router's input; three layers, the middle one dense, so a sum over the MoE layers (Megatron, ReMoE:
+    2x) and a mean over every layer (2/3x) both fail; docs/routers.md (Aux losses) gives the effect"""
+    torch.manual_seed(0)
+    options = {o: v for o, v in LOUD.items() if o in moe.ROUTERS[router].settings()}
+    cfg = GPTConfig(arch='llama', block_size=16, vocab_size=64, n_layer=3, n_head=2, n_embd=D, bias=False,
+                    router=router, n_experts=E, top_k=K, mlp_hidden=24, aux_loss_coef=0.0, z_loss_coef=0.0,
+                    dense_layers='1', router_options=options)
+    model = GPT(cfg).train()
+    layers = model.moe_layers()
+    assert len(layers) == 2 and len(model.transformer.h) == 3
+    inputs = []
+    for m, std in zip(layers, (0.5, 2.0)):  # layers whose terms differ: neither alone is the mean
+        with torch.no_grad():
+            m.router.gate.weight.normal_(0, std)
+        m.router.register_forward_hook(lambda mod, args, out: inputs.append((args[0].detach(), mod)))
+    idx = torch.randint(0, 64, (2, 9))
+    logits, loss, aux = model(idx[:, :-1], idx[:, 1:], with_aux=True)
+    terms = [source_router_loss(router, x, mod.gate.weight.detach(), E, K, options) for x, mod in inputs]
+    assert len(terms) == 2 and abs(terms[0] - terms[1]) > 0.1 * abs(terms[0])
+    want = sum(terms) / 2
+    assert aux['router'].item() == pytest.approx(want.item(), rel=1e-5)
+    ce = F.cross_entropy(logits.reshape(-1, 64), idx[:, 1:].reshape(-1))
+    assert (loss - ce).item() == pytest.approx(want.item(), rel=1e-4)
+
+
+@pytest.mark.parametrize('router, loud', [('topp', '--topp_entropy_coef=1.0'), ('tcmoe', '--null_reward=1000.0')])
+def test_train_py_evaluation_is_the_cross_entropy_alone(trainer, router, loud):
+    """train.py's logged train and val losses at iteration 5 (the checkpoint's weights): the mean over the fixed
+    evaluation batches of the plain cross-entropy of the checkpoint's logits, computed here. The batches: eval_iters
+    x batch_size offsets from a torch.Generator seeded seed + 1 (val) or seed + 2 (train) (train.py's fixed set).
+    The router's own loss is loud and the balance coefficient is on, so a balance, z or router term in the
+    evaluation moves the logged loss by 1e-2 or more"""
+    from conftest import TINY, config as config_file
+    import numpy as np
+    from checkpoint import load_model
+    args = [*TINY, config_file(router), loud, '--aux_loss_coef=0.01', '--max_iters=5', '--lr_decay_iters=5',
+            '--eval_interval=5', '--always_save_checkpoint=True']
+    r = trainer.run(args).check()
+    model, ckpt = load_model(r.out_dir)
+    assert ckpt['iter_num'] == 5
+    row = [row for row in r.evals if row['iter'] == 5][0]
+    c, data = ckpt['config'], trainer.root / 'data' / ckpt['config']['dataset']
+    meta = json.loads((data / 'meta.json').read_text())
+    B, S, n = c['batch_size'], c['block_size'], c['eval_iters']
+    model.eval()
+    for split, offset in (('val', 1), ('train', 2)):
+        tokens = np.memmap(data / f'{split}.bin', dtype=meta['dtype'], mode='r')
+        g = torch.Generator().manual_seed(c['seed'] + offset)
+        starts = torch.randint(meta[f'{split}_tokens'] - S, (n * B,), generator=g).tolist()
+        losses = []
+        for b in range(n):
+            rows = [torch.from_numpy(tokens[i:i + S + 1].astype(np.int64)) for i in starts[b * B:(b + 1) * B]]
+            xy = torch.stack(rows)
+            with torch.no_grad():
+                logits = model(xy[:, :-1])[0]
+            losses.append(F.cross_entropy(logits.flatten(0, 1), xy[:, 1:].flatten()).item())
+        assert row[f'{split}_loss'] == pytest.approx(sum(losses) / n, rel=1e-5), split
+        with torch.no_grad():  # what a leak would add: the model's own loss in eval, balance term included
+            _, with_aux = model(xy[:, :-1], xy[:, 1:])
+        assert abs(with_aux.item() - losses[-1]) > 5e-3
+
 # -----------------------------------------------------------------------------
 # deepseek's balance loss counts the scores' own top-k
 
@@ -545,3 +642,40 @@ def test_deepseek_balance_counts_the_plain_top_k(scope):
         P = (s_t / s_t.sum(-1, keepdim=True)).mean(0)
         losses.append((f * P).sum())
     assert aux['balance'].item() == pytest.approx(torch.stack(losses).mean().item(), rel=1e-6)
+
+
+def test_deepseek_bias_counts_the_assignments_before_capacity_drops():
+    """the departure docs/routers.md names: the bias update's c counts every routed assignment, the dropped ones
+    too; Megatron (router.py local_tokens_per_expert) counts after its drops. 16 tokens routed by hand (one-hot
+    inputs, top-1) as [10, 4, 1, 1], capacity ceil(1 * 1 * 16 / 4) = 4 seats [4, 4, 1, 1]; b += u sign(mean(c) - c)
+    gives expert 1 no step from the counts before the drops (4 = mean 4) and a step down from those after (4 > 2.5)"""
+    torch.manual_seed(0)
+    cfg = GPTConfig(arch='llama', block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=D, bias=False,
+                    router='deepseek', n_experts=E, top_k=1, mlp_hidden=24, capacity_factor=1.0,
+                    router_options=dict(bias_update_rate=0.1))
+    layers = torch.nn.ModuleList([moe.MoE(cfg, 24)]).train()
+    router = layers[0].router
+    chosen = [0] * 10 + [1] * 4 + [2, 3]
+    x = torch.zeros(1, len(chosen), D)
+    with torch.no_grad():
+        router.gate.weight.copy_(torch.eye(E, D) * 4.0)
+        for t, e in enumerate(chosen):
+            x[0, t, e] = 1.0
+    layers[0](x)
+    c = torch.bincount(torch.tensor(chosen), minlength=E).float()
+    seated = c.clamp(max=math.ceil(1.0 * 1 * len(chosen) / E))
+    assert c.tolist() == [10, 4, 1, 1] and seated.tolist() == [4, 4, 1, 1]
+    assert layers[0].stats()['dropped'] == pytest.approx(6 / 16)  # the capacity did drop
+    moe.end_step(layers)
+    torch.testing.assert_close(router.expert_bias, 0.1 * torch.sign(c.mean() - c))
+    assert not torch.equal(router.expert_bias, 0.1 * torch.sign(seated.mean() - seated))
+
+
+def test_moepp_constant_vector_starts_at_libmoes_std():
+    """LibMoE moe_plus_plus.py: c ~ N(0, 0.002^2) (the official ConstantExpert: std 1), through GPT's init"""
+    torch.manual_seed(0)
+    cfg = GPTConfig(arch='llama', block_size=16, vocab_size=64, n_layer=1, n_head=4, n_embd=2048, bias=False,
+                    router='moepp', n_experts=E, top_k=K, mlp_hidden=8, expert_hidden=8)
+    const = GPT(cfg).moe_layers()[0].router.const
+    assert const.shape == (2048,) and abs(const.mean().item()) < 3 * 0.002 / 2048 ** 0.5
+    assert const.std().item() == pytest.approx(0.002, rel=0.05)
