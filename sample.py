@@ -6,10 +6,13 @@ Sample text from a checkpoint (trained, upcycled or resumed), nanoGPT's sample.p
     python sample.py --out_dir=out/RUN --start=FILE:prompt.txt
 
 - The tokenizer is the run's (checkpoint.run_tokenizer: the checkpoint's, else its data set's
-  meta.json from data/<dataset>/, as eval.py reads it); --tokenizer gives one where neither names it.
-- Generation keeps a key/value cache (GPT.generate), so each new token costs one position's forward
-  while the text fits in block_size; kv_cache=False is nanoGPT's full forward per token, with the same
-  samples (tests/test_sample.py).
+  meta.json from data/<dataset>/, as eval.py reads it); --tokenizer gives one where neither names
+  it.
+- Generation keeps a key/value cache (GPT.generate), so each new token costs one position's
+  forward while the text fits in block_size; kv_cache=False is nanoGPT's full forward per token,
+  with the same samples (tests/test_sample.py).
+- Every setting is checked against its range (LIMITS) before the checkpoint is read: a negative
+  temperature, top_k or max_new_tokens, or no samples, is one line; temperature 0 is greedy.
 """
 import sys
 from pathlib import Path
@@ -58,7 +61,8 @@ def main(argv):
     try:
         ids = encode(text)
     except KeyError as e:
-        raise ValueError(f"the {spec} tokenizer has no token for {e.args[0]!r}, which the prompt holds")
+        raise ValueError(f"the {spec} tokenizer has no token for {e.args[0]!r}, which the prompt "
+                         f"holds: change --start or pass --tokenizer")
     if not ids:
         raise ValueError("the prompt is empty: pass --start")
     torch.manual_seed(cfg['seed'])

@@ -154,12 +154,14 @@ runpy.run_path({train!r}, run_name='__main__')
 '''
 
 
-def test_a_non_finite_step_is_skipped_whole(trainer):
-    """step 3's loss is NaN: no optimizer update, no expert-bias update (deepseek), a warning and a log row; the
-    checkpoints after steps 2 and 3 are identical, and step 4 trains"""
+@pytest.mark.parametrize('router, learned', [('deepseek', 'expert_bias'), ('remoe', 'l1_coef')])
+def test_a_non_finite_step_is_skipped_whole(trainer, router, learned):
+    """step 3's loss is NaN: no optimizer update, no update of what the router learns after each step (deepseek's
+    bias, remoe's lambda: docs/routers.md, where the sources differ), a warning and a log row; the checkpoints
+    after steps 2 and 3 are identical, and step 4 trains"""
     driver = trainer.root / 'poison_step_3.py'
     driver.write_text(POISON.format(poison=5, train=str(TRAIN), repo=str(REPO)))  # micro-step 5 = step 3's first
-    args = [*TINY, config('deepseek'), '--max_iters=4', '--eval_interval=1', '--always_save_checkpoint=True',
+    args = [*TINY, config(router), '--max_iters=4', '--eval_interval=1', '--always_save_checkpoint=True',
             '--keep_checkpoints=True']
     r = trainer.run(args, script=driver, cache=False).check()
     skipped = [row for row in map(json.loads, (r.out_dir / 'log.jsonl').read_text().splitlines()) if row.get('skipped')]
@@ -167,7 +169,9 @@ def test_a_non_finite_step_is_skipped_whole(trainer):
     assert 'warning: iter 3: non-finite loss' in r.out
     a, b = ckpt_of(r.out_dir / 'iter_2' / 'ckpt.pt'), ckpt_of(r.out_dir / 'iter_3' / 'ckpt.pt')
     assert a['model'].keys() == b['model'].keys() and all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
-    assert any(k.endswith('expert_bias') and a['model'][k].abs().sum() > 0 for k in a['model'])  # it had moved before
+    start = ckpt_of(r.out_dir / 'iter_1' / 'ckpt.pt')['model']
+    moved = [k for k in a['model'] if k.endswith(learned) and not torch.equal(start[k], a['model'][k])]
+    assert moved, f'{learned} did not move in step 1'  # it learns in a step that is not skipped
     for n in a['optimizer']:
         assert all(torch.equal(a['optimizer'][n][s], b['optimizer'][n][s]) for s in a['optimizer'][n]), n
     c = ckpt_of(r.out_dir / 'ckpt.pt')

@@ -19,7 +19,7 @@ from conftest import SCHEDULE, TINY, config as config_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import checkpoint  # noqa: E402
 import moe  # noqa: E402
-from model import GPTConfig  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
 
 ATOL, RTOL = 1e-5, 1e-5
 
@@ -200,6 +200,31 @@ def test_remoe_coefficient_direction_with_e_not_2k_against_training_py():
         coeff = want
         for m in layers:
             assert m.router.l1_coef.item() == pytest.approx(coeff, rel=1e-5)
+
+
+
+def test_remoe_sparsity_is_over_the_moe_layers():
+    """the departure docs/routers.md names: ReMoE's training.py divides the layers' summed sparsity by num_layers,
+    every layer; here by the MoE layers. Three layers, the middle one dense, zero gates (sparsity 1 in each MoE
+    layer, above the target 0.75): the mean over the MoE layers is 1 and lambda goes down; ReMoE's division by 3
+    gives 2/3 and would send it up"""
+    E, k = 8, 2
+    cfg = GPTConfig(arch='llama', block_size=16, vocab_size=64, n_layer=3, n_head=4, n_embd=16, bias=False,
+                    router='remoe', n_experts=E, top_k=k, mlp_hidden=24, expert_hidden=24, dense_layers='1',
+                    router_options=dict(remoe_l1_init=1e-3, remoe_l1_alpha=1.2))
+    model = GPT(cfg).train()
+    layers = model.moe_layers()
+    assert len(layers) == 2
+    for m in layers:
+        with torch.no_grad():
+            m.router.gate.weight.zero_()
+    model(torch.randint(0, 64, (2, 8)))
+    maps = [torch.zeros(16, E, dtype=torch.bool) for _ in layers]  # ReLU(0) = 0: no expert anywhere
+    assert remoe_training_update(1e-3, maps, 3, 1, k, E, 1.2) == pytest.approx(1e-3 * 1.2)  # ReMoE's rule
+    want = remoe_training_update(1e-3, maps, len(layers), 1, k, E, 1.2)
+    assert want == pytest.approx(1e-3 / 1.2)
+    moe.end_step(model)
+    assert all(m.router.l1_coef.item() == pytest.approx(want, rel=1e-6) for m in layers)
 
 # -----------------------------------------------------------------------------
 # dynamic top-p
