@@ -165,7 +165,7 @@ def write_corpus(path):
 
 def pytest_collection_modifyitems(items):
     """the longest files first: under pytest-xdist (pytest.ini) a long file that starts last finishes alone"""
-    longest = ['test_study.py', 'test_ep.py']
+    longest = ['test_fsdp.py', 'test_study.py', 'test_ep.py']
     items.sort(key=lambda item: longest.index(item.path.name) if item.path.name in longest else len(longest))
 
 

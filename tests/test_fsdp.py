@@ -56,7 +56,6 @@ def test_every_router_sharded_gives_the_whole_models_loss_and_gradients(tmp_path
 
 
 @pytest.mark.parametrize('name, nproc, extra', [
-    ('softmax', 2, []),
     ('remoe', 2, ['--activation_checkpointing=block']),
     ('deepseek', 4, ['--ep_size=2', '--activation_checkpointing=block']),
 ])
