@@ -16,7 +16,6 @@ moe.py's expert parallelism. train.py --parallel=fsdp uses it; docs/training.md#
   experts. So a rank's part of a tensor is a block of the whole model's: index() says which, and
   checkpoint.py's sharded format stores each rank's block with its place.
 """
-import torch
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
