@@ -196,8 +196,10 @@ PATHS = dict(
     path=(os.path.exists, "does not exist"),
     file=(os.path.isfile, "must be a file that exists"),
     folder=(os.path.isdir, "must be a folder that exists"),
-    run=(lambda p: os.path.isfile(os.path.join(p, 'ckpt.pt')),
-         "must be a run folder, one holding ckpt.pt (train.py's out_dir or upcycle.py's)"),
+    run=(lambda p: os.path.isfile(os.path.join(p, 'ckpt.pt'))
+         or os.path.isfile(os.path.join(p, 'ckpt_shards', 'meta.pt')),
+         "must be a run folder, one holding ckpt.pt or ckpt_shards/ (train.py's out_dir or "
+         "upcycle.py's)"),
     writable=(lambda p: writable(p) is None, "cannot be written"),
 )
 

@@ -235,3 +235,22 @@ def test_replay_under_recomputation_takes_each_recorded_routing_once(one_thread)
             loss.backward()
     for layer, got in zip(trace, records):
         assert [torch.equal(r['ids'], ids) for r, (ids, _) in zip(layer, got)] == [True, True]
+
+
+def test_scripts_read_a_sharded_run_folder(trainer, tmp_path):
+    """sample.py on a folder holding only ckpt_shards/ writes what it writes from the ckpt.pt that
+    checkpoint.py makes of them"""
+    out = tmp_path / 'sharded'
+    subprocess.run(['cp', '-r', str(half(trainer, 'fsdp').out_dir), str(out)], check=True)
+    cmd = [sys.executable, str(REPO / 'sample.py'), f'--out_dir={out}', '--start=A', '--num_samples=1',
+           '--max_new_tokens=30', '--device=cpu']
+    texts = []
+    for convert in (False, True):
+        if convert:
+            subprocess.run([sys.executable, str(REPO / 'checkpoint.py'), str(out)], check=True,
+                           capture_output=True)
+            (out / 'ckpt_shards' / 'meta.pt').unlink()  # only ckpt.pt is left to read
+        r = subprocess.run(cmd, capture_output=True, text=True, cwd=trainer.root)
+        assert r.returncode == 0, r.stdout + r.stderr
+        texts.append(r.stdout)
+    assert texts[0] == texts[1] and len(texts[0]) > 30
