@@ -44,23 +44,18 @@ def shard(model, dense_mesh, expert_mesh=None):
         # (E, out, in) and (E, out): along out
         return Shard(1) if p in stacked else Shard(0)
 
-    # experts that no other rank holds (ep_size = the world): nothing for FSDP to shard or reduce;
-    # their gradients are divided by hand (moe.clip_grad_norm), as under DDP
-    alone = set()
     for block in model.transformer.h:
         if expert_mesh is not None and isinstance(block.mlp, moe.MoE):
             experts = block.mlp.experts
-            if expert_mesh.size() == 1:
-                alone |= set(experts.parameters())
-                experts.to(dense_mesh.device_type)
-            else:
-                fully_shard(experts, mesh=expert_mesh, shard_placement_fn=placement)
-                # summed over edp, divided by every rank: the mean over the world's tokens
-                experts.set_gradient_divide_factor(world_size)
-                # gloo has no PREMUL_SUM (NCCL's fused scaling): a sum, then the division
-                experts.set_force_sum_reduction_for_comms(expert_mesh.device_type == 'cpu')
-        fully_shard(block, mesh=dense_mesh, shard_placement_fn=placement, ignored_params=alone)
-    fully_shard(model, mesh=dense_mesh, shard_placement_fn=placement, ignored_params=alone)
+            fully_shard(experts, mesh=expert_mesh, shard_placement_fn=placement)
+            # summed over edp, divided by every rank: the mean over the world's tokens
+            experts.set_gradient_divide_factor(world_size)
+            # gloo has no PREMUL_SUM (NCCL's fused scaling): a sum, then the division (FSDP
+            # divides by hand itself on a mesh of one rank, ep_size = the world)
+            experts.set_force_sum_reduction_for_comms(expert_mesh.device_type == 'cpu'
+                                                      and expert_mesh.size() > 1)
+        fully_shard(block, mesh=dense_mesh, shard_placement_fn=placement)
+    fully_shard(model, mesh=dense_mesh, shard_placement_fn=placement)
     return model
 
 

@@ -6,7 +6,7 @@ over the 2 ranks (with ep_size=2, each rank holding half the experts, FSDP over 
 experts). Each rank feeds the sharded model its own batch; the reference takes both batches, one forward
 each, and backs the mean of the two losses (what the ranks' FSDP gradients average to). The sharded model's
 loss must be the reference's loss on this rank's batch, and every parameter's gradient, gathered whole
-(fsdp.whole), the reference's. Writes RESULT_DIR/rank{r}.json: case -> list of problems.
+(fsdp.whole), the reference's, and so must every parameter after one AdamW step. Writes RESULT_DIR/rank{r}.json: case -> list of problems.
 """
 import json
 import sys
@@ -48,7 +48,7 @@ def compare(case, rank, world):
     ref = GPT(make(case, 1))
     model = GPT(make(case, ep))
     model.load_state_dict({k: moe.local_tensor(k, v, ep, rank) for k, v in ref.state_dict().items()})
-    dense_mesh, expert_mesh, ep_group, expert_dp_group = fsdp.meshes('cpu', world, ep)
+    dense_mesh, expert_mesh, ep_group, _ = fsdp.meshes('cpu', world, ep)
     if ep > 1:
         moe.set_expert_parallel(model, ep_group)
     moe.set_balance_group(model, dist.group.WORLD)
@@ -56,8 +56,6 @@ def compare(case, rank, world):
     torch.manual_seed(1)
     _, loss = model(batch(rank), batch(rank))
     loss.backward()
-    # the experts' gradients that FSDP does not reduce (ep_size = the world), as train.py does
-    moe.clip_grad_norm(model, 0.0, ep, ep_group, expert_dp_group, sharded=True)
     losses = []
     for r in range(world):
         torch.manual_seed(1)
@@ -74,6 +72,15 @@ def compare(case, rank, world):
             bad.append(f"{name}: a gradient on one side only")
         elif got is not None and not torch.allclose(got, p.grad, rtol=1e-4, atol=1e-6):
             bad.append(f"{name}: max abs diff {(got - p.grad).abs().max().item():.3g}")
+    # one AdamW step (fused, as train.py's) on the shards and on the whole model: each shard's
+    # update in its place. Adam's first step is about lr * sign(g): float noise in a near-zero
+    # gradient moves a weight by up to lr (1e-4 here), a misplaced update moves it by lr anywhere
+    for m in (model, ref):
+        m.configure_optimizers(0.1, 1e-4, (0.9, 0.99), 'cpu').step()
+    for name, p in ref.named_parameters():
+        got = fsdp.whole(name, grads[name].detach(), ep, ep_group)
+        if not torch.allclose(got, p.detach(), rtol=1e-5, atol=1e-6):
+            bad.append(f"{name} after a step: max abs diff {(got - p).abs().max().item():.3g}")
     return bad
 
 
