@@ -8,17 +8,20 @@ It measures what the CPU tests can only assume, and prints one table, each check
   autocast and bf16 weights, the output and every gradient, three experts with no rows (their
   weight gradients must be exactly 0); torch.compile's graph of the bf16 experts;
 - syncs: host syncs in one training step (torch.cuda.set_sync_debug_mode('warn')), an MoE GPT's
-  minus a dense GPT's, per MoE layer, against the count moe.MoE.routed documents;
+  minus a dense GPT's, per MoE layer, against the count moe.MoE.routed documents; and train.py's
+  own, by line, none in copying the micro-batches;
 - kernels: the ops and CUDA kernels of the experts' forward + backward (torch.profiler);
 - train: train.py in bf16 without and with compile=True, deterministic topp, and a 1-GPU torchrun
   over NCCL; bench.py's layer ratios; the MFU of configs/gpu.py's model for a few steps (random
   tokens of GPT-2's vocabulary: the speed does not depend on the text).
 The functions take a device, so the comparisons also run on CPU (tests/test_gpu_path.py).
 """
+import ast
 import collections
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -262,17 +265,24 @@ def kernels(device):
 
 def run(cmd, cwd, timeout, deadline):
     """(exit status, output, seconds); 124 and the output so far when it ran past timeout seconds
-    or the check's deadline (time.time() by which everything must be done)"""
-    t = time.time()
-    timeout = max(1, min(timeout, deadline - t))
+    or the check's deadline (time.time() by which everything must be done). A command that runs
+    too long gets SIGTERM first: torchrun passes it on to its ranks, which run in sessions of
+    their own (a SIGKILL would leave them holding the GPU); then SIGKILL for what is left."""
+    began = time.time()
+    timeout = max(1, min(timeout, deadline - began))
+    p = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         env={**os.environ, 'PYTHONUNBUFFERED': '1'}, start_new_session=True)
     try:
-        p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                           env={**os.environ, 'PYTHONUNBUFFERED': '1'})
-    except subprocess.TimeoutExpired as e:
-        # bytes, even with text=True (subprocess.TimeoutExpired)
-        out = ''.join(t.decode() if isinstance(t, bytes) else t or '' for t in (e.stdout, e.stderr))
-        return 124, out + f'\n(stopped after {timeout} s)', time.time() - t
-    return p.returncode, p.stdout + p.stderr, time.time() - t
+        out, _ = p.communicate(timeout=timeout)
+        return p.returncode, out, time.time() - began
+    except subprocess.TimeoutExpired:
+        p.terminate()
+        try:
+            out, _ = p.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            out, _ = p.communicate()
+        return 124, f'{out}\n(stopped after {timeout:.0f} s)', time.time() - began
 
 
 def log_rows(out_dir):
@@ -316,13 +326,59 @@ def train_runs(tmp, deadline):
     return rows
 
 
+# train.py as a program under torch.cuda.set_sync_debug_mode('warn'): one warning line per sync
+SYNC_DEBUG = ("import os, runpy, sys, torch; torch.cuda.set_sync_debug_mode('warn'); "
+              "sys.argv = sys.argv[1:]; sys.path.insert(0, os.path.dirname(sys.argv[0])); "
+              "runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
+def function_lines(path, name):
+    """the lines of the function name in the Python file path"""
+    tree = ast.parse(Path(path).read_text())
+    f = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == name)
+    return range(f.lineno, f.end_lineno + 1)
+
+
+def sync_sites(out):
+    """(file name, line) of each sync warning in a program's output (python -W always)"""
+    return [(Path(f).name, int(n)) for f, n in
+            re.findall(r'^(.*?):(\d+): UserWarning: called a synchronizing', out, re.M)]
+
+
+def train_syncs(tmp, deadline):
+    """where train.py's host syncs come from in 20 bf16 steps (softmax MoE, one evaluation at
+    iter 0, one log line); none may come from copying the micro-batches (get_batch: pinned
+    memory, non_blocking)"""
+    out_dir = Path(tmp) / 'syncs'
+    cmd = [sys.executable, '-W', 'always::UserWarning', '-c', SYNC_DEBUG, str(REPO / 'train.py'),
+           str(REPO / 'configs' / 'softmax.py'), '--device=cuda', '--dtype=bfloat16',
+           '--max_iters=20', '--eval_interval=1000', '--eval_iters=1', '--log_interval=20',
+           f'--out_dir={out_dir}']
+    rc, out, took = run(cmd, tmp, 90, deadline)
+    found = sync_sites(out)
+    batch = function_lines(REPO / 'train.py', 'get_batch')
+    copies = sum(1 for f, n in found if f == 'train.py' and n in batch)
+    top = ', '.join(f'{f}:{n} x{c}' for (f, n), c in collections.Counter(found).most_common(5))
+    ok = rc == 0 and bool(log_rows(out_dir)) and copies == 0
+    detail = (f'{len(found)} syncs in all, {took:.0f} s; {top}' if rc == 0
+              else out.strip()[-200:])
+    return [row('syncs: train.py, in get_batch', verdict(ok), copies, detail)]
+
+
 def bench_layer(tmp, deadline):
+    """bench.py's layer section in bf16: a row per (E, k, expert_hidden), ratios to the dense MLP"""
     rc, out, took = run([sys.executable, str(REPO / 'bench.py'), '--only=layer', '--device=cuda',
                          '--dtype=bfloat16', '--reps=7'], tmp, 120, deadline)
-    table = [line for line in out.splitlines() if line.startswith('| ') and '---' not in line]
-    head = table[0] if table else out[-200:]
-    rows = [row('bench layer', verdict(rc == 0), f'{took:.0f} s', head)]
-    rows += [row('bench layer', 'INFO', '', line) for line in table[1:]]
+    table = [[c.strip() for c in line.strip(' |').split('|')] for line in out.splitlines()
+             if line.startswith('| ') and '---' not in line]
+    machine = last_line(out, 'machine:')
+    rows = [row('bench layer', verdict(rc == 0 and len(table) > 1), f'{took:.0f} s',
+                machine if rc == 0 else out.strip()[-200:])]
+    for cells in table[1:]:
+        named = dict(zip(table[0], cells))
+        setting = ', '.join(f'{k} {named.pop(k, "?")}' for k in ('E', 'k', 'expert_hidden'))
+        rows.append(row(f'bench layer: {setting}', 'INFO', named.pop('moe (auto)', ''),
+                        '; '.join(f'{k} {v}' for k, v in named.items())))
     return rows
 
 
@@ -359,8 +415,13 @@ def mfu(tmp, deadline):
 
 def table(rows):
     """one Markdown table of every row"""
+    def cell(v):
+        # a subprocess's output tail, multi-line, in one cell
+        return ' / '.join(str(v).split('\n')).replace('|', '\\|')
+
     lines = ['| check | status | number | detail |', '|---|---|---|---|']
-    lines += [f"| {r['check']} | {r['status']} | {r['number']} | {r['detail']} |" for r in rows]
+    lines += ['| ' + ' | '.join(cell(r[k]) for k in ('check', 'status', 'number', 'detail')) + ' |'
+              for r in rows]
     return '\n'.join(lines)
 
 
@@ -379,7 +440,9 @@ def main():
         for check in (paths, compare_paths, compile_graph, syncs, kernels):
             rows += check(device)
             print(f"  {check.__name__} done ({time.time() - started:.0f} s)", flush=True)
-        for check in (train_runs, bench_layer, mfu):
+        # the subprocesses get the GPU's memory that this process's checks held
+        torch.cuda.empty_cache()
+        for check in (train_runs, train_syncs, bench_layer, mfu):
             rows += check(tmp, deadline)
             print(f"  {check.__name__} done ({time.time() - started:.0f} s)", flush=True)
     print(table(rows))

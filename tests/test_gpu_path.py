@@ -1,21 +1,27 @@
 """What runs where on a GPU, checked on CPU with torch.cuda's device queries mocked: the experts' path
 per compute capability and dtype (against a transcription of torch 2.13's _grouped_mm_cuda condition),
 dtype auto's native-bf16 rule, the MFU peak per GPU model, the deterministic cumulative sum of topp,
-Routing.all_ffn's promise, and the graph torch.compile sees on the grouped path. gpu_check.py runs the
-rest on a GPU."""
+Routing.all_ffn's promise, and the graph torch.compile sees on the grouped path. What CUDA would do
+is stood in for where CPU torch differs: the host syncs (HostReads, a dispatch mode that counts the
+operations whose result the host must wait for), the refusals of use_deterministic_algorithms
+(CudaDeterminism), and a grouped_mm whose backward writes the weight gradients of empty groups, as
+torch's fused kernel on sm100 was reported to. gpu_check.py runs the rest on a GPU."""
+import collections
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cli  # noqa: E402
 import gpu_check  # noqa: E402
 import moe  # noqa: E402
 from conftest import TINY, config  # noqa: E402
-from model import GPTConfig  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
 
 CUDA = torch.device('cuda', 0)
 # (device name, compute capability) as torch.cuda reports them
@@ -36,6 +42,9 @@ def gpu(monkeypatch):
         monkeypatch.setattr(torch.cuda, 'current_device', lambda: 0)
         monkeypatch.setattr(torch.cuda, 'get_device_properties', lambda device=None: props)
         monkeypatch.setattr(torch.version, 'hip', None)
+        # a bf16 tensor can be made on any CUDA GPU (emulated before sm80): what
+        # is_bf16_supported(including_emulation=True) tries last
+        monkeypatch.setattr(torch.cuda, '_check_bf16_tensor_supported', lambda device: True)
     return pretend
 
 
@@ -146,6 +155,47 @@ def test_grouped_weight_grads_of_empty_experts_are_exactly_zero():
     experts(torch.randn(7, 16), torch.tensor([0, 4, 0, 3])).square().sum().backward()
     for p in experts.parameters():
         assert (p.grad[[0, 2]] == 0).all() and (p.grad[[1, 3]] != 0).any()
+
+
+class EmptyGroupsWritten(torch.autograd.Function):
+    """F.grouped_mm (2-D rows, 3-D weights) whose backward gives each group with no rows a weight
+    gradient of ones, as torch's fused kernel on sm100 was reported to give them non-zero values"""
+
+    @staticmethod
+    def forward(ctx, a, b, offs, grouped_mm):
+        ctx.save_for_backward(a, b, offs)
+        ctx.grouped_mm = grouped_mm
+        return grouped_mm(a, b, offs=offs)
+
+    @staticmethod
+    def backward(ctx, g):
+        a, b, offs = ctx.saved_tensors
+        with torch.enable_grad():
+            a, b = a.detach().requires_grad_(), b.detach().requires_grad_()
+            g_a, g_b = torch.autograd.grad(ctx.grouped_mm(a, b, offs=offs), (a, b), g.contiguous())
+        rows = torch.diff(offs, prepend=offs.new_zeros(1))
+        return g_a, g_b + (rows == 0)[:, None, None], None, None
+
+
+@pytest.mark.parametrize('arch', ['llama', 'gpt2'])
+def test_empty_experts_weight_grads_stay_zero_when_the_kernel_writes_them(monkeypatch, arch):
+    grouped_mm = F.grouped_mm
+    monkeypatch.setattr(F, 'grouped_mm', lambda a, b, offs=None: EmptyGroupsWritten.apply(
+        a, b, offs, grouped_mm))
+    # the stand-in does write them
+    b = torch.randn(3, 4, 8, requires_grad=True)
+    offs = torch.tensor([2, 2, 5], dtype=torch.int32)
+    F.grouped_mm(torch.randn(5, 4), b, offs=offs).sum().backward()
+    assert (b.grad[1] == 1).all()
+    cfg = GPTConfig(n_embd=16, n_head=4, router='softmax', n_experts=4, top_k=2, expert_hidden=16,
+                    expert_impl='grouped', arch=arch, bias=arch == 'gpt2')
+    experts = moe.Experts(cfg, 4, 16)
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.normal_(0, 0.3)
+    experts(torch.randn(7, 16), torch.tensor([0, 4, 0, 3]), torch.rand(7)).square().sum().backward()
+    for name, p in experts.named_parameters():
+        assert (p.grad[[0, 2]] == 0).all() and (p.grad[[1, 3]] != 0).any(), name
 
 # -----------------------------------------------------------------------------
 # dtype auto and the MFU peak
@@ -265,6 +315,162 @@ def test_the_known_count_gives_what_reading_the_count_gives(name):
             assert torch.equal(known[1], read[1]) and known[2] == read[2] == 0
 
 # -----------------------------------------------------------------------------
+# host syncs, counted on CPU: the operations whose result the host must wait for on CUDA
+
+aten = torch.ops.aten
+# a value read on the host (item, int, bool), or an output sized by the data
+READS = {aten._local_scalar_dense.default: 'value read', aten.nonzero.default: 'nonzero',
+         aten.masked_select.default: 'masked_select', aten.bincount.default: 'bincount',
+         aten._unique2.default: 'unique', aten.unique_dim.default: 'unique',
+         aten.unique_consecutive.default: 'unique', aten.equal.default: 'equal'}
+
+
+class HostReads(TorchDispatchMode):
+    """counts, by kind, the operations that sync a CUDA device with the host: READS, a boolean mask
+    (its nonzero), repeat_interleave without output_size, and (counted by host_reads) tolist"""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        what = READS.get(func)
+        if func.overloadpacket in (aten.index, aten.index_put, aten.index_put_) and any(
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1]):
+            what = 'boolean mask'
+        if func is aten.repeat_interleave.Tensor and kwargs.get('output_size') is None:
+            what = 'repeat_interleave without output_size'
+        if what:
+            self.seen[what] += 1
+        return func(*args, **kwargs)
+
+
+@pytest.fixture
+def host_reads(monkeypatch):
+    """host_reads(fn) -> what fn read on the host, {kind: count}; F.one_hot as on CUDA, whose class
+    range check is a device assert there (on CPU it reads the min and max)"""
+    monkeypatch.setattr(F, 'one_hot', lambda t, n: torch.zeros(
+        *t.shape, n, dtype=torch.long, device=t.device).scatter_(-1, t[..., None], 1))
+
+    def count(fn):
+        mode, tolist = HostReads(), torch.Tensor.tolist
+
+        def counted(t):
+            mode.seen['tolist'] += 1
+            return tolist(t)
+        monkeypatch.setattr(torch.Tensor, 'tolist', counted)
+        try:
+            with mode:
+                fn()
+        finally:
+            monkeypatch.setattr(torch.Tensor, 'tolist', tolist)
+        return dict(mode.seen)
+    return count
+
+
+def small_layer(router='softmax', impl='grouped', **settings):
+    cfg = GPTConfig(n_embd=16, n_head=4, router=router, n_experts=4, expert_hidden=16,
+                    top_k=1 if router == 'switch' else 2, expert_impl=impl,
+                    router_options=moe.router_settings(), **settings)
+    torch.manual_seed(0)
+    return moe.MoE(cfg, 16)
+
+
+def forward_backward(layer):
+    x = torch.randn(2, 24, 16, requires_grad=True)
+    y, aux = layer(x)
+    (y.square().sum() + aux['balance']).backward()
+
+
+@pytest.mark.parametrize('router, impl, all_ffn', [
+    ('softmax', 'grouped', True), ('softmax', 'loop', True), ('deepseek', 'grouped', True),
+    ('topp', 'grouped', False), ('topp', 'loop', False), ('remoe', 'grouped', False),
+    ('expert_choice', 'grouped', False)])
+@pytest.mark.parametrize('capacity', [0.0, 1.0])
+def test_host_syncs_of_an_moe_layer_are_the_documented_ones(host_reads, router, impl, all_ffn,
+                                                            capacity):
+    """a training forward + backward: the loop's rows per expert, the count where a routing is not
+    all_ffn, a capacity's boolean mask; nothing else (docs/performance.md; gpu_check.py counts the
+    same on a GPU)"""
+    seen = host_reads(lambda: forward_backward(small_layer(router, impl, capacity_factor=capacity)))
+    want = gpu_check.expected_syncs(impl == 'grouped', all_ffn) + (capacity > 0)
+    assert sum(seen.values()) == want, seen
+
+
+def test_expert_parallel_exchange_travels_in_the_compute_dtype(monkeypatch):
+    """under bf16 autocast the rows, their weights and the outputs go in bf16 both ways (the
+    exchange a mirror, as below; tests/test_ep.py runs it over gloo)"""
+    sent = []
+
+    def mirror(out, x, out_splits=None, in_splits=None, group=None):
+        if x.is_floating_point():
+            sent.append(x.dtype)
+        out.copy_(x)
+    monkeypatch.setattr(moe.dist, 'all_to_all_single', mirror)
+    layer = small_layer(ep_size=2)
+    moe.set_expert_parallel(layer, 'the EP group')
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        forward_backward(layer)
+    assert sent == [torch.bfloat16] * 6
+
+
+def test_host_syncs_of_an_expert_parallel_layer(host_reads, monkeypatch):
+    """ep_size=2, the exchange a mirror (the other rank sends this one what it sends): one sync, the
+    splits of the exchange; the received rows are regrouped without reading their number again"""
+    def mirror(out, x, out_splits=None, in_splits=None, group=None):
+        out.copy_(x)
+    monkeypatch.setattr(moe.dist, 'all_to_all_single', mirror)
+    layer = small_layer(ep_size=2)
+    moe.set_expert_parallel(layer, 'the EP group')
+    assert host_reads(lambda: forward_backward(layer)) == {'tolist': 1}
+
+
+@pytest.mark.parametrize('router, impl', [('dense', 'auto'), ('softmax', 'grouped'),
+                                          ('deepseek', 'grouped')])
+def test_a_training_step_on_the_grouped_path_syncs_nowhere(host_reads, router, impl):
+    """a GPT's forward, backward, AdamW step and end_step (gpu_check.py's step), after a first step
+    (AdamW's state): the number of assignments is known (T*k), the statistics stay on the device"""
+    cfg = GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=4, n_embd=32, arch='llama',
+                    router=router, n_experts=4, top_k=2, expert_hidden=32, expert_impl=impl,
+                    router_options=moe.router_settings())
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu')
+    idx = torch.randint(0, 64, (2, 33))
+
+    def step():
+        _, loss = model(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        moe.end_step(model)
+    step()
+    assert host_reads(step) == {}
+
+
+class CudaDeterminism(TorchDispatchMode):
+    """under torch.use_deterministic_algorithms(True), what CUDA refuses, refused on CPU too:
+    cumsum and cumprod of floating tensors (torch 2.13's list)"""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if (func.overloadpacket in (aten.cumsum, aten.cumprod)
+                and (kwargs.get('dtype') or args[0].dtype).is_floating_point
+                and torch.are_deterministic_algorithms_enabled()):
+            raise RuntimeError(f'{func} does not have a deterministic implementation on CUDA')
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize('router', list(moe.ROUTERS))
+def test_every_router_trains_under_cuda_s_deterministic_refusals(deterministic, router):
+    with CudaDeterminism():
+        # the stand-in refuses
+        with pytest.raises(RuntimeError, match='deterministic'):
+            torch.rand(4, 3).cumsum(-1)
+        forward_backward(small_layer(router))
+
+# -----------------------------------------------------------------------------
 # gpu_check.py's parts that run without a GPU
 
 
@@ -292,3 +498,27 @@ def test_gpu_check_expected_syncs_and_table():
     assert [gpu_check.expected_syncs(g, f) for g in (True, False) for f in (True, False)] == [0, 1, 1, 2]
     text = gpu_check.table([gpu_check.row('a', 'PASS', 1, 'x')])
     assert text.splitlines() == ['| check | status | number | detail |', '|---|---|---|---|', '| a | PASS | 1 | x |']
+    # a subprocess's output tail: one cell
+    text = gpu_check.table([gpu_check.row('b', 'FAIL', 1, 'Traceback\n  x | y')])
+    assert text.splitlines()[2] == '| b | FAIL | 1 | Traceback /   x \\| y |'
+
+
+def test_gpu_check_stops_a_command_past_its_time(tmp_path):
+    import time
+    cmd = [sys.executable, '-c', "print('started', flush=True); import time; time.sleep(60)"]
+    rc, out, took = gpu_check.run(cmd, tmp_path, 3, time.time() + 100)
+    assert rc == 124 and out.startswith('started') and took < 30
+
+
+def test_gpu_check_reads_sync_warnings_and_finds_get_batch():
+    """the warning lines python -W always prints, as train.py's would print them under
+    set_sync_debug_mode('warn'); get_batch's lines hold the micro-batches' copies"""
+    import subprocess
+    warn = "import warnings; warnings.warn('called a synchronizing CUDA operation')"
+    p = subprocess.run([sys.executable, '-W', 'always::UserWarning', '-c', warn],
+                       capture_output=True, text=True, timeout=60)
+    assert gpu_check.sync_sites(p.stdout + p.stderr) == [('<string>', 1)]
+    train = Path(gpu_check.REPO, 'train.py').read_text().splitlines()
+    lines = gpu_check.function_lines(Path(gpu_check.REPO, 'train.py'), 'get_batch')
+    assert train[lines[0] - 1].startswith('def get_batch(')
+    assert any('non_blocking=True' in train[n - 1] for n in lines)
