@@ -69,6 +69,7 @@ DEFAULTS = dict(
     stride=0,  # perplexity windows start every STRIDE >= 1 tokens; unset (0) = block_size
     ppl_windows=0,  # score N >= 1 windows of each --ppl source, evenly spaced; unset (0) = all
     analyze=False,  # routing statistics, Drop-Top-1 and a load heatmap
+    routing_trace=False,  # every scoring forward's routing to <run>/routing_trace_eval.pt
     checkpoints=False,  # the runs are checkpoints of one run, oldest first: change rate, saturation
     compare=False,  # one markdown table from the runs' eval.json files
     plot=False,  # training curves, expert load over training, eval heatmaps: PNGs next to the runs
@@ -638,7 +639,8 @@ def evaluate_run(run_dir, specs, task_manager, c, device, dtype, analyze, comman
         result = job()
         dropped[name] = [m.stats()['dropped'] for m in layers]
         return result
-    with moe.analysis(model, record=record) as records:
+    trace = [[] for _ in layers] if c['routing_trace'] and layers else None
+    with moe.routing(model, trace=trace), moe.analysis(model, record=record) as records:
         lm.records = records if record else None
         for name, task in specs.items():
             job = partial(zero_shot, lm, name, task, task_manager, c['limit'])
@@ -649,6 +651,8 @@ def evaluate_run(run_dir, specs, task_manager, c, device, dtype, analyze, comman
             job = partial(perplexity, lm, tokens, n_bytes, c['stride'], c['ppl_windows'])
             out['ppl'][src] = scored(f"ppl:{src}", job)
         lm.records = None
+    if trace is not None:
+        moe.save_trace(Path(run_dir, 'routing_trace_eval.pt'), trace)
     out['average'] = average(out['tasks'])
     if not record:
         if analyze:

@@ -102,9 +102,10 @@ def native_arch(c):
     # every layer MoE, top-k renormalised
     every_renorm = softmax and c.router_renorm and c.moe_every == 1 and not c.dense_layers
     S, qk = c.n_shared_experts, c.qk_norm
-    # DeepSeek-V3's router and ungated shared experts of n_shared_experts * expert_hidden, every
-    # layer after the dense prefix MoE
+    # DeepSeek-V3's router (sigmoid scores: V4's sqrtsoftplus has no native class) and ungated
+    # shared experts of n_shared_experts * expert_hidden, every layer after the dense prefix MoE
     deepseek = (c.arch == 'llama' and c.router == 'deepseek' and c.capacity_factor == 0
+                and c.router_options.get('score_function', 'sigmoid') == 'sigmoid'
                 and not c.bias and c.moe_every == 1 and not c.dense_layers and S >= 1
                 and c.shared_scale == 1 and c.shared_hidden in (0, S * c.expert_hidden))
     candidates = dict(

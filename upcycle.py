@@ -243,7 +243,10 @@ def load_dense(source, block_size=None):
 MOE_TYPES = {'mixtral': 'softmax', 'olmoe': 'softmax', 'qwen2_moe': 'softmax',
              'qwen3_moe': 'softmax', 'granitemoe': 'softmax', 'granitemoeshared': 'softmax',
              'solar_open': 'deepseek', 'dots1': 'deepseek', 'glm4_moe': 'deepseek',
+             'param2moe': 'deepseek', 'sarvam_moe': 'deepseek',
              'minimax_m2': 'deepseek', 'hy_v3': 'deepseek'}
+# the configs transformers runs as Glm4MoeForCausalLM: biases on q, k and v only (no o_proj bias)
+GLM4_MOE = ('glm4_moe', 'param2moe', 'sarvam_moe')
 # transformers' other MoE causal LMs: the part model.py lacks
 # (../shared/reference/hf_moe_import.md reads each one's source)
 MLA = ("multi-head latent attention (MLA: low-rank q / kv projections, a rotary slice) "
@@ -254,26 +257,33 @@ UNSUPPORTED = {
     **dict.fromkeys(['deepseek_v2', 'deepseek_v3', 'deepseek_v32', 'deepseek_v4', 'glm4_moe_lite',
                      'glm_moe_dsa', 'mistral4', 'longcat_flash', 'axk1', 'axk2', 'dots3_note',
                      'hy_v4', 'kimi_linear', 'sarvam_mla'], MLA),
+    'dots3_note_text': MLA,
     **dict.fromkeys(['jamba', 'granitemoehybrid', 'nemotron_h', 'qwen3_next', 'qwen3_5_moe',
-                     'qwen4_exp', 'lara_mini', 'lfm2_moe', 'minimax', 'bailing_hybrid', 'zaya',
-                     'inkling', 'inkling2', 'inkling2_loop'], HYBRID + " is not in model.py"),
+                     'qwen3_5_moe_text', 'qwen4_exp', 'qwen4_exp_text', 'lara_mini', 'lfm2_moe',
+                     'minimax', 'bailing_hybrid', 'zaya', 'inkling_text', 'inkling2',
+                     'inkling2_text', 'inkling2_loop', 'inkling2_loop_text'],
+                    HYBRID + " is not in model.py"),
     **dict.fromkeys(['minicpm5_moe', 'afmoe', 'beam', 'laguna'],
                     "a gated attention output is not in model.py"),
     'cohere2_moe': "a parallel attention || MLP block is not in model.py",
-    'llama4_text': "its router weights scale the experts' input, not their output",
+    **dict.fromkeys(['llama4', 'llama4_text'],
+                    "its router weights scale the experts' input, not their output"),
     'phimoe': "the sparsemixer router and LayerNorms with biases are not in model.py",
     'dbrx': "LayerNorm without bias and clip_qkv are not in model.py's llama blocks",
     'gpt_oss': "attention sinks, a router bias and the clamped SwiGLU are not in model.py",
     'ernie4_5_moe': "its router adds the correction bias to softmax probabilities: "
                     "no router of moe.py does",
-    'aria_text': "its transposed experts with biases are not mapped yet",
+    'aria_text': "its experts, stored transposed as (E, d, 2I) and (E, I, d), have no mapping "
+                 "in the import",
     'flex_olmo': "post-norm blocks (OLMo-2) are not in model.py",
-    'kolibri1': "sandwich norms and NoPE layers are not in model.py",
+    **dict.fromkeys(['kolibri1', 'kolibri1_1'],
+                    "sandwich norms and NoPE layers are not in model.py"),
     'hunyuan_v1_moe': "qk-norm after the rotary embedding is not in model.py",
     'exaone_moe': "rotary embeddings on the sliding-window layers only are not in model.py",
-    'mellum': "sliding-window layers with their own rope_theta are not in model.py",
-    **dict.fromkeys(['doge', 'ergo', 'flint', 'gemma4_text', 'granitemoe_swa', 'jetmoe',
-                     'mimo_v2_flash', 'minimax_m3_vl'],
+    'mellum': "rope parameters per layer type (sliding-window layers with their own rope_theta) "
+              "are not in model.py",
+    **dict.fromkeys(['doge', 'ergo', 'flint', 'gemma4', 'gemma4_text', 'granitemoe_swa', 'jetmoe',
+                     'mimo_v2_flash', 'minimax_m3_vl', 'minimax_m3_vl_text'],
                     "its attention (dynamic masks, residual gates, sinks, mixture of attention "
                     "heads or sparse indexers) is not in model.py"),
 }
@@ -288,7 +298,7 @@ def moe_problem(cfg):
         return 'rope scaling'
     if cfg.hidden_act != 'silu':
         return f"hidden_act={cfg.hidden_act}"
-    if getattr(cfg, 'attention_bias', False) and cfg.model_type != 'glm4_moe':
+    if getattr(cfg, 'attention_bias', False) and cfg.model_type not in GLM4_MOE:
         return "a bias on the attention output projection"
     if getattr(cfg, 'mlp_bias', False):
         return 'MLP biases'
@@ -339,7 +349,7 @@ def hf_moe_args(cfg, name):
     if t == 'qwen2_moe':
         args |= dict(qkv_bias=cfg.qkv_bias, n_shared_experts=1, shared_gate=True,
                      shared_hidden=cfg.shared_expert_intermediate_size)
-    if t == 'glm4_moe':
+    if t in GLM4_MOE:
         # q, k and v only (its o_proj has none)
         args |= dict(qkv_bias=cfg.attention_bias)
     if t.startswith('granitemoe'):
@@ -455,8 +465,9 @@ def upcycle_model(dense, moe_args, expert_init='copy', expert_noise=0.0, router_
     if expert_init not in ('copy', 'split'):
         raise ValueError(f"expert_init={expert_init!r}: use 'copy' or 'split'")
     if config.moe_latent_size:
-        raise ValueError(f"moe_latent_size={config.moe_latent_size}: latent experts work in another "
-                         f"width than the dense MLP, so they cannot be copied from it: leave it 0")
+        raise ValueError(f"moe_latent_size={config.moe_latent_size}: latent experts work in "
+                         f"another width than the dense MLP, so they cannot be copied from it: "
+                         f"leave it 0")
     g = h // eh
     with torch.random.fork_rng():
         # the routers' other state: cosine's expert embeddings, hyper's embedding, moepp's c

@@ -174,6 +174,28 @@ def test_every_field_is_mapped_or_goes_to_remote_code(tmp_path):
     assert flipped_fields
 
 
+# the router options (a router's architecture settings, not its training knobs) of the native bases, each away from
+# its default with what it needs to be valid
+OPTION_AWAY = dict(n_group=dict(n_group=2), topk_group=dict(n_group=2, topk_group=2),
+                   score_function=dict(score_function='sqrtsoftplus'))
+
+
+def test_every_router_option_is_expressed_or_goes_to_remote_code(tmp_path):
+    """each option of the deepseek router (native as Solar-Open, dots1, GLM-4-MoE) away from its default: the
+    native class computes our function (exported and compared here, the bias perturbed) or the export is remote
+    code; softmax, the other routers native classes run, has no options"""
+    assert moe.ROUTERS['softmax'].options == {}
+    base = dict(arch='llama', bias=False, router='deepseek', n_experts=4, n_shared_experts=1)
+    assert export.native_arch(GPTConfig(**base)) == 'solar_open'
+    for name, default in moe.ROUTERS['deepseek'].options.items():
+        away = OPTION_AWAY.get(name) or {name: flipped(name, default)}
+        model = tiny(**base, router_options=away)
+        assert model.config.router_options[name] != default
+        native = export.native_arch(model.config)
+        print(f"{name}={model.config.router_options[name]!r}: {native or 'remote code'}")
+        cls = dict(solar_open='SolarOpenForCausalLM').get(native, 'NanoMoEForCausalLM')
+        assert_same_logits(model, exported(tmp_path, model, name=name, tokenizer=None), cls)
+
 # -----------------------------------------------------------------------------
 # remote code: every router, both flavours
 

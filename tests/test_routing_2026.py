@@ -550,6 +550,20 @@ def test_latent_active_parameters_and_mfu():
     assert model.estimate_mfu(4, 16, 2.0, 1e12) == pytest.approx(want, rel=1e-12)
 
 
+def test_latent_config_goes_after_a_router_or_alone():
+    """configs/latent.py after configs/sigmoid.py keeps sigmoid's routing; alone it brings
+    softmax top-2 with a shared expert; the latent width is n_embd / 4 either way"""
+    from cli import parse, settings_of
+    from conftest import REPO
+    train = settings_of(REPO / 'train.py')
+    after, _ = parse(train, ['--n_embd=64', config('sigmoid'), config('latent')])
+    alone, _ = parse(train, [config('latent')])
+    assert after['router'] == 'sigmoid' and after['n_shared_experts'] == 0
+    assert after['moe_latent_size'] == 16
+    assert (alone['router'], alone['top_k'], alone['n_shared_experts']) == ('softmax', 2, 1)
+    assert alone['moe_latent_size'] == alone['n_embd'] // 4
+
+
 def test_latent_resumes_and_trains_at_ep2_as_one_process(trainer):
     """configs/latent.py: resumed as the uninterrupted run, and at ep_size=2 (the exchange moves
     latent rows) as one process"""
@@ -682,6 +696,65 @@ def test_train_traces_and_replays(trainer):
                    for j in range(2) for i in range(3))
     bad = trainer.run(config_args('softmax', f'--routing_replay={two.out_dir}/none'), cache=False)
     assert bad.rc != 0 and 'routing_replay=' in bad.out and 'Traceback' not in bad.out
+
+
+# the methods as eval.py's analysis sees them: each router's own choice on its layer's input
+ANALYSED = {
+    'quantile': (dict(router='quantile', router_options=dict(qb_score_function='sqrtsoftplus')),
+                 lambda r, x: (r.gate(x) - r.qb_beta).topk(2, dim=-1).indices),
+    'sqrtsoftplus': (dict(router='deepseek', router_options=dict(score_function='sqrtsoftplus')),
+                     lambda r, x: (F.softplus(r.gate(x)).sqrt() + r.expert_bias).topk(2).indices),
+    'latent': (dict(router='softmax', moe_latent_size=8, n_shared_experts=1, arch='llama',
+                    bias=False), lambda r, x: r.gate(x).softmax(-1).topk(2, dim=-1).indices)}
+
+
+@pytest.mark.parametrize('name', list(ANALYSED))
+def test_eval_analysis_reads_each_method(name, tmp_path):
+    """eval.py's analysis records, for every MoE layer, the ids the router chose (top-k of
+    l - beta, of sqrt(softplus(l)) + b, of the router's softmax on the full hidden state: by hand
+    from each layer's input, with beta and the bias moved off 0); Drop-Top-1 keeps the others;
+    eval.py --analyze writes both for a task of a saved run"""
+    import json
+    import eval as ev
+    from conftest import TASKS
+    from test_export import save_run, tiny
+    kw, by_hand = ANALYSED[name]
+    model = tiny(n_experts=4, top_k=2, **kw)
+    with torch.no_grad():
+        for b_name, b in model.named_buffers():
+            if b_name.endswith(('qb_beta', 'expert_bias')):
+                b.copy_(3 * torch.randn(b.shape, generator=torch.Generator().manual_seed(3)))
+    inputs = [[] for _ in model.moe_layers()]
+    for m, kept in zip(model.moe_layers(), inputs):
+        m.router.register_forward_pre_hook(lambda mod, args, kept=kept: kept.append(args[0]))
+    lm = ev.MoELM(model, (None, None, model.config.vocab_size, 0))
+    rows = [list(range(100, 140)), list(range(300, 340))]
+    moved = []  # whether beta or the bias changed some choice of a layer
+    for drop in (False, True):
+        with moe.analysis(model, drop_top1=drop, record=True) as records:
+            lm.records, lm.task = records, f'drop{drop}'
+            lm.logits(rows, [(39, 40), (39, 40)])
+        for j, r in enumerate(model.moe_layers()):
+            ids, _ = lm.routing[f'drop{drop}'][j][0]
+            with torch.no_grad():
+                want = by_hand(r.router, inputs[j][-1])
+                moved.append(not torch.equal(want, r.router.gate(inputs[j][-1]).topk(2).indices))
+            assert torch.equal(ids, want[:, 1:] if drop else want), (name, drop, j)
+    assert any(moved) == (name != 'latent')
+    run = save_run(tmp_path / 'run', model)
+    ev.main([str(run), '--tasks', 'piqa', '--data_dir', str(TASKS), '--limit', '3',
+             '--batch_size', '4', '--analyze', '--routing_trace', '--device', 'cpu'])
+    out = json.loads((run / 'eval.json').read_text())
+    assert len(out['routing']['piqa']) == 2 and 'piqa' in out['drop_top1']
+    # eval.py's own trace: every scoring forward's ids, two per token; the analysis counts the
+    # scored tokens of the same forwards, the trace every token (the batches' padding too)
+    trace = moe.load_trace(run / 'routing_trace_eval.pt')
+    assert len(trace) == 2 and trace[0]
+    for j, layer in enumerate(trace):
+        counts = sum(torch.bincount(rec['ids'].flatten(), minlength=4) for rec in layer)
+        assert counts.sum() == 2 * sum(rec['ids'].shape[0] for rec in layer)
+        load = torch.tensor(out['routing']['piqa'][j]['load'])
+        assert (counts >= load).all() and ((counts > 0) == (load > 0)).all(), (j, counts, load)
 
 
 def test_sample_traces_and_eval_reads_the_trace(tmp_path, capsys):
