@@ -285,8 +285,8 @@ gpu = torch.cuda.get_device_name(device_name) if use_cuda and dtype_name != 'flo
 peak = peak_flops or gpu_peak(gpu)
 if master:
     layout = f", {parallel}" if ddp else ''
-    print(f"tokens per iteration: {tokens_per_iter:,} ({world_size} processes{layout}, "
-          f"ep_size {ep_size}, device {device_name})")
+    print(f"tokens per iteration: {tokens_per_iter:,} ({world_size} processes, ep_size {ep_size}"
+          f"{layout}, device {device_name})")
 
 # -----------------------------------------------------------------------------
 # data

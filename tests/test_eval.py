@@ -512,7 +512,7 @@ def test_cli_errors_are_one_line(tiny_moe_run, argv, message, capsys):
 
 # every eval.py command line of the README, study.py and the tests, with the settings it means
 DEFAULTS = dict(runs=[], tasks='', data_dir='', limit=0, batch_size=16, device='auto', dtype='float32',
-                tokenizer='', ppl=[], stride=0, ppl_windows=0, analyze=False, checkpoints=False,
+                tokenizer='', ppl=[], stride=0, ppl_windows=0, analyze=False, routing_trace=False, checkpoints=False,
                 compare=False, plot=False)
 TASKS_DIR = '../shared/data/tasks'
 WIKI = '../shared/data/wikitext2/wiki.test.nonempty_crlf.raw'

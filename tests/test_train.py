@@ -13,7 +13,7 @@ import torch
 from conftest import REPO, SCHEDULE, TINY, TRAIN, config
 
 sys.path.insert(0, str(REPO))
-from cli import configure  # noqa: E402
+from cli import configure, settings_of  # noqa: E402
 
 DEFAULTS = dict(out_dir='out', batch_size=16, n_layer=4, n_embd=128, n_head=4, n_kv_head=0, mlp_hidden=0,
                 arch='gpt2', router='dense', top_k=2, n_shared_experts=0, aux_loss_coef=0.01,
@@ -132,7 +132,8 @@ def test_config_trains_and_loss_falls(trainer, name):
     assert last < first - 0.3, f"loss did not fall: {losses}"
     val = r.val_losses()
     assert sorted(val) == [0, 5, 10] and val[10] < val[0] - 0.3, val
-    scope = {}
+    # a config file runs among train.py's settings (cli.parse), which it may read
+    scope = settings_of(TRAIN)
     exec(Path(config(name.split('+')[-1])).read_text(), scope)
     assert json.loads((r.out_dir / 'config.json').read_text())['router'] == scope['router']
     if name.startswith('llama'):
