@@ -7,17 +7,19 @@ moe.py's expert parallelism. train.py --parallel=fsdp uses it; docs/training.md#
   a 2-D mesh (edp, ep) whose EP groups are moe.expert_groups' consecutive ranks. Expert gradients
   are summed over edp and divided by the world size, as DDP's hand-written reduction does, so a step
   is one process's (tests/test_fsdp.py).
-- fully_shard per block, then on the whole model (embeddings, final norm, head). Parameters stay
-  float32 and are gathered so; bf16 is autocast's, as under DDP: FSDP's bf16 param_dtype would cast
-  the routers' weights, whose math is float32 for every router (docs/routers.md).
+- fully_shard per block, then on the whole model (embeddings, final norm, head). In bf16, FSDP's
+  MixedPrecisionPolicy gathers the matmul weights (attention, the experts, a dense MLP: units of
+  their own) in bf16, as autocast would cast them, and reduces their gradients in float32; the
+  norms, routers, embeddings and head stay float32 (every router's math is float32: docs/routers.md).
 - FSDP cuts a tensor along one dimension into torch.chunk's pieces: dim 0 (FSDP2's default), but
   dim 1 for the stacked experts (torchtitan's choice), whose dim 0 counts experts, often fewer than
   the ranks (a shared expert has one; ep_size 8 leaves one per rank). EP cuts dim 0 into E / ep_size
   experts. So a rank's part of a tensor is a block of the whole model's: index() says which, and
   checkpoint.py's sharded format stores each rank's block with its place.
 """
+import torch
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 import moe
@@ -34,10 +36,15 @@ def meshes(device_type, world_size, ep_size):
     return dense, mesh['edp'], mesh.get_group('ep'), mesh.get_group('edp')
 
 
-def shard(model, dense_mesh, expert_mesh=None):
+def shard(model, dense_mesh, expert_mesh=None, compute_dtype=torch.float32):
     """fully_shard model in place: the routed experts of each MoE layer over expert_mesh (with
-    expert parallelism), each block and then the whole model over dense_mesh"""
+    expert parallelism), each block and then the whole model over dense_mesh; with a compute_dtype
+    below float32 the matmul weights in units of their own, gathered in it"""
     world_size = dense_mesh.size()
+    low = compute_dtype != torch.float32
+    # the inputs stay as they come (autocast casts them for the matmuls, the routers take float32)
+    mixed = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32,
+                                 cast_forward_inputs=False)
     stacked = {p for m in model.modules() if isinstance(m, moe.Experts) for p in m.parameters()}
 
     def placement(p):
@@ -45,9 +52,16 @@ def shard(model, dense_mesh, expert_mesh=None):
         return Shard(1) if p in stacked else Shard(0)
 
     for block in model.transformer.h:
-        if expert_mesh is not None and isinstance(block.mlp, moe.MoE):
+        is_moe = isinstance(block.mlp, moe.MoE)
+        if low:
+            matmuls = [block.attn, *([block.mlp.shared] if is_moe else [block.mlp])]
+            for unit in filter(None, matmuls):
+                fully_shard(unit, mesh=dense_mesh, shard_placement_fn=placement, mp_policy=mixed)
+        if is_moe and (expert_mesh is not None or low):
             experts = block.mlp.experts
-            fully_shard(experts, mesh=expert_mesh, shard_placement_fn=placement)
+            fully_shard(experts, mesh=expert_mesh or dense_mesh, shard_placement_fn=placement,
+                        mp_policy=mixed if low else MixedPrecisionPolicy())
+        if is_moe and expert_mesh is not None:
             # summed over edp, divided by every rank: the mean over the world's tokens
             experts.set_gradient_divide_factor(world_size)
             # gloo has no PREMUL_SUM (NCCL's fused scaling): a sum, then the division (FSDP

@@ -371,7 +371,10 @@ if ddp:
     # balance_scope='global' sums the assignment counts over every rank (each holds other tokens)
     moe.set_balance_group(model, dist.group.WORLD)
 # FSDP moves each rank's shards to the device (the whole model never is there)
-model = fsdp.shard(model, dense_mesh, expert_mesh) if sharded else model.to(device_name)
+if sharded:
+    model = fsdp.shard(model, dense_mesh, expert_mesh, compute_dtype=DTYPES[dtype_name])
+else:
+    model.to(device_name)
 names = {p: n for n, p in model.named_parameters()}
 params = {n: p for p, n in names.items()}
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type,

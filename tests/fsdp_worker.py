@@ -11,6 +11,7 @@ loss must be the reference's loss on this rank's batch, and every parameter's gr
 import json
 import sys
 import traceback
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -84,13 +85,57 @@ def compare(case, rank, world):
     return bad
 
 
+def mixed_precision(rank, world):
+    """dtype bfloat16 (train.py: fsdp.shard's compute_dtype and autocast): attention, the experts and
+    the shared expert gathered in bf16, the router and the norms in float32; the loss and every
+    gradient (float32 shards) as the whole model's under the same autocast, to bf16's precision"""
+    torch.manual_seed(0)
+    cfg = make('shared_gate_llama', 1)
+    ref, model = GPT(cfg), GPT(cfg)
+    model.load_state_dict(ref.state_dict())
+    dense_mesh, _, _, _ = fsdp.meshes('cpu', world, 1)
+    fsdp.shard(model, dense_mesh, compute_dtype=torch.bfloat16)
+    seen = {}
+    block = model.transformer.h[0]
+    for name, m in (('attn', block.attn.c_proj), ('experts', block.mlp.experts),
+                    ('shared', block.mlp.shared), ('router', block.mlp.router.gate),
+                    ('norm', block.ln_1)):
+        def hook(mod, args, name=name):
+            # the parameter as the forward sees it, after FSDP's gather
+            seen.setdefault(name, next(mod.parameters()).dtype)
+        m.register_forward_pre_hook(hook)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        _, loss = model(batch(rank), batch(rank))
+    loss.backward()
+    losses = []
+    for r in range(world):
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            losses.append(ref(batch(r), batch(r))[1])
+        (losses[-1] / world).backward()
+    low = {'attn', 'experts', 'shared'}
+    bad = [f"{n} gathered in {dt}" for n, dt in seen.items()
+           if dt != (torch.bfloat16 if n in low else torch.float32)]
+    if len(seen) != 5:
+        bad.append(f"units seen: {sorted(seen)}")
+    if not torch.allclose(loss.float(), losses[rank].float(), rtol=1e-2):
+        bad.append(f"loss {loss.item()} != {losses[rank].item()}")
+    grads = dict(model.named_parameters())
+    for name, p in ref.named_parameters():
+        g = grads[name].grad
+        got = fsdp.whole(name, g)
+        if g.dtype != torch.float32 or not torch.allclose(got, p.grad, rtol=5e-2, atol=2e-3):
+            bad.append(f"{name}: {g.dtype}, max abs diff {(got - p.grad).abs().max().item():.3g}")
+    return bad
+
+
 def main():
     dist.init_process_group('gloo')
     rank, world = dist.get_rank(), dist.get_world_size()
     results = {}
-    for case in CASES:
+    for case in [*CASES, 'bfloat16']:
         try:
-            results[case] = compare(case, rank, world)
+            check = mixed_precision if case == 'bfloat16' else partial(compare, case)
+            results[case] = check(rank, world)
         except Exception:
             results[case] = [traceback.format_exc()]
     Path(sys.argv[1], f'rank{rank}.json').write_text(json.dumps(results))

@@ -41,13 +41,14 @@ def load(run):
 
 def test_every_router_sharded_gives_the_whole_models_loss_and_gradients(tmp_path):
     """tests/fsdp_worker.py at 2 processes: every router, capacity, a gated shared expert, expert
-    parallelism under FSDP (with recomputation) against the whole model in one process"""
+    parallelism under FSDP (with recomputation), bf16's mixed precision, against the whole model in
+    one process"""
     cmd = [*launcher(2), str(REPO / 'tests' / 'fsdp_worker.py'), str(tmp_path)]
     rc, out, err = run_command(cmd, tmp_path, child_env(), timeout=240)
     assert rc == 0, out + err
     for r in range(2):
         results = json.loads((tmp_path / f'rank{r}.json').read_text())
-        assert set(moe.ROUTERS) < set(results) and len(results) == len(moe.ROUTERS) + 4
+        assert set(moe.ROUTERS) < set(results) and len(results) == len(moe.ROUTERS) + 5
         bad = {case: problems for case, problems in results.items() if problems}
         assert not bad, bad
 
