@@ -254,3 +254,25 @@ def test_scripts_read_a_sharded_run_folder(trainer, tmp_path):
         assert r.returncode == 0, r.stdout + r.stderr
         texts.append(r.stdout)
     assert texts[0] == texts[1] and len(texts[0]) > 30
+
+
+def test_non_finite_steps_under_fsdp_stop_with_one_line_and_the_shards_intact(trainer, tmp_path):
+    """a learning rate that blows up, continued from FSDP's shards at iteration 5 in FSDP: every rank
+    skips the same 5 steps, the run stops with one line naming the shards, which still load as they
+    were"""
+    from checkpoint import read_shards
+    out = tmp_path / 'blown'
+    subprocess.run(['cp', '-r', str(half(trainer, 'fsdp').out_dir), str(out)], check=True)
+    before = read_shards(out / 'ckpt_shards')
+    r = trainer.run([*args('deepseek', *LAYOUTS['fsdp'][1]), '--init_from=resume', '--learning_rate=1e30',
+                     '--min_lr=1e30', '--max_iters=40'], nproc=2, out_dir=out, cache=False)
+    # one line, the same from each rank (torchrun's own report of the exit follows it)
+    assert r.rc != 0 and f'File "{REPO / "train.py"}"' not in r.out, r.out[-3000:]
+    errors = set(r.out.replace('train.py: error', '\ntrain.py: error').splitlines())
+    errors = {e for e in errors if e.startswith('train.py: error')}
+    assert len(errors) == 1, errors
+    line = errors.pop()
+    assert '5 steps in a row' in line and f"{out / 'ckpt_shards'} (iter 5) is intact" in line, line
+    after = read_shards(out / 'ckpt_shards')
+    assert after['iter_num'] == 5
+    assert all(torch.equal(after['model'][k], v) for k, v in before['model'].items())
