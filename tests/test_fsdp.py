@@ -108,12 +108,13 @@ def half(trainer, layout, four=()):
     return trainer.run(args('deepseek', *four, *extra, '--max_iters=5'), nproc=n).check()
 
 
-@pytest.mark.parametrize('before, after', [('one', 'fsdp_ep2'), ('fsdp', 'one')])
+@pytest.mark.parametrize('before, after', [('one', 'fsdp_ep2'), ('fsdp_ep2', 'fsdp'), ('fsdp', 'ddp')])
 def test_a_checkpoint_continues_in_another_layout(trainer, tmp_path, before, after):
     """a checkpoint continues in another layout: the same losses as the uninterrupted one-process
-    run (global batches are layout-free, tests/test_ep.py). One process's ckpt.pt in FSDP with
-    ep_size 2 (then sharded at 4 ranks, converted), FSDP's shards of 2 ranks in one process; FSDP's
-    gathered ckpt.pt: test_fsdp_training_equals_one_process; DDP <-> one process: test_ep.py"""
+    run (global batches are layout-free, tests/test_ep.py). A cycle through the layouts: one
+    process's ckpt.pt in FSDP with ep_size 2 at 4 ranks (saving sharded, then converted), those
+    shards in FSDP at 2 ranks, FSDP's shards in DDP, and DDP's ckpt.pt in one process
+    (tests/test_ep.py); FSDP's gathered ckpt.pt: test_fsdp_training_equals_one_process"""
     n_after, extra_after = LAYOUTS[after]
     four = FOUR if 4 in (LAYOUTS[before][0], n_after) else []
     full = trainer.run(args('deepseek', *four)).check()
