@@ -5,6 +5,8 @@ DDP on one node (gloo on CPU, nccl on GPU):
 $ torchrun --standalone --nproc_per_node=2 train.py configs/sigmoid.py
 Expert parallelism, each rank holding n_experts / ep_size of the experts:
 $ torchrun --standalone --nproc_per_node=2 train.py configs/sigmoid.py --ep_size=2
+Parameters, gradients and AdamW state sharded over the ranks (FSDP2, fsdp.py), with or without EP:
+$ torchrun --standalone --nproc_per_node=2 train.py configs/sigmoid.py --parallel=fsdp
 
 - Every setting is listed below with its default; config files (run left to right) and --key=value
   change them (cli.parse). The model's are GPTConfig's fields and the routers' options and knobs:
