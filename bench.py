@@ -24,6 +24,7 @@ Speed and memory of the MoE layer and of a training step, as ratios measured in 
   sigmoid router and for SmolLM2-135M's architecture upcycled to 4 experts.
 - The numbers and their machines: docs/performance.md.
 """
+import json
 import os
 import platform
 import statistics
@@ -35,8 +36,10 @@ import warnings
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import cli
+import fsdp
 import moe
 from model import GPT, GPTConfig, MLP
 
@@ -315,9 +318,6 @@ LIBMOE_MODELS = (('Phi-3.5-mini upcycled, 4 experts (LibMoE v1)', PHI35 | dict(n
 def layout_probe(spec):
     """under torchrun: training steps of one model in one layout -> rank 0 prints, per rank, the
     peak resident bytes, the bytes of parameters, gradients and AdamW state held, and tokens/s"""
-    import json
-    from torch.nn.parallel import DistributedDataParallel as DDP
-    import fsdp
     layout, recompute, name = spec.split(',')
     dist.init_process_group('gloo')
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -333,7 +333,8 @@ def layout_probe(spec):
         dense_mesh, expert_mesh, ep_group, _ = fsdp.meshes('cpu', world, ep)
         if ep > 1:
             moe.set_expert_parallel(model, ep_group)
-        trained = fsdp.shard(model, dense_mesh, expert_mesh)
+        # as train.py shards it: bf16 gathers where autocast would compute in bf16
+        trained = fsdp.shard(model, dense_mesh, expert_mesh, compute_dtype=dtype)
     opt = model.configure_optimizers(0.1, 1e-4, (0.9, 0.99), 'cpu')
     x = torch.randint(0, kw['vocab_size'], (B, S), generator=torch.Generator().manual_seed(rank))
     with open('/proc/self/clear_refs', 'w') as f:
@@ -362,7 +363,6 @@ def layout_probe(spec):
 
 
 def sharding_bench():
-    import json
     print(f"\nsharding: per rank of 2 processes (gloo), {args.reps} timed training steps "
           f"(forward, backward, AdamW), each layout in fresh processes\n{machine()}")
     print("| model | layout | activation checkpointing | peak resident MB (max rank) | "

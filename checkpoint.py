@@ -212,9 +212,10 @@ def load_checkpoint(ckpt_dir, device='cpu', fallback=False):
     previous checkpoint (ckpt.prev.pt, ckpt_shards.prev/), and note (a warning line) says so; else
     ValueError, one line naming the file and the fix."""
     path, prev = os.path.join(ckpt_dir, CKPT), os.path.join(ckpt_dir, PREVIOUS)
+    read = read_checkpoint
     if newer(os.path.join(ckpt_dir, SHARDS, META), path):
         path, prev = os.path.join(ckpt_dir, SHARDS), os.path.join(ckpt_dir, PREVIOUS_SHARDS)
-    read = read_shards if path.endswith(SHARDS) else read_checkpoint
+        read = read_shards
     try:
         return read(path, device), path, None
     except ValueError as e:
@@ -260,7 +261,11 @@ def save_shards(out_dir, ckpt, rank, barrier):
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     barrier()
-    drop = lambda entries: {n: e for n, e in entries.items() if e is not None}  # noqa: E731
+
+    def drop(entries):
+        # the tensors another rank writes
+        return {n: e for n, e in entries.items() if e is not None}
+
     mine = dict(model=drop(ckpt['model']))
     if 'optimizer' in ckpt:
         mine['optimizer'] = {n: drop(s) for n, s in ckpt['optimizer'].items()}

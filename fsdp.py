@@ -61,13 +61,13 @@ def shard(model, dense_mesh, expert_mesh=None, compute_dtype=torch.float32):
             experts = block.mlp.experts
             fully_shard(experts, mesh=expert_mesh or dense_mesh, shard_placement_fn=placement,
                         mp_policy=mixed if low else MixedPrecisionPolicy())
-        if is_moe and expert_mesh is not None:
-            # summed over edp, divided by every rank: the mean over the world's tokens
-            experts.set_gradient_divide_factor(world_size)
-            # gloo has no PREMUL_SUM (NCCL's fused scaling): a sum, then the division (FSDP
-            # divides by hand itself on a mesh of one rank, ep_size = the world)
-            experts.set_force_sum_reduction_for_comms(expert_mesh.device_type == 'cpu'
-                                                      and expert_mesh.size() > 1)
+            if expert_mesh is not None:
+                # summed over edp, divided by every rank: the mean over the world's tokens
+                experts.set_gradient_divide_factor(world_size)
+                # gloo has no PREMUL_SUM (NCCL's fused scaling): a sum, then the division (FSDP
+                # divides by hand itself on a mesh of one rank, ep_size = the world)
+                experts.set_force_sum_reduction_for_comms(expert_mesh.device_type == 'cpu'
+                                                          and expert_mesh.size() > 1)
         fully_shard(block, mesh=dense_mesh, shard_placement_fn=placement)
     fully_shard(model, mesh=dense_mesh, shard_placement_fn=placement)
     return model

@@ -281,7 +281,6 @@ class CosineRouter(Router):
         # a softmax over the k selected values
         return Routing(ids=ids, weights=v.softmax(-1), probs=p, logits=None)
 
-
     @classmethod
     @torch.no_grad()
     def after_step(cls, routers, step):
@@ -1418,34 +1417,29 @@ def local_tensor(name, t, ep_size, rank):
 def clip_grad_norm(model, max_norm, ep_size=1, ep_group=None, expert_dp_group=None,
                    sharded=False):
     """the true global gradient norm (every parameter counted once over all ranks), clipped to
-    max_norm when max_norm > 0. With ep_size > 1 the gradients of experts held by hand (not FSDP's)
-    are first summed over the ranks holding the same experts (scaled so the step equals one
-    process's); each counts once over the EP group, a dense one once. sharded (FSDP): an FSDP
-    gradient is already reduced and each element lives on one rank, so the local shards' squares
-    sum over all ranks"""
+    max_norm when max_norm > 0. DDP with ep_size > 1: expert grads first summed over the ranks
+    holding the same experts (scaled so the step equals one process's), then dense grads counted
+    once and each expert once over the EP group. sharded (FSDP): every gradient is already reduced
+    and each element lives on one rank, so the local shards' squares sum over all ranks"""
     device = next(model.parameters()).device
-    # sums of squares: replicated (DDP, one process), EP-local experts, FSDP shards
-    dense, expert, shards = (torch.zeros((), device=device) for _ in range(3))
+    dense, expert = torch.zeros((), device=device), torch.zeros((), device=device)
     grads = []  # this rank's gradient tensors (an FSDP shard's local part)
     for n, p in model.named_parameters():
         if p.grad is None:
             continue
-        g = p.grad
-        if isinstance(g, DTensor):
-            g = g.to_local()
-            shards += g.float().square().sum()
-        elif ep_size > 1 and is_expert(n):
+        g = p.grad.to_local() if sharded else p.grad
+        grads.append(g)
+        if ep_size > 1 and is_expert(n) and not sharded:
             dist.all_reduce(g, group=expert_dp_group)
             g.div_(dist.get_world_size())
             expert += g.float().square().sum()
         else:
             dense += g.float().square().sum()
-        grads.append(g)
     if sharded:
-        dist.all_reduce(shards)
-    if ep_size > 1:
+        dist.all_reduce(dense)
+    elif ep_size > 1:
         dist.all_reduce(expert, group=ep_group)
-    norm = (dense + expert + shards).sqrt()
+    norm = (dense + expert).sqrt()
     if max_norm > 0:
         scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
         for g in grads:
