@@ -350,7 +350,7 @@ def zero_shot(lm, name, spec, task_manager, limit=0):
     lm.task = name
     try:
         res = lm_eval.simple_evaluate(model=lm, tasks=[spec], task_manager=task_manager,
-                                      limit=limit or None, bootstrap_iters=1000, log_samples=False)
+                                      limit=limit or None, bootstrap_iters=1000, log_samples=True)
     except OSError as e:
         # ConnectionError included
         if not isinstance(spec, str):
@@ -361,7 +361,11 @@ def zero_shot(lm, name, spec, task_manager, limit=0):
     # 'acc,none' -> 'acc'
     scores = {k.split(',')[0]: v for k, v in results.items()
               if ',' in k and isinstance(v, (int, float))}
-    return {**scores, 'n': res['n-samples'][name]['effective']}
+    # each document's acc and acc_norm, as lm-eval's samples: the paired comparisons of study.py
+    samples = sorted(res['samples'][name], key=lambda d: d['doc_id'])
+    per_doc = {'doc_id': [d['doc_id'] for d in samples]}
+    per_doc |= {k: [float(d[k]) for d in samples] for k in ('acc', 'acc_norm') if k in scores}
+    return {**scores, 'n': res['n-samples'][name]['effective'], 'per_doc': per_doc}
 
 
 def ppl_tokens(source, spec, encode):
@@ -399,7 +403,8 @@ def perplexity(lm, tokens, n_bytes, stride=0, max_windows=0):
             break
     if max_windows and max_windows < len(windows):
         windows = [windows[i * len(windows) // max_windows] for i in range(max_windows)]
-    nll = 0.0
+    # each window's summed negative log-likelihood (nats), in the order of windows
+    window_nll = []
     for i in tqdm(range(0, len(windows), lm.batch_size), desc=f"perplexity {lm.task or ''}"):
         batch = windows[i:i + lm.batch_size]
         # the n new targets at the end of each window
@@ -407,13 +412,14 @@ def perplexity(lm, tokens, n_bytes, stride=0, max_windows=0):
         for row, (b, e, n) in zip(lm.logits([tokens[b:e] for b, e, _ in batch], spans), batch):
             # the targets of positions e-n .. e-1
             targets = torch.as_tensor(np.asarray(tokens[e - n + 1:e + 1], dtype=np.int64))
-            nll -= F.log_softmax(row, dim=-1).gather(1, targets[:, None]).sum().item()
+            window_nll.append(-F.log_softmax(row, dim=-1).gather(1, targets[:, None]).sum().item())
     # N - 1 unless sampled
     targets = sum(n for _, _, n in windows)
-    loss = nll / targets
+    loss = sum(window_nll) / targets
     bpb = loss / math.log(2) * N / n_bytes
+    # the windows' own numbers: paired comparisons of two runs window by window (study.py)
     return dict(loss=loss, ppl=math.exp(loss), bpb=bpb, tokens=N, bytes=n_bytes, stride=stride,
-                scored=targets)
+                scored=targets, window_nll=window_nll, window_targets=[n for _, _, n in windows])
 
 # -----------------------------------------------------------------------------
 # routing analysis

@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parent
 SETTINGS = dict(
     # cpu, gpu or tiny (SCALES): required
     scale='',
-    # all, scratch or upcycle
+    # all, scratch, upcycle or continue
     track='all',
     # comma-separated configurations (names of CONFIGS, as in the tables); '' = every one
     only='',
@@ -63,7 +63,7 @@ SETTINGS = dict(
     # nothing (a study stopped part way)
     report=False,
 )
-TRACKS = ('all', 'scratch', 'upcycle')
+TRACKS = ('all', 'scratch', 'upcycle', 'continue')
 
 
 def short(path):
@@ -113,6 +113,11 @@ CONFIGS = {
     'shared_softmax': (['shared_softmax'], {}),  # 1 shared + top-1
     'shared_sigmoid': (['shared_sigmoid'], {}),  # 1 shared + top-1
     'shared_gate': (['shared_gate'], {'top_k': 1}),  # Qwen2-MoE: gated shared expert + top-1
+    # DeepSeek-V3 as torchtitan trains it: no renormalisation, no balance loss; 1 shared + top-1
+    'deepseek_torchtitan': (['deepseek_torchtitan'], {'top_k': 1}),
+    # DeepSeek-V4's sqrt(softplus) scores; 1 shared + top-1
+    'sqrtsoftplus': (['sqrtsoftplus'], {'top_k': 1}),
+    'quantile': (['quantile'], {}),  # Megatron's quantile balancing, top-2
 }
 # variants of a router above them
 VARIANTS = ('softmax_global', 'cosine_libmoe', 'pertcos_xmoe')
@@ -146,8 +151,12 @@ SCALES = {
         upcycle_eval=dict(batch_size=32),
         # each router once: ~170 s per run on the 2-core CPU
         upcycle_configs=[n for n in CONFIGS if n not in VARIANTS],
+        # the continue track: the first seed's dense scratch run (N = its max_iters steps) trained N
+        # more steps, upcycled with each of these routers and trained N more, and each of these
+        # MoEs trained from scratch for 2N steps
+        continue_configs=['softmax', 'sigmoid', 'deepseek'],
         # seconds per run, for the first time-left estimate
-        expected=dict(scratch=85, upcycle=160)),
+        expected={'scratch': 60, 'upcycle': 110, 'continue': 80}),
     # one H100-class GPU in bf16, every configuration with 3 seeds:
     # 106 runs (docs/study.md: an estimate)
     'gpu': dict(
@@ -170,7 +179,8 @@ SCALES = {
         tasks=['piqa', 'arc_easy', 'arc_challenge', 'hellaswag', 'winogrande', 'lambada_openai',
                'boolq', 'openbookqa', 'copa'], limit=300, upcycle_eval=dict(batch_size=64),
         upcycle_configs=[n for n in CONFIGS if n not in VARIANTS],
-        expected=dict(scratch=60, upcycle=120)),
+        continue_configs=['softmax', 'sigmoid', 'deepseek'],
+        expected={'scratch': 60, 'upcycle': 120, 'continue': 60}),
     # the test suite's scale (tests/test_study.py): seconds per run, numbers without meaning
     'tiny': dict(
         device='cpu', dtype='float32', seeds=[1, 2], seeded=['softmax'],
@@ -186,7 +196,7 @@ SCALES = {
                       learning_rate=1e-3, min_lr=1e-4, warmup_iters=1, eval_interval=2,
                       eval_iters=1, log_interval=1),
         tasks=['copa'], limit=4, upcycle_eval=dict(batch_size=4), upcycle_configs=list(CONFIGS),
-        expected=dict(scratch=10, upcycle=15)),
+        continue_configs=['softmax'], expected={'scratch': 10, 'upcycle': 15, 'continue': 10}),
 }
 # the allowed values of the settings (cli.problem); --scale is required (parse_args)
 LIMITS = dict(scale=tuple(SCALES), track=TRACKS, only='text', source='path', out='writable',
@@ -221,15 +231,61 @@ def scratch_run(s, name, seed, root):
         active = c['top_k'] + c['n_shared_experts']  # experts of expert_hidden each, per token
         settings['expert_hidden'] = width // active
     train = ['train.py', *(f'configs/{f}.py' for f in files), *flags(settings),
-             f"--dataset={s['scratch_dataset']}", f"--seed={seed}", f"--device={s['device']}",
-             f"--dtype={s['dtype']}",
-             '--always_save_checkpoint=True', f'--out_dir={out}']
-    data = Path('data') / s['scratch_dataset']
-    evaluate = ['eval.py', str(out), '--ppl', str(data), '--ppl', str(WIKITEXT), '--analyze',
-                f"--dtype={s['dtype']}", f"--device={s['device']}", *flags(s['scratch_eval'])]
+             *scratch_flags(s, seed, out)]
     return dict(track='scratch', config=name, seed=seed, dir=str(out),
-                steps=dict(train=train, eval=evaluate),
+                steps=dict(train=train, eval=eval_ppl(s, out)),
                 resumable=settings.get('save_optimizer', True))
+
+
+def scratch_flags(s, seed, out):
+    return [f"--dataset={s['scratch_dataset']}", f"--seed={seed}", f"--device={s['device']}",
+            f"--dtype={s['dtype']}", '--always_save_checkpoint=True', f'--out_dir={out}']
+
+
+def eval_ppl(s, run_dir):
+    """eval.py on the held-out books and wikitext-2, with the routing analysis"""
+    data = Path('data') / s['scratch_dataset']
+    return ['eval.py', str(run_dir), '--ppl', str(data), '--ppl', str(WIKITEXT), '--analyze',
+            f"--dtype={s['dtype']}", f"--device={s['device']}", *flags(s['scratch_eval'])]
+
+
+def continue_runs(s, root, routers):
+    """the continue track (sparse upcycling against further dense training, Komatsuzaki et al.
+    2023): the first seed's dense scratch run, N steps, continued N more steps (a) as dense,
+    (b) upcycled with each router (8 copies of its MLP) on the same tokens, against (c) the same
+    MoE trained from scratch for 2N steps, whose first N steps see the dense run's tokens"""
+    seed, n = s['seeds'][0], s['scratch']['max_iters']
+    first = root / 'scratch' / f"dense_s{seed}"
+    # the dense MLP's hidden units: an upcycled expert is a copy of it
+    width = 4 * s['scratch']['n_embd']
+    # the second N steps take the batches of iterations N..2N-1, as (c) does
+    after = dict(s['scratch'], data_start=n)
+
+    def run(label, name, arm, configs, train, upcycle=None):
+        out = root / 'continue' / label
+        steps = dict(upcycle=upcycle) if upcycle else {}
+        steps['train'] = ['train.py', *configs, *flags(train), *scratch_flags(s, seed, out)]
+        steps['eval'] = eval_ppl(s, out)
+        return dict(track='continue', config=label, router=name, arm=arm, seed=seed, dir=str(out),
+                    steps=steps)
+    runs = [run('dense_continued', 'dense', 'dense', ['configs/dense.py'],
+                {**after, 'init_from': first})]
+    for name in routers:
+        files, extra = CONFIGS[name]
+        configs = [f'configs/{f}.py' for f in files]
+        # LibMoE's shared-expert upcycling, as the upcycle track: 0.5 + 0.5 = the dense MLP
+        scales = (dict(shared_scale=0.5, routed_scale=0.5)
+                  if {**file_settings(files), **extra}['n_shared_experts'] else {})
+        moe = {'n_experts': s['scratch']['n_experts'], **extra, **scales}
+        upcycled = root / 'continue' / f'{name}_upcycled' / 'upcycled'
+        runs.append(run(f'{name}_upcycled', name, 'upcycled', configs,
+                        {**after, **extra, 'init_from': upcycled},
+                        upcycle=['upcycle.py', f'--init_from={first}', *configs, *flags(moe),
+                                 f'--seed={seed}', f'--out_dir={upcycled}']))
+        runs.append(run(f'{name}_scratch', name, 'scratch', configs,
+                        {**s['scratch'], 'max_iters': 2 * n, **extra, 'expert_hidden': width,
+                         **scales}))
+    return runs
 
 
 def upcycle_run(s, name, seed, root):
@@ -272,13 +328,18 @@ def plan(scale, tracks, only, root, source):
     names = [n for n in CONFIGS if not only or n in only]
     corpus = [str(p) for p in s['corpus']]
     prep = {}
-    if 'scratch' in tracks:
+    if 'scratch' in tracks or 'continue' in tracks:
         prep['data_scratch'] = ['prepare.py', '--input', *corpus, '--tokenizer', 'gpt2',
                                 '--name', s['scratch_dataset']]
     runs = []
     for name in (n for n in names if n in s['scratch_configs']):
         for seed in (s['seeds'] if name in s['seeded'] else s['seeds'][:1]):
             runs += [scratch_run(s, name, seed, root)] if 'scratch' in tracks else []
+    if 'continue' in tracks:
+        first = scratch_run(s, 'dense', s['seeds'][0], root)
+        # its first N steps: the scratch track's dense run of the first seed
+        runs += [first] if first['dir'] not in [r['dir'] for r in runs] else []
+        runs += continue_runs(s, root, [n for n in s['continue_configs'] if n in names])
     if 'upcycle' in tracks:
         spec = ('gguf:' if source.endswith('.gguf') else 'hf:') + source
         prep['data_upcycle'] = ['prepare.py', '--input', *corpus, '--tokenizer', spec,
@@ -338,7 +399,8 @@ def run_steps(run, log_name='study.log'):
         print(f"    {step} ...", flush=True)
         # train.py from scratch continues its own checkpoint; an
         # upcycled fine-tune keeps no optimizer: restarts
-        resume = (step == 'train' and run['track'] == 'scratch' and run.get('resumable', True)
+        resume = (step == 'train' and run['track'] in ('scratch', 'continue')
+                  and run.get('resumable', True)
                   and (folder / 'ckpt.pt').is_file())
         seconds, text = execute(f"{run['track']}/{run['name']} {step}", argv, folder / log_name,
                                 resume)
@@ -395,7 +457,7 @@ def collect(run, steps):
     train = [r for r in rows if isinstance(r.get('loss'), float)]
     total, active = param_counts(ev['model_args'])
     out = dict(track=run['track'], config=run['config'], seed=run['seed'], dir=run['dir'],
-               params=total,
+               router=run.get('router', run['config']), arm=run.get('arm'), params=total,
                active_params=active, commands={k: v['command'] for k, v in steps.items()},
                seconds={k: v['seconds'] for k, v in steps.items()},
                wall_seconds=sum(v['seconds'] for v in steps.values()),
@@ -410,11 +472,14 @@ def collect(run, steps):
     vals = [r['val_loss'] for r in rows if 'val_loss' in r]
     # train.py's last validation loss (its fixed batches)
     out['val_loss'] = vals[-1] if vals else None
-    if run['track'] == 'scratch':
+    if run['track'] in ('scratch', 'continue'):
         heldout = str(Path('data') / SCALES[run['scale']]['scratch_dataset'])
         for key, src in (('heldout', heldout), ('wikitext', str(WIKITEXT))):
             p = ev['ppl'][src]
-            out[key] = dict(loss=p['loss'], bpb=p['bpb'], ppl=p['ppl'], scored=p.get('scored'))
+            # each window's nats: the paired comparisons (verdicts)
+            out[key] = dict(loss=p['loss'], bpb=p['bpb'], ppl=p['ppl'], scored=p.get('scored'),
+                            window_nll=p['window_nll'], window_targets=p['window_targets'],
+                            tokens=p['tokens'], bytes=p['bytes'])
             routing = ev.get('routing', {}).get(f'ppl:{src}')
             if routing:
                 out[key]['routing'] = {k: layer_mean(routing, k) for k in
@@ -423,7 +488,10 @@ def collect(run, steps):
                                         'weight_entropy', 'margin', 'dropped')}
                 out[key]['layer_load'] = [r['load'] for r in routing]
     else:
-        out['tasks'] = {t: dict(acc=v.get('acc'), acc_norm=v.get('acc_norm'), n=v['n'])
+        # each document's scores: the paired comparisons (verdicts)
+        out['tasks'] = {t: dict(acc=v.get('acc'), acc_norm=v.get('acc_norm'), n=v['n'],
+                                acc_stderr=v.get('acc_stderr'),
+                                acc_norm_stderr=v.get('acc_norm_stderr'), per_doc=v['per_doc'])
                         for t, v in ev['tasks'].items()}
         out['average'] = ev['average']
     return out
@@ -585,7 +653,8 @@ def machine():
                 torch_threads=torch.get_num_threads(),
                 torch=torch.__version__, gpu=gpu, python=platform.python_version(),
                 env={k: os.environ[k]
-                     for k in ('ATEN_CPU_CAPABILITY', 'MKL_ENABLE_INSTRUCTIONS', 'OMP_NUM_THREADS')
+                     for k in ('ATEN_CPU_CAPABILITY', 'MKL_ENABLE_INSTRUCTIONS', 'OMP_NUM_THREADS',
+                               'MALLOC_MMAP_THRESHOLD_', 'MALLOC_TRIM_THRESHOLD_')
                      if k in os.environ})
 
 
@@ -662,7 +731,7 @@ def main(argv=None):
 
 def run_study(args, command):
     """the study of the settings args (parse_args): plan, run what is not finished, report"""
-    tracks = ['scratch', 'upcycle'] if args['track'] == 'all' else [args['track']]
+    tracks = ['scratch', 'continue', 'upcycle'] if args['track'] == 'all' else [args['track']]
     only = [n for n in args['only'].split(',') if n]
     unknown = [n for n in only if n not in CONFIGS]
     if unknown:
@@ -683,7 +752,7 @@ def run_study(args, command):
     root = short(Path(args['out']) / args['scale'])
     prep, runs = plan(args['scale'], tracks, only, root,
                       str(short(source)) if source else '')
-    every_run = len(plan(args['scale'], ['scratch', 'upcycle'], [], root, '')[1])
+    every_run = len(plan(args['scale'], ['scratch', 'continue', 'upcycle'], [], root, '')[1])
 
     def results_dir(finished):
         """where the tables go: results/<scale> only for the complete study (--results: there)"""
@@ -710,9 +779,12 @@ def run_study(args, command):
                              f"run python study.py --scale {args['scale']} first "
                              f"(or pass --out=<the folder it wrote to>)")
         steps = Path(root, 'study_steps.json')
+        # the wall time of the last call that ran the study to its end
+        wall = Path(root, 'study_wall.json')
         written = report(args['scale'], done,
                          json.loads(steps.read_text()) if steps.is_file() else {}, command,
-                         results_dir(len(done)), None)
+                         results_dir(len(done)),
+                         json.loads(wall.read_text())['seconds'] if wall.is_file() else None)
         print(f"study {args['scale']}: {len(done)} of {len(runs)} runs finished; wrote "
               + ', '.join(map(str, written)))
         return
@@ -720,6 +792,10 @@ def run_study(args, command):
     os.environ.setdefault('TIKTOKEN_CACHE_DIR', str(SHARED / 'gpt2' / 'tiktoken_cache'))
     os.environ.setdefault('HF_HUB_OFFLINE', '1')
     os.environ.setdefault('HF_DATASETS_OFFLINE', '1')
+    # glibc's malloc keeps freed blocks instead of returning them to the kernel and faulting them
+    # in again at the next step: 1.6x faster training on CPU, the same numbers (docs/study.md)
+    os.environ.setdefault('MALLOC_MMAP_THRESHOLD_', str(2 ** 32))
+    os.environ.setdefault('MALLOC_TRIM_THRESHOLD_', str(2 ** 36))
     started = time.time()
     print(f"study {args['scale']}: {len(runs)} runs ({', '.join(tracks)}); folders in {root}",
           flush=True)
@@ -770,6 +846,7 @@ def run_study(args, command):
     except KeyboardInterrupt:
         sys.exit(f"\nstudy.py: interrupted; "
                  f"run the same command again to resume (finished runs are kept)")
+    Path(root, 'study_wall.json').write_text(json.dumps(dict(seconds=time.time() - started)))
     written = report(args['scale'], results, prep_done, command, results_dir(len(results)),
                      time.time() - started)
     print(f"study {args['scale']}: {len(results)} runs in {time.time() - started:.0f} s; wrote "

@@ -73,6 +73,9 @@ wandb_run_name = 'run'
 dataset = 'shakespeare_char'  # data/<dataset>/ from prepare.py (this one made here when missing)
 gradient_accumulation_steps = 2  # micro-batches per step over all ranks (divided over the ranks)
 batch_size = 16  # sequences per micro-batch
+# step it trains on the batch of iteration data_start + it: a run continued from another run's
+# checkpoint folder passes the iteration that run reached, and sees the tokens that come after it
+data_start = 0
 block_size = 128
 # model: GPTConfig's fields (model.py) with a small model's defaults; vocab_size comes from the data
 arch = 'gpt2'  # 'gpt2' or 'llama'
@@ -175,7 +178,8 @@ DEFAULTS |= {k: v for k, v in moe.router_settings().items() if k not in DEFAULTS
 # declared with GPTConfig's fields and the routers' settings (model.limits())
 LIMITS = dict(
     out_dir='writable', eval_interval='>= 1', log_interval='>= 1', progress_interval='>= 0',
-    eval_iters='>= 1', init_from='text', wandb_project='text', wandb_run_name='text',
+    eval_iters='>= 1', data_start='>= 0', init_from='text', wandb_project='text',
+    wandb_run_name='text',
     dataset='text', gradient_accumulation_steps='>= 1', batch_size='>= 1', learning_rate='> 0',
     max_iters='>= 0', weight_decay='>= 0', beta1='[0, 1)', beta2='[0, 1)', grad_clip='>= 0',
     router_lr_scale='>= 0', warmup_iters='>= 0', lr_decay_iters='>= 0', min_lr='>= 0',
@@ -330,7 +334,7 @@ def train_offsets(it):
     """this rank's micro-batches of iteration it: [local_accum][batch_size] offsets in the global
     batch"""
     n = gradient_accumulation_steps * batch_size
-    offsets = sample_offsets('train', n, seed * 1_000_003 + it)
+    offsets = sample_offsets('train', n, seed * 1_000_003 + data_start + it)
     mine = offsets[rank * local_accum * batch_size:(rank + 1) * local_accum * batch_size]
     return [mine[m * batch_size:(m + 1) * batch_size] for m in range(local_accum)]
 
