@@ -2,17 +2,24 @@
 The router study: every router configuration under one protocol, in one command (LibMoE's comparison
 of MoE algorithms, in miniature on a CPU and at a real scale on one GPU).
 
-    python study.py --scale cpu               # both tracks on a 2-core CPU in float32 (results/cpu)
+    python study.py --scale cpu               # three tracks on a 2-core CPU in float32 (results/cpu)
     python study.py --scale gpu               # sized for under 3 hours on one H100-class GPU
     python study.py --scale cpu --track scratch --only dense,softmax,deepseek # a part (table names)
+    python study.py --scale cpu --compare tcmoe,dense   # one paired comparison with its verdict
     python study.py --scale gpu --dry_run     # print every run's commands, run nothing
     python study.py --scale cpu --report      # the tables of the runs finished so far
 
-- Two tracks, the same configurations (CONFIGS) in each. scratch: a GPT-2-BPE model trained from
-  scratch on the Gutenberg books, every configuration at the dense model's active FFN width with the
-  same tokens, data order and seed, so that rows differ in their routing only. upcycle: SmolLM2-135M
+- Three tracks. scratch: a GPT-2-BPE model trained from scratch on the Gutenberg books, every
+  configuration (CONFIGS) at the dense model's active FFN width with the same tokens, data order and
+  seed, so that rows differ in their routing only. continue: that dense model after N steps, trained
+  N more as dense, upcycled with a few routers and trained the same N steps on the same tokens, and
+  the same MoEs from scratch for 2N (Komatsuzaki et al. 2023's question). upcycle: SmolLM2-135M
   upcycled with each router, fine-tuned with one budget, scored by eval.py on the local zero-shot
   tasks.
+- Verdicts, not only means: each configuration against dense and softmax, paired by seed and by
+  evaluation window or document (eval.json keeps each), with a 95% bootstrap interval and one word,
+  better, worse or within noise; one seed borrows the seeds' noise from the seeded configurations
+  (tests/test_study.py checks the bootstrap against its exact distribution on a hand-made case).
 - Each run is a list of commands of this repository's scripts (prepare.py, upcycle.py, train.py,
   eval.py): the study runs nothing a reader cannot run by hand, and their text and wall times go to
   study.json.
@@ -23,7 +30,7 @@ of MoE algorithms, in miniature on a CPU and at a real scale on one GPU).
   writes next to its runs, in out/study/<scale>/, so the committed results are never replaced by a
   fraction of them (tests/test_study.py checks results/cpu against today's plan, command for
   command).
-The protocol (sizes, budgets, seeds, what each table shows):
+The protocol (sizes, budgets, seeds, the verdicts' statistics):
 docs/study.md; the cpu results: results/cpu/.
 """
 import json
@@ -62,6 +69,9 @@ SETTINGS = dict(
     # write the tables and figures of the runs finished so far, run
     # nothing (a study stopped part way)
     report=False,
+    # A,B: A minus B on every metric of every track holding both, with its 95% interval and
+    # verdict, from the finished runs (else from results/<scale>/study.json); runs nothing
+    compare='',
 )
 TRACKS = ('all', 'scratch', 'upcycle', 'continue')
 
@@ -130,7 +140,7 @@ SCALES = {
     # results/cpu/README.md gives the measured time
     'cpu': dict(
         device='cpu', dtype='float32', seeds=[1337, 1338, 1339],
-        seeded=['dense', 'softmax', 'sigmoid'],
+        seeded=['dense', 'softmax', 'sigmoid'], upcycle_seeded=['dense', 'softmax', 'sigmoid'],
         corpus=[GUTENBERG], scratch_dataset='gutenberg_gpt2', upcycle_dataset='gutenberg_smollm2',
         # 40 x 2,048 tokens
         scratch=dict(n_layer=4, n_head=4, n_embd=128, block_size=256, batch_size=8,
@@ -161,6 +171,9 @@ SCALES = {
     # 106 runs (docs/study.md: an estimate)
     'gpu': dict(
         device='cuda', dtype='bfloat16', seeds=[1337, 1338, 1339], seeded=list(CONFIGS),
+        # the upcycle track's other configurations once: its single-seed verdicts take the seeds'
+        # part of the noise from these three
+        upcycle_seeded=['dense', 'softmax', 'sigmoid'],
         corpus=[GUTENBERG], scratch_dataset='gutenberg_gpt2', upcycle_dataset='gutenberg_smollm2',
         # 500 x 32,768 tokens = 16.4M; only the final weights (57
         # runs): an interrupted run starts again
@@ -183,7 +196,7 @@ SCALES = {
         expected={'scratch': 60, 'upcycle': 120, 'continue': 60}),
     # the test suite's scale (tests/test_study.py): seconds per run, numbers without meaning
     'tiny': dict(
-        device='cpu', dtype='float32', seeds=[1, 2], seeded=['softmax'],
+        device='cpu', dtype='float32', seeds=[1, 2], seeded=['softmax'], upcycle_seeded=['softmax'],
         corpus=[GUTENBERG / 'pg1656.txt', GUTENBERG / 'pg1974.txt', GUTENBERG / 'pg6763.txt'],
         scratch_dataset='study_tiny_gpt2', upcycle_dataset='study_tiny_source',
         scratch=dict(n_layer=1, n_head=2, n_embd=16, block_size=32, batch_size=4,
@@ -200,7 +213,7 @@ SCALES = {
 }
 # the allowed values of the settings (cli.problem); --scale is required (parse_args)
 LIMITS = dict(scale=tuple(SCALES), track=TRACKS, only='text', source='path', out='writable',
-              results='writable')
+              results='writable', compare='text')
 
 
 def flags(settings):
@@ -351,7 +364,7 @@ def plan(scale, tracks, only, root, source):
                              dir=str(root / 'upcycle' / 'source'),
                              steps=dict(eval=eval_tasks(s, root / 'upcycle' / 'source'))))
         for name in (n for n in names if n in s['upcycle_configs']):
-            for seed in (s['seeds'] if name in s['seeded'] else s['seeds'][:1]):
+            for seed in (s['seeds'] if name in s['upcycle_seeded'] else s['seeds'][:1]):
                 runs.append(upcycle_run(s, name, seed, root))
     return prep, runs
 
@@ -408,6 +421,12 @@ def run_steps(run, log_name='study.log'):
         folder.mkdir(parents=True, exist_ok=True)
         done_path.write_text(json.dumps(done, indent=2))
     return done
+
+
+def finished_runs(runs):
+    """the numbers of the runs that finished with the plan's commands"""
+    return [json.loads(Path(r['dir'], 'study.json').read_text()) for r in runs
+            if Path(r['dir'], 'study.json').is_file() and not stale(r)]
 
 
 def stale(run):
@@ -558,7 +577,7 @@ def upcycle_table(results):
     for name, rs in groups.items():
         lines.append('| ' + ' | '.join([
             name, str(len(rs)) if rs[0]['seed'] is not None else '—',
-            *(cell([main_score(r['tasks'][t]) for r in rs], 100, 1) for t in tasks),
+            *(score_cell(rs, t) for t in tasks),
             cell([r['average'] for r in rs], 100, 1),
             cell([r['val_loss'] for r in rs]), f"{rs[0]['active_params'] / 1e6:.1f}M",
             cell([r.get('train_load_cv') for r in rs], digits=2),
@@ -572,6 +591,295 @@ def noise_line(results, track, key):
            if len(rs) > 1]
     sds = [sd for sd in sds if sd is not None]
     return sum(sds) / len(sds) if sds else None
+
+
+# -----------------------------------------------------------------------------
+# verdicts: paired differences with a bootstrap interval (docs/study.md#verdicts)
+
+# the two-sided 95% normal quantile, and the one for 80% power (minimum detectable difference)
+Z95, Z80 = 1.959964, 0.841621
+DRAWS = 4000
+# each track's metrics: (source or task, measure); 'average' = the mean over the tasks
+PPL_METRICS = [('heldout', 'loss'), ('heldout', 'bpb'), ('wikitext', 'loss'), ('wikitext', 'bpb')]
+# the configurations each track compares every other one with
+REFERENCES = {'scratch': ('dense', 'softmax'), 'upcycle': ('dense', 'softmax'),
+              'continue': ('dense_continued',)}
+
+
+def replicates(groups, draws, rng):
+    """the bootstrap replicates of a paired difference: seeds and, within each group, windows (or
+    documents) drawn with replacement, the same seeds for every group. groups: [(d_SW, t_W)], each
+    common seed's and window's summed difference (A - B) and the window's weight (scored tokens;
+    1 for a document); statistic: the mean over groups of the mean over seeds of
+    sum_w d / sum_w t. -> (point estimate, replicates (draws,))"""
+    import numpy as np
+    S = groups[0][0].shape[0]
+    seeds = rng.multinomial(S, [1 / S] * S, size=draws)  # (draws, S): how often each seed is drawn
+    point, reps = 0.0, np.zeros(draws)
+    for d_SW, t_W in groups:
+        W = len(t_W)
+        windows = rng.multinomial(W, [1 / W] * W, size=draws)  # (draws, W)
+        per_seed = (windows @ d_SW.T) / (windows @ t_W)[:, None]  # (draws, S)
+        reps += (per_seed * seeds).sum(1) / S
+        point += (d_SW.sum(1) / t_W.sum()).mean()
+    return point / len(groups), reps / len(groups)
+
+
+def verdict(low, high, lower_is_better):
+    """better, worse or within noise: whether the 95% interval of A - B excludes zero, and on
+    which side"""
+    if low > 0:
+        return 'worse' if lower_is_better else 'better'
+    if high < 0:
+        return 'better' if lower_is_better else 'worse'
+    return 'within noise'
+
+
+def run_value(r, metric):
+    """a run's number of a metric: ppl (source, 'loss' | 'bpb'), a task's main score, 'average'"""
+    where, what = metric
+    if where == 'average':
+        return r['average']
+    return r[where][what] if what in ('loss', 'bpb') else main_score(r['tasks'][where])
+
+
+def doc_scores(task):
+    return task['per_doc']['acc_norm' if 'acc_norm' in task['per_doc'] else 'acc']
+
+
+def pair_groups(a_runs, b_runs, metric):
+    """(groups as replicates takes them, the common seeds, the factor to the metric's unit) of two
+    configurations' runs, paired by seed and by window or document"""
+    import numpy as np
+    a = {r['seed']: r for r in a_runs}
+    b = {r['seed']: r for r in b_runs}
+    seeds = sorted(s for s in a if s in b and s is not None)
+    if not seeds:
+        return None, [], 1.0
+    where, what = metric
+    if what in ('loss', 'bpb'):
+        first = a[seeds[0]][where]
+        t_W = np.array(first['window_targets'], dtype=float)
+        d_SW = np.array([np.subtract(a[s][where]['window_nll'], b[s][where]['window_nll'])
+                         for s in seeds])
+        # bits per byte: nats per token times the source's tokens per byte over ln 2 (eval.py)
+        factor = first['tokens'] / first['bytes'] / math.log(2) if what == 'bpb' else 1.0
+        return [(d_SW, t_W)], seeds, factor
+    tasks = list(a[seeds[0]]['tasks']) if where == 'average' else [where]
+    groups = []
+    for t in tasks:
+        ids = {tuple(r['tasks'][t]['per_doc']['doc_id']) for r in (*a.values(), *b.values())}
+        if len(ids) != 1:
+            raise ValueError(f"{t}: the runs scored different documents; evaluate them with the "
+                             f"same --limit")
+        d_SW = np.array([np.subtract(doc_scores(a[s]['tasks'][t]), doc_scores(b[s]['tasks'][t]))
+                         for s in seeds])
+        groups.append((d_SW, np.ones(d_SW.shape[1])))
+    return groups, seeds, 100.0
+
+
+def seed_noise(results, track, metric):
+    """the standard deviation a difference of two runs of different seeds' owes to the seeds:
+    sqrt(2) times the seeded configurations' pooled standard deviation over seeds (0 if none)"""
+    variances = []
+    for rs in grouped(results, track).values():
+        xs = [run_value(r, metric) for r in rs if r['seed'] is not None]
+        if len(xs) > 1:
+            m = sum(xs) / len(xs)
+            variances.append(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+    return math.sqrt(2 * sum(variances) / len(variances)) if variances else 0.0
+
+
+def compare_runs(a_runs, b_runs, metric, noise, rng_seed=0):
+    """A - B on a metric with its 95% interval and verdict, or None where no seed is common.
+    Two or more common seeds: a bootstrap over seeds and windows (documents); one: over windows,
+    the seeds' part of the noise added as N(0, noise^2) (noise: seed_noise, in the metric's unit)"""
+    import numpy as np
+    groups, seeds, factor = pair_groups(a_runs, b_runs, metric)
+    if not seeds:
+        return None
+    rng = np.random.default_rng(rng_seed)
+    point, reps = replicates(groups, DRAWS, rng)
+    point, reps = point * factor, reps * factor
+    if len(seeds) == 1:
+        reps = reps + rng.normal(0.0, noise, DRAWS)
+    low, high = np.percentile(reps, [2.5, 97.5])
+    lower_is_better = metric[1] in ('loss', 'bpb')
+    return dict(diff=float(point), low=float(low), high=float(high), sd=float(reps.std()),
+                seeds=len(seeds), verdict=verdict(low, high, lower_is_better))
+
+
+def track_metrics(results, track):
+    if track != 'upcycle':
+        return PPL_METRICS
+    tasks = list(dict.fromkeys(t for r in results if r['track'] == track for t in r['tasks']))
+    return [(t, 'score') for t in tasks] + [('average', 'score')]
+
+
+def verdicts(results):
+    """{track: {config: {reference: {metric name: compare_runs}}}}, and {track: {metric name:
+    minimum detectable difference for 1 and for 3 seeds}}"""
+    out, detectable = {}, {}
+    for track, refs in REFERENCES.items():
+        groups = grouped(results, track)
+        # the continue track's runs have one seed: the scratch track's seeds give its noise
+        noise_track = 'scratch' if track == 'continue' else track
+        metrics = track_metrics(results, track)
+        noise = {m: seed_noise(results, noise_track, m) for m in metrics}
+        table, sds = {}, {}
+        for name, rs in groups.items():
+            for ref in refs:
+                if name == ref or ref not in groups:
+                    continue
+                for m in metrics:
+                    c = compare_runs(rs, groups[ref], m, noise[m])
+                    if c is None:
+                        continue
+                    table.setdefault(name, {}).setdefault(ref, {})[metric_name(m)] = c
+                    if ref == refs[0]:
+                        sds.setdefault(metric_name(m), {}).setdefault(c['seeds'], []).append(c['sd'])
+        if table:
+            out[track] = table
+            detectable[track] = {m: {n: (Z95 + Z80) * sorted(v)[len(v) // 2] for n, v in by.items()}
+                                 for m, by in sds.items()}
+    return out, detectable
+
+
+def metric_name(metric):
+    where, what = metric
+    return where if what == 'score' else f"{where} {what}"
+
+
+def comparison(scale, pair, finished, root):
+    """python study.py --compare A,B: the lines of A - B on every metric of every track where both
+    have finished runs"""
+    names = pair.split(',')
+    committed = REPO / 'results' / scale / 'study.json'
+    if not finished and committed.is_file():
+        finished, where = json.loads(committed.read_text())['runs'], committed
+    else:
+        where = root
+    known = {r['config'] for r in finished}
+    if len(names) != 2 or any(n not in known for n in names):
+        raise ValueError(f"--compare={pair}: give two configurations with finished runs, "
+                         f"A,B, from {', '.join(sorted(known)) or 'none yet'} ({where})")
+    lines = []
+    for track in REFERENCES:
+        groups = grouped(finished, track)
+        if not all(n in groups for n in names):
+            continue
+        noise_track = 'scratch' if track == 'continue' else track
+        lines.append(f"{track} track: {names[0]} - {names[1]} ({where})")
+        for m in track_metrics(finished, track):
+            c = compare_runs(groups[names[0]], groups[names[1]], m,
+                             seed_noise(finished, noise_track, m))
+            lines.append(f"  {label(metric_name(m)):<18} " + (
+                verdict_cell(c, *((1, ' points') if track == 'upcycle' else (4, ''))) +
+                f" ({c['seeds']} paired seed{'s' if c['seeds'] > 1 else ''})"
+                if c else 'no common seed'))
+    if not lines:
+        raise ValueError(f"--compare={pair}: no track holds finished runs of both")
+    return '\n'.join(lines)
+
+
+def label(name):
+    return name.replace('heldout', 'held-out')
+
+
+def verdict_cell(c, digits, unit=''):
+    if c is None:
+        return '—'
+    return (f"{c['diff']:+.{digits}f} [{c['low']:+.{digits}f}, {c['high']:+.{digits}f}]{unit} "
+            f"{c['verdict']}")
+
+
+def verdict_tables(table, track, metrics, digits):
+    """one markdown table per reference: each configuration's difference from it"""
+    parts = []
+    for ref in REFERENCES[track]:
+        rows = [(name, refs[ref]) for name, refs in table.items() if ref in refs]
+        if not rows:
+            continue
+        head = ['config', 'paired seeds', *map(label, metrics)]
+        lines = [f"Against {ref}:", '', '| ' + ' | '.join(head) + ' |', '|---' * len(head) + '|']
+        for name, cs in rows:
+            seeds = next(iter(cs.values()))['seeds']
+            lines.append('| ' + ' | '.join([name, str(seeds),
+                                            *(verdict_cell(cs.get(m), digits) for m in metrics)])
+                         + ' |')
+        parts.append('\n'.join(lines))
+    return '\n\n'.join(parts)
+
+
+def detectable_line(detectable, track, metric, unit):
+    by = detectable.get(track, {}).get(metric, {})
+    if not by:
+        return ''
+    metric = label(metric)
+    said = ', '.join(f"{v:.3f}{unit} with {n} paired seed{'s' if n > 1 else ''}"
+                     for n, v in sorted(by.items()))
+    return (f"Minimum detectable difference on {metric} (95% two-sided, 80% power: 2.80 times "
+            f"the median bootstrap standard deviation of the comparisons with dense): {said}.")
+
+
+def continue_table(results, table):
+    """the continue track: the dense run's first N steps, then each arm's next N, with the
+    difference from dense continued"""
+    first = grouped(results, 'continue').get('dense_continued', [None])[0]
+    rows = [r for r in results if r['track'] == 'continue']
+    start = [r for r in results if r['track'] == 'scratch' and r['config'] == 'dense'
+             and first and r['seed'] == first['seed']]
+    head = ['run', 'steps', 'held-out loss', 'held-out bpb', 'wikitext loss', 'wikitext bpb',
+            'active', 'held-out loss vs dense continued', 'wall s']
+    lines = ['| ' + ' | '.join(head) + ' |', '|---' * len(head) + '|']
+    for r in start + rows:
+        steps = r['curve'][-1][0] if r['curve'] else '—'
+        c = table.get(r['config'], {}).get('dense_continued', {}).get('heldout loss')
+        label = 'dense (first N steps)' if r['track'] == 'scratch' else r['config']
+        lines.append('| ' + ' | '.join([
+            label, f"{steps}" + (' + ' + str(steps) if r.get('arm') in ('dense', 'upcycled') else ''),
+            f"{r['heldout']['loss']:.3f}", f"{r['heldout']['bpb']:.3f}",
+            f"{r['wikitext']['loss']:.3f}", f"{r['wikitext']['bpb']:.3f}",
+            f"{r['active_params'] / 1e6:.2f}M", verdict_cell(c, 3) if c else '—',
+            f"{r['wall_seconds']:.0f}"]) + ' |')
+    return '\n'.join(lines)
+
+
+def plot_continue(results, path):
+    """the training loss of the continue track over both halves: the continued runs start at N"""
+    rows = [r for r in results if r['track'] == 'continue']
+    first = [r for r in results if r['track'] == 'scratch' and r['config'] == 'dense'
+             and rows and r['seed'] == rows[0]['seed']]
+    if not rows or not first:
+        return False
+    n = first[0]['curve'][-1][0]
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    it, loss = zip(*first[0]['curve'])
+    ax.plot(it, loss, color='black', lw=2.2, label='dense, first N steps')
+    for i, r in enumerate(rows):
+        it, loss = zip(*r['curve'])
+        # a continued run counts its steps from 0: shift them to N..2N
+        shift = n if r['arm'] in ('dense', 'upcycled') else 0
+        ax.plot([x + shift for x in it], loss, label=r['config'],
+                color='black' if r['arm'] == 'dense' else plt.cm.tab10(i % 10),
+                ls='--' if r['arm'] == 'scratch' else '-', lw=1.8 if r['arm'] == 'dense' else 1.2)
+    ax.axvline(n, color='grey', lw=0.8)
+    # the y range of what is shown: from three quarters of the first N steps on
+    shown = [l for r in [*first, *rows] for x, l in r['curve']
+             if x + (n if r['arm'] in ('dense', 'upcycled') else 0) >= 0.75 * n]
+    ax.set(xlabel='iteration (the second N steps after the line)', ylabel='train loss',
+           xlim=(0.75 * n, 2 * n), ylim=(min(shown) - 0.1, max(shown) + 0.1),
+           title='continue track: the second N steps')
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=110, bbox_inches='tight')
+    plt.close(fig)
+    return True
+
+
+def track_minutes(results, track):
+    rs = [r for r in results if r['track'] == track]
+    return len(rs), sum(r['wall_seconds'] for r in rs) / 60
 
 
 def pyplot():
@@ -664,16 +972,31 @@ def describe(m):
             + ''.join(f", {k}={v}" for k, v in m['env'].items()))
 
 
+def score_cell(rs, task):
+    """a task's score in %: mean ± std over seeds, then the standard error of one run (lm-eval's,
+    mean over the seeds) in parentheses"""
+    t = [r['tasks'][task] for r in rs]
+    se = [x.get('acc_norm_stderr') if x.get('acc_norm') is not None else x.get('acc_stderr')
+          for x in t]
+    se = [x for x in se if x is not None]
+    return cell([main_score(x) for x in t], 100, 1) + (
+        f" ({100 * sum(se) / len(se):.1f})" if se else '')
+
+
 def report(scale, results, prep_steps, command, results_dir, elapsed):
     """results/<scale>/: study.json, the tables, the figures"""
     results_dir.mkdir(parents=True, exist_ok=True)
     m = machine()
     s = SCALES[scale]
+    table, detectable = verdicts(results)
+    minutes = {t: track_minutes(results, t) for t in ('scratch', 'continue', 'upcycle')}
     study = dict(scale=scale, command=command, machine=m,
                  settings={k: v for k, v in s.items() if k != 'corpus'},
                  corpus=[str(p) for p in s['corpus']], preparation=prep_steps, wall_seconds=elapsed,
                  preparation_seconds=sum(v['seconds'] for v in prep_steps.values()),
-                 runs_wall_seconds=sum(r['wall_seconds'] for r in results), runs=results)
+                 runs_wall_seconds=sum(r['wall_seconds'] for r in results),
+                 track_minutes={t: dict(runs=n, minutes=v) for t, (n, v) in minutes.items() if n},
+                 verdicts=table, detectable=detectable, runs=results)
     text = json.dumps(study, indent=1, default=str)
     (results_dir / 'study.json').write_text(text)
     written = [results_dir / 'study.json']
@@ -681,30 +1004,57 @@ def report(scale, results, prep_steps, command, results_dir, elapsed):
     header = (f"Runs of `{made}`" + (f" (tables written by `{command}`)" if command != made else '')
               + f" on {describe(m)}, dtype {s['dtype']}; "
                 f"every run's commands and wall times are in study.json.")
+
+    def took(track):
+        n, v = minutes[track]
+        return f"The {n} runs of this track took {v:.1f} min."
+    reading = ("Differences are A minus the reference with a 95% interval from a paired bootstrap "
+               "(docs/study.md#verdicts): better or worse where the interval excludes zero, "
+               "within noise where it does not.")
+    names = [metric_name(x) for x in PPL_METRICS]
     if grouped(results, 'scratch'):
         noise = noise_line(results, 'scratch', lambda r: r['heldout']['loss'])
         md = [f"# Scratch track ({scale} scale)", '', header, '',
               f"Mean ± standard deviation over seeds; "
               f"held-out: the last whole books of the corpus; "
               f"routing statistics on the held-out books (mean over MoE layers). "
-              f"Run-to-run noise: the seeded configurations' "
-              f"held-out loss std is {noise:.4f} on average." if noise is not None else '',
-              '', scratch_table(results)]
+              + (f"Run-to-run noise: the seeded configurations' "
+                 f"held-out loss std is {noise:.4f} on average. " if noise is not None else '')
+              + took('scratch'), '', scratch_table(results), '', '## Verdicts', '', reading,
+              detectable_line(detectable, 'scratch', 'heldout loss', ' nats'), '',
+              verdict_tables(table.get('scratch', {}), 'scratch', names, 3)]
         (results_dir / 'scratch.md').write_text('\n'.join(md) + '\n')
         plot_curves(results, results_dir / 'curves.png')
         plot_loads(results, 'scratch', results_dir / 'load_scratch.png')
         written += [results_dir / 'scratch.md', results_dir / 'curves.png',
                     results_dir / 'load_scratch.png']
+    if grouped(results, 'continue'):
+        md = [f"# Continue track ({scale} scale)", '', header, '',
+              "The first seed's dense scratch run (N steps) continued N more steps as dense, "
+              "upcycled with each router and trained the same N steps on the same tokens, and "
+              "each MoE from scratch for 2N steps (its first N on the dense run's tokens). "
+              + took('continue'), '', continue_table(results, table.get('continue', {})), '',
+              '## Verdicts', '', reading + " One seed: the scratch track's seeded runs give the "
+              "seeds' part of the noise.", '',
+              verdict_tables(table.get('continue', {}), 'continue', names, 3)]
+        (results_dir / 'continue.md').write_text('\n'.join(md) + '\n')
+        written.append(results_dir / 'continue.md')
+        if plot_continue(results, results_dir / 'continue.png'):
+            written.append(results_dir / 'continue.png')
     if grouped(results, 'upcycle'):
         noise = noise_line(results, 'upcycle', lambda r: r['average'])
+        tasks = [metric_name(x) for x in track_metrics(results, 'upcycle')]
         md = [f"# Upcycle track ({scale} scale)", '', header, '',
               f"Zero-shot acc_norm (acc where a task has none) in %, "
               f"first {s['limit']} documents of each task; "
-              f"mean ± standard deviation over seeds; "
-              f"val loss: the fine-tune's on the held-out books." +
+              f"mean ± standard deviation over seeds, the standard error of one run in "
+              f"parentheses; val loss: the fine-tune's on the held-out books." +
               (f" Run-to-run noise: the seeded configurations' average-score std "
                f"is {noise * 100:.2f} points on "
-               f"average." if noise is not None else ''), '', upcycle_table(results)]
+               f"average." if noise is not None else '') + ' ' + took('upcycle'), '',
+              upcycle_table(results), '', '## Verdicts', '', reading + ' In points.',
+              detectable_line(detectable, 'upcycle', 'average', ' points'), '',
+              verdict_tables(table.get('upcycle', {}), 'upcycle', tasks, 1)]
         (results_dir / 'upcycle.md').write_text('\n'.join(md) + '\n')
         written.append(results_dir / 'upcycle.md')
         if plot_loads(results, 'upcycle', results_dir / 'load_upcycle.png'):
@@ -771,9 +1121,11 @@ def run_study(args, command):
             print(f"# {r['track']}/{r['name']}\n"
                   + '\n'.join(command_text(a) for a in r['steps'].values()))
         return
+    if args['compare']:
+        print(comparison(args['scale'], args['compare'], finished_runs(runs), root))
+        return
     if args['report']:
-        done = [json.loads(Path(r['dir'], 'study.json').read_text()) for r in runs
-                if Path(r['dir'], 'study.json').is_file() and not stale(r)]
+        done = finished_runs(runs)
         if not done:
             raise ValueError(f"no finished runs in {root}: "
                              f"run python study.py --scale {args['scale']} first "

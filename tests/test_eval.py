@@ -121,6 +121,24 @@ def test_tiny_gpt2_equals_lm_eval_hf(tiny_gpt2, tmp_path):
     assert ours.generate_until(gen) == ref.generate_until(gen)
 
 
+def test_per_document_scores_are_lm_eval_hf_samples(tiny_gpt2, tmp_path):
+    """eval.py keeps each document's acc and acc_norm (study.py pairs runs by document): those of lm-eval's own
+    Hugging Face evaluator, document by document, and their mean is the task's score"""
+    hf, tok, dense = tiny_gpt2
+    model, _, tokenizer, _ = ev.load_run(save_run(tmp_path / 'run', dense, 'gpt2'), 'cpu')
+    specs, tm = ev.task_specs(['piqa'], TASKS), TaskManager(include_defaults=False)
+    got = ev.zero_shot(ev.MoELM(model, tokenizer, batch_size=8), 'piqa', specs['piqa'], tm, limit=12)
+    ref = HFLM(pretrained=hf, tokenizer=tok, batch_size=8, device='cpu')
+    want = lm_eval.simple_evaluate(model=ref, tasks=[specs['piqa']], task_manager=tm, limit=12, log_samples=True)
+    samples = sorted(want['samples']['piqa'], key=lambda d: d['doc_id'])
+    assert got['per_doc']['doc_id'] == list(range(12))
+    for metric in ('acc', 'acc_norm'):
+        assert got['per_doc'][metric] == [float(d[metric]) for d in samples], metric
+        assert np.mean(got['per_doc'][metric]) == pytest.approx(got[metric])
+    # not all equal: a swapped or constant column would fail
+    assert len(set(got['per_doc']['acc'])) == 2
+
+
 def test_truncation_to_block_size_equals_lm_eval_hf(tiny_gpt2, tmp_path):
     """boolq's passages are longer than 32 tokens: both left-truncate context + continuation the
     same way"""
@@ -385,14 +403,17 @@ def test_perplexity_equals_hand_loop():
     # max_windows=3 of the 4 windows (starts 0, 16, 32, 48): indexes i * 4 // 3 = 0, 1, 2, each
     # scoring its 16 targets
     got = ev.perplexity(lm, tokens, n_bytes=150, max_windows=3)
-    nll, n = 0.0, 0
+    nll, n, windows = 0.0, 0, []
     for begin in (0, 16, 32):
         x = torch.tensor(tokens[begin:begin + 16].astype(np.int64))[None]
         y = torch.tensor(tokens[begin + 1:begin + 17].astype(np.int64))
         with torch.no_grad():
-            nll -= F.log_softmax(model(x)[0][0], -1).gather(1, y[:, None]).sum().item()
+            windows.append(-F.log_softmax(model(x)[0][0], -1).gather(1, y[:, None]).sum().item())
+        nll += windows[-1]
         n += len(y)
     assert got['scored'] == n == 48
+    # each window's own nats and targets (study.py pairs runs window by window)
+    assert got['window_nll'] == pytest.approx(windows, rel=1e-5) and got['window_targets'] == [16, 16, 16]
     assert got['loss'] == pytest.approx(nll / n, rel=1e-5)
     assert got['bpb'] == pytest.approx(nll / n / math.log(2) * 50 / 150, rel=1e-5)
 

@@ -116,12 +116,15 @@ def test_tables_are_the_runs_own_numbers_with_mean_and_std(tiny):
     up = (results / 'upcycle.md').read_text()
     row = next(l for l in up.splitlines() if l.startswith('| softmax |'))
     cells = [c.strip() for c in row.strip('|').split('|')]
-    scores = [json.loads((out / 'upcycle' / f'softmax_s{seed}' / 'eval.json').read_text())['tasks']['copa']['acc']
-              for seed in (1, 2)]
+    copa = [json.loads((out / 'upcycle' / f'softmax_s{seed}' / 'eval.json').read_text())['tasks']['copa']
+            for seed in (1, 2)]
+    scores = [t['acc'] for t in copa]
     sd = np.std(np.array(scores) * 100, ddof=1)
-    assert cells[2] == f"{np.mean(scores) * 100:.1f} ± {sd:.1f}"
+    # the standard error of one run beside it: lm-eval's, the mean over the seeds
+    se = np.mean([t['acc_stderr'] for t in copa]) * 100
+    assert cells[2] == f"{np.mean(scores) * 100:.1f} ± {sd:.1f} ({se:.1f})"
     assert next(l for l in up.splitlines() if l.startswith('| dense_as_is |'))
-    for png in ('curves.png', 'load_scratch.png', 'load_upcycle.png'):
+    for png in ('curves.png', 'load_scratch.png', 'load_upcycle.png', 'continue.png'):
         assert (results / png).stat().st_size > 1000
     # upcycled weights are deleted once evaluated (every number is in study.json); the dense import stays
     assert not list((out / 'upcycle' / 'softmax_s1').rglob('ckpt*.pt'))
@@ -279,7 +282,7 @@ def test_the_committed_results_are_this_protocols_and_the_readmes():
     paths are spelled on this machine; results/cpu/README.md shows the tables of results/cpu"""
     recorded = json.loads((REPO / 'results' / 'cpu' / 'study.json').read_text())
     source = re.search(r'--init_from=(\S+)', recorded['preparation']['import']['command']).group(1)
-    prep, runs = study.plan('cpu', ['scratch', 'upcycle'], [], Path('out/study/cpu'), source)
+    prep, runs = study.plan('cpu', ['scratch', 'continue', 'upcycle'], [], Path('out/study/cpu'), source)
     assert {k: meaning(study.command_text(v)) for k, v in prep.items()} == \
            {k: meaning(v['command']) for k, v in recorded['preparation'].items()}
     assert [(r['track'], r['config'], r['seed']) for r in runs] == \
@@ -290,9 +293,9 @@ def test_the_committed_results_are_this_protocols_and_the_readmes():
     shared = [a for r in recorded['runs'] for c in r['commands'].values() for a in meaning(c) if 'wikitext2' in a]
     assert shared and all(os.path.isabs(a) for a in shared)  # the data files were compared as files
     readme = (REPO / 'results' / 'cpu' / 'README.md').read_text()
-    for table in ('scratch.md', 'upcycle.md'):
+    for table in ('scratch.md', 'continue.md', 'upcycle.md'):
         rows = [l for l in (REPO / 'results' / 'cpu' / table).read_text().splitlines() if l.startswith('| ')]
-        assert len(rows) > 10 and all(row in readme for row in rows), table
+        assert len(rows) > 6 and all(row in readme for row in rows), table
 
 
 def test_paths_next_to_the_repository_keep_their_links(tmp_path, tmp_path_factory, monkeypatch):
@@ -306,3 +309,129 @@ def test_paths_next_to_the_repository_keep_their_links(tmp_path, tmp_path_factor
     assert study.short(tmp_path / 'shared' / 'data' / 'gutenberg') == Path('../shared/data/gutenberg')
     assert study.short(tmp_path / 'clone' / 'out' / 'study') == Path('out/study')
     assert study.short(elsewhere / 'data') == elsewhere / 'data'  # not next to the clone: absolute
+
+
+# -----------------------------------------------------------------------------
+# the continue track and the verdicts
+
+
+def test_the_continue_track_starts_from_the_dense_run_and_sees_its_tokens_after_it(tiny):
+    """dense N steps, then N more: as dense, upcycled (the dense function at its first evaluation) and the MoE
+    from scratch for 2N steps"""
+    _, out, results, _ = tiny
+    n = study.SCALES['tiny']['scratch']['max_iters']
+
+    def rows(path):
+        return [json.loads(line) for line in Path(path, 'log.jsonl').read_text().splitlines()]
+    first = [r for r in rows(out / 'scratch' / 'dense_s1') if 'val_loss' in r][-1]
+    for name in ('dense_continued', 'softmax_upcycled'):
+        log = rows(out / 'continue' / name)
+        evals = [r for r in log if 'val_loss' in r]
+        # its first evaluation is of the dense run's last weights
+        assert evals[0]['val_loss'] == pytest.approx(first['val_loss'], rel=1e-6), name
+        assert max(r['iter'] for r in log) == n
+    assert max(r['iter'] for r in rows(out / 'continue' / 'softmax_scratch')) == 2 * n
+    table = (results / 'continue.md').read_text()
+    for row in ('| dense (first N steps) |', '| dense_continued |', '| softmax_upcycled |', '| softmax_scratch |'):
+        assert row in table
+
+
+def test_compare_prints_the_difference_of_the_runs_own_losses(tiny):
+    """study.py --compare A,B: the held-out loss difference is the two runs' eval.json losses subtracted
+    (paired by the one common seed), its interval around it"""
+    args, out, _, _ = tiny
+    r = run_study([*args, '--compare', 'softmax,dense'])
+    assert r.returncode == 0, r.stderr
+    src = f"data/{study.SCALES['tiny']['scratch_dataset']}"
+    loss = [json.loads((out / 'scratch' / f'{n}_s1' / 'eval.json').read_text())['ppl'][src]['loss']
+            for n in ('softmax', 'dense')]
+    line = next(l for l in r.stdout.splitlines() if l.strip().startswith('held-out loss'))
+    diff, low, high = map(float, re.findall(r'[+-]\d+\.\d+', line)[:3])
+    assert diff == pytest.approx(loss[0] - loss[1], abs=1e-4) and low < diff < high
+    assert '(1 paired seed)' in line
+    bad = run_study([*args, '--compare', 'softmax,nothing'])
+    assert bad.returncode == 1 and 'nothing' not in bad.stderr.split('from')[1].split('(')[0]
+    assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def exact_bootstrap(groups):
+    """every equally likely draw of the seeds (S^S) and, per group, of the windows (W^W): the exact bootstrap
+    distribution of the mean over groups of the mean over drawn seeds of sum d / sum t, by plain loops"""
+    import itertools
+    S = len(groups[0][0])
+    values = []
+    for seeds in itertools.product(range(S), repeat=S):
+        per_group = []
+        for d, t in groups:
+            W = len(t)
+            per_group.append([sum(sum(d[s][w] for w in ws) / sum(t[w] for w in ws) for s in seeds) / S
+                              for ws in itertools.product(range(W), repeat=W)])
+        for combo in itertools.product(*per_group):
+            values.append(sum(combo) / len(combo))
+    return np.array(values)
+
+
+def test_the_bootstrap_is_the_exact_one_on_a_hand_made_case():
+    """2 seeds, two groups of 3 windows with unequal weights: the replicates' mean, standard deviation and 95%
+    interval against the exact bootstrap distribution (all 2^2 x 3^3 x 3^3 draws); the seeds are the same
+    draw for both groups (drawn apart, the seed effect would average out and the spread be smaller)"""
+    d1 = np.array([[0.9, -0.3, 0.6], [-1.2, 0.3, -0.6]])  # (seeds, windows) summed differences
+    d2 = np.array([[0.5, 0.7, 0.4], [-0.8, -0.5, -0.9]])
+    t1, t2 = np.array([1.0, 2.0, 3.0]), np.array([2.0, 1.0, 1.0])
+    groups = [(d1, t1), (d2, t2)]
+    exact = exact_bootstrap(groups)
+    point, reps = study.replicates(groups, 200_000, np.random.default_rng(1))
+    plain = np.mean([np.mean(d.sum(1) / t.sum()) for d, t in groups])
+    assert point == pytest.approx(plain, abs=1e-12)
+    assert reps.mean() == pytest.approx(exact.mean(), abs=3e-3)
+    assert reps.std() == pytest.approx(exact.std(), rel=1e-2)
+    # the whole distribution: its CDF at the exact one's 2.5, 25, 50, 75 and 97.5% points
+    for x in np.percentile(exact, [2.5, 25, 50, 75, 97.5]):
+        assert np.mean(reps <= x + 1e-12) == pytest.approx(np.mean(exact <= x + 1e-12), abs=5e-3)
+
+
+def fake_runs(config, diffs, seeds=(1,), track='scratch'):
+    """runs whose held-out windows' nats are base + diffs (per seed), 4 windows of 2 tokens"""
+    base = np.array([4.0, 5.0, 6.0, 7.0])
+    runs = []
+    for s in seeds:
+        nll = base + np.asarray(diffs, dtype=float)
+        held = dict(loss=nll.sum() / 8, bpb=0.0, window_nll=nll.tolist(), window_targets=[2] * 4, tokens=100,
+                    bytes=400)
+        runs.append(dict(track=track, config=config, seed=s, heldout=held, wikitext=held))
+    return runs
+
+
+@pytest.mark.parametrize('shift, word', [(-0.5, 'better'), (0.0, 'within noise'), (0.5, 'worse')])
+def test_the_verdict_flips_when_the_interval_crosses_zero(shift, word):
+    """A - B = shift + window noise of +-0.1 per token: the word follows the interval's side of zero"""
+    noise = np.array([0.2, -0.2, 0.2, -0.2])
+    c = study.compare_runs(fake_runs('a', noise + 2 * shift), fake_runs('b', [0, 0, 0, 0]), ('heldout', 'loss'), 0.0)
+    assert c['diff'] == pytest.approx(shift)
+    assert c['verdict'] == word and (c['low'] <= 0 <= c['high']) == (word == 'within noise')
+    assert study.verdict(-0.2, -0.01, True) == 'better' and study.verdict(-0.2, 0.01, True) == 'within noise'
+    assert study.verdict(0.01, 0.2, False) == 'better' and study.verdict(0.01, 0.2, True) == 'worse'
+
+
+def test_one_seed_adds_the_seeds_noise_and_bpb_scales_the_loss():
+    """with one common seed and no window noise, the interval is the seeds' normal one (+-1.96 sd); bits per byte
+    are nats per token x tokens / bytes / ln 2"""
+    c = study.compare_runs(fake_runs('a', [0.2] * 4), fake_runs('b', [0] * 4), ('heldout', 'loss'), 0.05)
+    assert c['diff'] == pytest.approx(0.1)
+    assert (c['low'], c['high']) == pytest.approx((0.1 - 1.96 * 0.05, 0.1 + 1.96 * 0.05), abs=5e-3)
+    assert c['verdict'] == 'worse'
+    wide = study.compare_runs(fake_runs('a', [0.2] * 4), fake_runs('b', [0] * 4), ('heldout', 'loss'), 0.1)
+    assert wide['verdict'] == 'within noise'
+    bpb = study.compare_runs(fake_runs('a', [0.2] * 4), fake_runs('b', [0] * 4), ('heldout', 'bpb'), 0.0)
+    assert bpb['diff'] == pytest.approx(0.1 * 100 / 400 / math.log(2))
+    # two seeds: no noise is added, the seeds are drawn
+    two = study.compare_runs(fake_runs('a', [0.2] * 4, seeds=(1, 2)), fake_runs('b', [0] * 4, seeds=(1, 2)),
+                             ('heldout', 'loss'), 5.0)
+    assert two['seeds'] == 2 and two['high'] - two['low'] < 1e-9
+
+
+def test_seed_noise_is_the_pooled_seed_std_times_root_two():
+    runs = (fake_runs('a', [0] * 4, seeds=(1,)) + fake_runs('a', [0.8] * 4, seeds=(2,))
+            + fake_runs('b', [0] * 4, seeds=(1,)) + fake_runs('b', [0.4] * 4, seeds=(2,)))
+    # a: losses 2.75, 3.15 (sd 0.2828); b: 2.75, 2.95 (sd 0.1414); pooled variance 0.05
+    assert study.seed_noise(runs, 'scratch', ('heldout', 'loss')) == pytest.approx(math.sqrt(2 * 0.05))

@@ -211,6 +211,19 @@ def test_resume_continues_exactly(trainer, name):
     assert_same_losses(resumed, full, rel=1e-6, iters=range(6, 11))
 
 
+def test_data_start_continues_the_data_order(trainer):
+    """a run from another's checkpoint folder with --data_start=5 trains on the batches the uninterrupted run
+    takes from step 5 on: its first loss (the weights after 5 steps, on batch 5) is the full run's sixth"""
+    full = trainer.run(config_args('dense')).check()
+    half = trainer.run(half_args('dense')).check()
+    after = [*config_args('dense'), f'--init_from={half.out_dir}', '--max_iters=2']
+    continued = trainer.run([*after, '--data_start=5'], cache=False).check()
+    assert continued.losses()[1] == pytest.approx(full.losses()[6], rel=1e-6)
+    # without it the continuation sees the first batch again
+    again = trainer.run(after, cache=False).check()
+    assert again.losses()[1] != pytest.approx(full.losses()[6], rel=1e-3)
+
+
 KILLER = '''
 import io, os, runpy, signal, sys
 import torch
