@@ -205,8 +205,9 @@ def test_every_configuration_has_the_dense_active_width_and_parses(scale, tmp_pa
     command parses; nothing runs (--dry_run)"""
     import eval as ev
     defaults = train_defaults()
-    prep, runs = study.plan(scale, ['scratch', 'upcycle'], [], Path('out/study') / scale, 'model.gguf')
+    prep, runs = study.plan(scale, ['scratch', 'continue', 'upcycle'], [], Path('out/study') / scale, 'model.gguf')
     s = study.SCALES[scale]
+    n = s['scratch']['max_iters']
     assert [r['config'] for r in runs if r['track'] == 'scratch'] == \
            [n for n in s['scratch_configs'] for _ in (s['seeds'] if n in s['seeded'] else [0])]
     active = {}
@@ -215,6 +216,16 @@ def test_every_configuration_has_the_dense_active_width_and_parses(scale, tmp_pa
             assert r['config'] == 'dense_as_is' or any(a.startswith('--init_from=') for a in r['steps']['train'])
             continue
         argv = r['steps']['train'][1:]
+        if r['track'] == 'continue':
+            # (a) and (b) from the dense run's checkpoint, on the batches after its N; (c) 2N steps from scratch
+            first = f"--init_from={Path('out/study') / scale / 'scratch' / ('dense_s' + str(s['seeds'][0]))}"
+            if r['arm'] == 'scratch':
+                assert f'--max_iters={2 * n}' in argv and not any(a.startswith('--init_from') for a in argv)
+            else:
+                assert f'--data_start={n}' in argv and f'--max_iters={n}' in argv
+                assert first in (argv if r['arm'] == 'dense' else r['steps']['upcycle'])
+            ev.parse_args(r['steps']['eval'][1:])
+            continue
         config, _ = parse(defaults, [str(REPO / a) if a.startswith('configs/') else a for a in argv])
         args = {f.name: config[f.name] for f in fields(GPTConfig) if f.name in config}
         args['router_options'] = {k: config[k] for k in __import__('moe').router_settings()}
@@ -234,7 +245,8 @@ def test_every_configuration_has_the_dense_active_width_and_parses(scale, tmp_pa
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
     for args, says in ((['--only', 'softmax,nonsense'], 'unknown configuration nonsense'),
                        (['--source', str(tmp_path / 'missing.gguf')], 'does not exist'),
-                       (['--report'], 'no finished runs in')):
+                       (['--report'], 'no finished runs in'),
+                       (['--compare', 'softmax,dense'], 'give two configurations with finished runs')):
         r = run_study(['--scale', 'tiny', *args, f'--out={tmp_path}/out', f'--results={tmp_path}/res'])
         assert r.returncode == 1 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert not (tmp_path / 'out').exists() and not (tmp_path / 'res').exists()
@@ -250,10 +262,11 @@ def test_the_command_lines_of_the_docs_parse():
     got = study.parse_args(['--scale=gpu', '--report', f'--source={model}', '--out=/tmp/o', '--keep_checkpoints'])
     assert (got['scale'], got['report'], got['source'], got['out'], got['keep_checkpoints']) == \
         ('gpu', True, model, '/tmp/o', True)
+    assert study.parse_args(['--scale', 'cpu', '--compare', 'tcmoe,dense'])['compare'] == 'tcmoe,dense'
     for argv, says in ((['--track', 'scratch'], "--scale='': choose one of cpu, gpu, tiny"),
                        (['--scale', 'huge'], "scale='huge' is not one of 'cpu', 'gpu', 'tiny' (--scale)"),
                        (['--scale', 'cpu', '--track', 'both'],
-                        "track='both' is not one of 'all', 'scratch', 'upcycle' (--track)"),
+                        "track='both' is not one of 'all', 'scratch', 'upcycle', 'continue' (--track)"),
                        (['--scale', 'cpu', '--source=/x/model.gguf'], "source='/x/model.gguf' does not exist"),
                        (['--scale', 'cpu', '--seeds=3'], "unknown config key 'seeds'")):
         with pytest.raises(SystemExit) as e:
