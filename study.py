@@ -701,12 +701,14 @@ def compare_runs(a_runs, b_runs, metric, noise, rng_seed=0):
     rng = np.random.default_rng(rng_seed)
     point, reps = replicates(groups, DRAWS, rng)
     point, reps = point * factor, reps * factor
+    # the windows' (documents') part alone: the minimum detectable difference
+    sample_sd = float(reps.std())
     if len(seeds) == 1:
         reps = reps + rng.normal(0.0, noise, DRAWS)
     low, high = np.percentile(reps, [2.5, 97.5])
     lower_is_better = metric[1] in ('loss', 'bpb')
     return dict(diff=float(point), low=float(low), high=float(high), sd=float(reps.std()),
-                seeds=len(seeds), verdict=verdict(low, high, lower_is_better))
+                sample_sd=sample_sd, seeds=len(seeds), verdict=verdict(low, high, lower_is_better))
 
 
 def track_metrics(results, track):
@@ -718,12 +720,15 @@ def track_metrics(results, track):
 
 def verdicts(results):
     """{track: {config: {reference: {metric name: compare_runs}}}}, and {track: {metric name:
-    minimum detectable difference for 1 and for 3 seeds}}"""
+    {paired seeds: minimum detectable difference}}} for one seed and for the scale's seeds:
+    (1.96 + 0.84) sqrt(seed noise^2 / n + s^2), s the median windows' (documents') standard deviation
+    of the comparisons with the first reference that differ from it at all"""
     out, detectable = {}, {}
     for track, refs in REFERENCES.items():
         groups = grouped(results, track)
         metrics = track_metrics(results, track)
         noise = {m: seed_noise(results, track, m) for m in metrics}
+        seeds = max((len(rs) for rs in groups.values()), default=1)
         table, sds = {}, {}
         for name, rs in groups.items():
             for ref in refs:
@@ -734,12 +739,14 @@ def verdicts(results):
                     if c is None:
                         continue
                     table.setdefault(name, {}).setdefault(ref, {})[metric_name(m)] = c
-                    if ref == refs[0]:
-                        sds.setdefault(metric_name(m), {}).setdefault(c['seeds'], []).append(c['sd'])
+                    if ref == refs[0] and c['sample_sd'] > 0:
+                        sds.setdefault(m, []).append(c['sample_sd'])
         if table:
             out[track] = table
-            detectable[track] = {m: {n: (Z95 + Z80) * sorted(v)[len(v) // 2] for n, v in by.items()}
-                                 for m, by in sds.items()}
+            detectable[track] = {
+                metric_name(m): {n: (Z95 + Z80) * math.sqrt(noise[m] ** 2 / n + np.median(v) ** 2)
+                                 for n in sorted({1, seeds})}
+                for m, v in sds.items()}
     return out, detectable
 
 
@@ -814,8 +821,9 @@ def detectable_line(detectable, track, metric, unit):
     metric = label(metric)
     said = ', '.join(f"{v:.3f}{unit} with {n} paired seed{'s' if n > 1 else ''}"
                      for n, v in sorted(by.items()))
-    return (f"Minimum detectable difference on {metric} (95% two-sided, 80% power: 2.80 times "
-            f"the median bootstrap standard deviation of the comparisons with dense): {said}.")
+    return (f"Minimum detectable difference on {metric} (95% two-sided, 80% power: 2.80 times the "
+            f"standard deviation of a difference from the seeds' noise and the windows' or "
+            f"documents'; docs/study.md#verdicts): {said}.")
 
 
 def continue_table(results, table):
@@ -1030,7 +1038,8 @@ def report(scale, results, prep_steps, command, results_dir, elapsed):
               "each MoE from scratch for 2N steps (its first N on the dense run's tokens). "
               + took('continue'), '', continue_table(results, table.get('continue', {})), '',
               '## Verdicts', '', reading + " One seed: the scratch track's seeded runs give the "
-              "seeds' part of the noise.", '',
+              "seeds' part of the noise.",
+              detectable_line(detectable, 'continue', 'heldout loss', ' nats'), '',
               verdict_tables(table.get('continue', {}), 'continue', names, 3)]
         (results_dir / 'continue.md').write_text('\n'.join(md) + '\n')
         written.append(results_dir / 'continue.md')

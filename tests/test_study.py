@@ -448,3 +448,17 @@ def test_seed_noise_is_the_pooled_seed_std_times_root_two():
             + fake_runs('b', [0] * 4, seeds=(1,)) + fake_runs('b', [0.4] * 4, seeds=(2,)))
     # a: losses 2.75, 3.15 (sd 0.2828); b: 2.75, 2.95 (sd 0.1414); pooled variance 0.05
     assert study.seed_noise(runs, 'scratch', ('heldout', 'loss')) == pytest.approx(math.sqrt(2 * 0.05))
+
+
+def test_compare_reads_the_committed_results_where_no_run_finished_here(tmp_path):
+    """a fresh clone: --compare takes results/cpu/study.json; softmax - dense on the held-out loss over the 3 paired
+    seeds is the difference of their mean losses there"""
+    r = run_study(['--scale', 'cpu', '--compare', 'softmax,dense', f'--out={tmp_path}/out'])
+    assert r.returncode == 0, r.stderr
+    assert 'results/cpu/study.json' in r.stdout and not (tmp_path / 'out').exists()
+    runs = json.loads((REPO / 'results' / 'cpu' / 'study.json').read_text())['runs']
+    loss = {n: np.mean([x['heldout']['loss'] for x in runs if x['track'] == 'scratch' and x['config'] == n])
+            for n in ('softmax', 'dense')}
+    line = next(l for l in r.stdout.splitlines() if l.strip().startswith('held-out loss'))
+    assert float(re.findall(r'[+-]\d+\.\d+', line)[0]) == pytest.approx(loss['softmax'] - loss['dense'], abs=1e-4)
+    assert '(3 paired seeds)' in line
