@@ -637,11 +637,12 @@ def verdict(low, high, lower_is_better):
 
 
 def run_value(r, metric):
-    """a run's number of a metric: ppl (source, 'loss' | 'bpb'), a task's main score, 'average'"""
+    """a run's number of a metric in the unit of its differences: ppl (source, 'loss' | 'bpb') as
+    they are, a task's main score and the average over tasks in points (%)"""
     where, what = metric
     if where == 'average':
-        return r['average']
-    return r[where][what] if what in ('loss', 'bpb') else main_score(r['tasks'][where])
+        return 100 * r['average']
+    return r[where][what] if what in ('loss', 'bpb') else 100 * main_score(r['tasks'][where])
 
 
 def doc_scores(task):

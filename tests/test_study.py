@@ -462,3 +462,19 @@ def test_compare_reads_the_committed_results_where_no_run_finished_here(tmp_path
     line = next(l for l in r.stdout.splitlines() if l.strip().startswith('held-out loss'))
     assert float(re.findall(r'[+-]\d+\.\d+', line)[0]) == pytest.approx(loss['softmax'] - loss['dense'], abs=1e-4)
     assert '(3 paired seeds)' in line
+
+
+def test_a_task_difference_and_its_seed_noise_are_in_points():
+    """documents paired within a seed: A right on 3 of 4 documents, B on 1: +50 points; the seeds' noise (B's
+    scores 25 and 75 over two seeds: std 35.4 points, times sqrt 2) widens a one-seed interval in points"""
+    def runs(config, docs):
+        return [dict(track='upcycle', config=config, seed=s, average=np.mean(d),
+                     tasks={'copa': dict(acc=np.mean(d), per_doc=dict(doc_id=[0, 1, 2, 3], acc=d))})
+                for s, d in docs.items()]
+    a = runs('a', {1: [1.0, 1.0, 1.0, 0.0]})
+    b = runs('b', {1: [1.0, 0.0, 0.0, 0.0], 2: [1.0, 1.0, 1.0, 0.0]})
+    noise = study.seed_noise(a + b, 'upcycle', ('copa', 'score'))
+    assert noise == pytest.approx(math.sqrt(2) * np.std([25, 75], ddof=1))
+    c = study.compare_runs(a, b, ('copa', 'score'), noise)
+    assert c['diff'] == pytest.approx(50.0) and c['seeds'] == 1
+    assert c['high'] - c['low'] > 2 * 1.9 * noise * 0.9
