@@ -310,16 +310,22 @@ def upcycle_run(s, name, seed, root):
     out = root / 'upcycle' / f"{name}_s{seed}"
     source = root / 'upcycle' / 'source'
     steps = {}
+    # the upcycled model's scales where the config file sets others (sqrtsoftplus: routed 1.5): the
+    # fine-tune takes the architecture of the checkpoint and refuses a contradicting setting
+    kept = {}
     if name != 'dense':
         c = {**file_settings(files), **extra}
         moe = {**s['upcycle'], **extra}
         # LibMoE's shared-expert upcycling: shared 0.5 + routed 0.5 = the dense MLP
         if c['n_shared_experts']:
             moe.update(shared_scale=0.5, routed_scale=0.5)
+            given = {k for k, v in settings_of(REPO / 'train.py').items() if c.get(k) != v}
+            kept = {k: moe[k] for k in ('shared_scale', 'routed_scale')
+                    if k in given and c[k] != moe[k]}
         steps['upcycle'] = ['upcycle.py', f'--init_from={source}',
                             *(f'configs/{f}.py' for f in files), *flags(moe),
                             f"--seed={seed}", f'--out_dir={out}/upcycled']
-    steps['train'] = ['train.py', *(f'configs/{f}.py' for f in files), *flags(extra),
+    steps['train'] = ['train.py', *(f'configs/{f}.py' for f in files), *flags({**extra, **kept}),
                       f"--init_from={out / 'upcycled' if name != 'dense' else source}",
                       *flags(s['finetune']),
                       f"--dataset={s['upcycle_dataset']}", f"--seed={seed}",

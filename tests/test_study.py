@@ -214,6 +214,13 @@ def test_every_configuration_has_the_dense_active_width_and_parses(scale, tmp_pa
     for r in runs:
         if r['track'] == 'upcycle':  # from the imported model (dense, as it is: eval only) or its upcycled copy
             assert r['config'] == 'dense_as_is' or any(a.startswith('--init_from=') for a in r['steps']['train'])
+            if 'upcycle' in r['steps']:
+                # the fine-tune gives no scale other than the upcycled model's (train.py refuses a contradiction)
+                up, tune = (parse(defaults, [str(REPO / a) if a.startswith('configs/') else a for a in argv
+                                             if not a.startswith(('--init_from', '--out_dir', '--seed'))])[0]
+                            for argv in (r['steps']['upcycle'][1:], r['steps']['train'][1:]))
+                for k in ('shared_scale', 'routed_scale'):
+                    assert tune[k] in (defaults[k], up[k]), (r['config'], k, tune[k], up[k])
             continue
         argv = r['steps']['train'][1:]
         if r['track'] == 'continue':
