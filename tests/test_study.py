@@ -76,6 +76,8 @@ def test_ctrl_c_is_one_line_and_the_rerun_finishes(tiny):
     study_json = json.loads((results / 'study.json').read_text())
     names = [(r['track'], r['config'], r['seed']) for r in study_json['runs']]
     assert names == [('scratch', 'dense', 1), ('scratch', 'softmax', 1), ('scratch', 'softmax', 2),
+                     ('continue', 'dense_continued', 1), ('continue', 'softmax_upcycled', 1),
+                     ('continue', 'softmax_scratch', 1),
                      ('upcycle', 'dense_as_is', None), ('upcycle', 'dense', 1), ('upcycle', 'softmax', 1),
                      ('upcycle', 'softmax', 2)]
     assert study_json['machine']['torch'] == torch.__version__ and study_json['command'].startswith('python study.py')
@@ -152,7 +154,7 @@ def test_a_run_stopped_after_its_first_checkpoint_resumes_to_the_same_numbers(ti
             assert after[key]['loss'] == pytest.approx(before[key]['loss'], abs=1e-6)
         assert [i for i, _ in after['curve']] == [1, 2, 3, 4, 5, 6]  # the log kept iterations 1-3, then 4-6
         assert [x for _, x in after['curve']] == pytest.approx([x for _, x in before['curve']], abs=1e-6)
-        assert again.stdout.count('finished earlier, skipped') == 6
+        assert again.stdout.count('finished earlier, skipped') == 9
     finally:
         shutil.rmtree(run)
         os.replace(saved, run)
