@@ -288,19 +288,31 @@ def continue_runs(s, root, routers):
     for name in routers:
         files, extra = CONFIGS[name]
         configs = [f'configs/{f}.py' for f in files]
-        # LibMoE's shared-expert upcycling, as the upcycle track: 0.5 + 0.5 = the dense MLP
-        scales = (dict(shared_scale=0.5, routed_scale=0.5)
-                  if {**file_settings(files), **extra}['n_shared_experts'] else {})
+        scales, kept = upcycle_scales(name)
         moe = {'n_experts': s['scratch']['n_experts'], **extra, **scales}
         upcycled = root / 'continue' / f'{name}_upcycled' / 'upcycled'
         runs.append(run(f'{name}_upcycled', name, 'upcycled', configs,
-                        {**after, **extra, 'init_from': upcycled},
+                        {**after, **extra, **kept, 'init_from': upcycled},
                         upcycle=['upcycle.py', f'--init_from={first}', *configs, *flags(moe),
                                  f'--seed={seed}', f'--out_dir={upcycled}']))
         runs.append(run(f'{name}_scratch', name, 'scratch', configs,
                         {**s['scratch'], 'max_iters': 2 * n, **extra, 'expert_hidden': width,
                          **scales}))
     return runs
+
+
+def upcycle_scales(name):
+    """(the scales upcycle.py gives a configuration, those of them its fine-tune must repeat):
+    LibMoE's shared-expert upcycling, shared 0.5 + routed 0.5 = the dense MLP; the fine-tune takes
+    the checkpoint's architecture and refuses a scale its config file sets otherwise (sqrtsoftplus:
+    routed 1.5)"""
+    files, extra = CONFIGS[name]
+    c = {**file_settings(files), **extra}
+    if not c['n_shared_experts']:
+        return {}, {}
+    scales = dict(shared_scale=0.5, routed_scale=0.5)
+    given = {k for k, v in settings_of(REPO / 'train.py').items() if c.get(k) != v}
+    return scales, {k: v for k, v in scales.items() if k in given and c[k] != v}
 
 
 def upcycle_run(s, name, seed, root):
@@ -310,18 +322,10 @@ def upcycle_run(s, name, seed, root):
     out = root / 'upcycle' / f"{name}_s{seed}"
     source = root / 'upcycle' / 'source'
     steps = {}
-    # the upcycled model's scales where the config file sets others (sqrtsoftplus: routed 1.5): the
-    # fine-tune takes the architecture of the checkpoint and refuses a contradicting setting
     kept = {}
     if name != 'dense':
-        c = {**file_settings(files), **extra}
-        moe = {**s['upcycle'], **extra}
-        # LibMoE's shared-expert upcycling: shared 0.5 + routed 0.5 = the dense MLP
-        if c['n_shared_experts']:
-            moe.update(shared_scale=0.5, routed_scale=0.5)
-            given = {k for k, v in settings_of(REPO / 'train.py').items() if c.get(k) != v}
-            kept = {k: moe[k] for k in ('shared_scale', 'routed_scale')
-                    if k in given and c[k] != moe[k]}
+        scales, kept = upcycle_scales(name)
+        moe = {**s['upcycle'], **extra, **scales}
         steps['upcycle'] = ['upcycle.py', f'--init_from={source}',
                             *(f'configs/{f}.py' for f in files), *flags(moe),
                             f"--seed={seed}", f'--out_dir={out}/upcycled']
